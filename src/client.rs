@@ -1,0 +1,116 @@
+//! The only door to the network.
+//!
+//! Everything physiofs knows about a bucket arrives through [`ObjectClient`]: a page of a
+//! listing, one object's metadata, or a byte range of one object version. Keeping the surface
+//! this small is what lets the core be tested against [`fake::FakeClient`] with every request
+//! counted, and lets retries, counters and fault handling live in one place per implementation.
+//! There are deliberately no write methods: the mount is read-only by construction.
+
+pub mod auth;
+pub mod error;
+pub mod fake;
+pub mod gcs;
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use error::ClientError;
+
+/// What a listing or a metadata call tells us about one object version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Full object name in the bucket (not relative to the mount prefix).
+    pub name: String,
+    pub size: u64,
+    /// GCS object generation; every media read is pinned to it.
+    pub generation: i64,
+    /// `updated` from the listing; shown as mtime.
+    pub updated: SystemTime,
+    /// Base64 CRC32C of the whole object, when the server sent it.
+    pub crc32c: Option<String>,
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListPage {
+    pub items: Vec<ObjectMeta>,
+    /// Common prefixes (only with a delimiter), each ending in the delimiter.
+    pub prefixes: Vec<String>,
+    pub next_page_token: Option<String>,
+}
+
+/// Parameters of one listing request. `Default` lists the whole bucket flat.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListRequest {
+    pub prefix: String,
+    /// `Some("/")` for a per-directory listing, `None` for a flat one.
+    pub delimiter: Option<String>,
+    pub page_token: Option<String>,
+    /// Upper bound on items + prefixes per page (GCS caps at 1,000).
+    pub max_results: Option<u32>,
+    /// Inclusive lower bound on names (for splitting a flat listing into key ranges).
+    pub start_offset: Option<String>,
+    /// Exclusive upper bound on names.
+    pub end_offset: Option<String>,
+}
+
+/// The read-only object store interface.
+#[async_trait]
+pub trait ObjectClient: Send + Sync + 'static {
+    /// The bucket this client reads.
+    fn bucket(&self) -> &str;
+
+    /// One page of a listing.
+    async fn list_page(&self, req: &ListRequest) -> Result<ListPage, ClientError>;
+
+    /// Metadata of the live version of one object.
+    async fn stat(&self, name: &str) -> Result<ObjectMeta, ClientError>;
+
+    /// Bytes `[start, end)` of object `name` at `generation`. `object_size` is the listed size,
+    /// used to decide how to ask (a 0-byte object is read without a Range header) and to
+    /// check the answer. Returns exactly `end - start` bytes or an error.
+    async fn get_range(
+        &self,
+        name: &str,
+        generation: i64,
+        object_size: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, ClientError>;
+}
+
+/// Lists every page of `req` and merges them: items in order, prefixes de-duplicated
+/// (some servers repeat a prefix on several pages). Stops with an error on a page token
+/// that repeats, so a misbehaving server cannot loop us forever.
+pub async fn list_all(client: &dyn ObjectClient, req: &ListRequest) -> Result<ListPage, ClientError> {
+    let mut out = ListPage::default();
+    let mut seen_prefixes = std::collections::HashSet::new();
+    let mut seen_tokens = std::collections::HashSet::new();
+    let mut req = req.clone();
+    loop {
+        let page = client.list_page(&req).await?;
+        out.items.extend(page.items);
+        for p in page.prefixes {
+            if seen_prefixes.insert(p.clone()) {
+                out.prefixes.push(p);
+            }
+        }
+        match page.next_page_token {
+            Some(tok) if !tok.is_empty() => {
+                if !seen_tokens.insert(tok.clone()) {
+                    return Err(ClientError::Malformed(format!(
+                        "listing of gs://{}/{} returned the same nextPageToken twice",
+                        client.bucket(),
+                        req.prefix
+                    )));
+                }
+                req.page_token = Some(tok);
+            }
+            _ => break,
+        }
+    }
+    out.prefixes.sort();
+    Ok(out)
+}

@@ -1,0 +1,545 @@
+//! The async core of the filesystem: lookup, getattr, readdir, open, read, release, statfs.
+//!
+//! It knows nothing of FUSE: it takes inode numbers and handles and returns plain structs or
+//! an [`FsError`], so unit tests drive it with the fake client and the `fuse` adapter only
+//! translates. Anything that may touch the network is `async`; the rest answers from memory.
+
+pub mod error;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::try_join_all;
+
+use crate::cache::{BlockCache, BlockKey};
+use crate::client::{ListRequest, ObjectClient, list_all};
+use crate::inode::{FileInfo, Ino, InodeTable, Kind, Lookup, NodeView, ROOT};
+use crate::prefetch::Readahead;
+pub use error::FsError;
+
+/// Settings of the core, with defaults that suit an immutable dataset.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// Object-name prefix shown as the mount root: empty or ending in `/`.
+    pub prefix: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits of files (default 0444: read-only for everyone).
+    pub file_mode: u16,
+    /// Permission bits of directories (default 0555).
+    pub dir_mode: u16,
+    /// How long the kernel may cache attributes and entries. The dataset never changes, so
+    /// long is right; every kernel round trip saved is a syscall made faster.
+    pub attr_ttl: Duration,
+    /// Size of a cache block and of a read request (1 MiB: one round trip fetches a lot,
+    /// a random 4 KiB read does not drag in much).
+    pub block_size: u64,
+    /// Most blocks fetched ahead of a sequential reader.
+    pub readahead_blocks: u64,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            prefix: String::new(),
+            uid: 0,
+            gid: 0,
+            file_mode: 0o444,
+            dir_mode: 0o555,
+            attr_ttl: Duration::from_secs(24 * 3600),
+            block_size: 1 << 20,
+            readahead_blocks: 16,
+        }
+    }
+}
+
+/// Attributes of one inode, ready for the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub blksize: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub name: Arc<str>,
+    /// Present for everything but `.` and `..` (readdirplus needs it).
+    pub attr: Attr,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub files: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// An open file: the object version it reads, fixed at open.
+struct Handle {
+    object: Arc<str>,
+    info: FileInfo,
+    readahead: Mutex<Readahead>,
+}
+
+pub struct Fs {
+    cfg: FsConfig,
+    client: Arc<dyn ObjectClient>,
+    cache: Arc<dyn BlockCache>,
+    inodes: InodeTable,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    dir_handles: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_handle: AtomicU64,
+    /// One listing per directory at a time; latecomers wait for it and reuse its result.
+    list_locks: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
+    mount_time: SystemTime,
+}
+
+impl Fs {
+    pub fn new(cfg: FsConfig, client: Arc<dyn ObjectClient>, cache: Arc<dyn BlockCache>) -> Self {
+        Fs {
+            cfg,
+            client,
+            cache,
+            inodes: InodeTable::new(),
+            handles: Mutex::default(),
+            dir_handles: Mutex::default(),
+            next_handle: AtomicU64::new(1),
+            list_locks: Mutex::default(),
+            mount_time: SystemTime::now(),
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    pub fn inodes(&self) -> &InodeTable {
+        &self.inodes
+    }
+
+    pub fn cache(&self) -> &Arc<dyn BlockCache> {
+        &self.cache
+    }
+
+    fn attr_of(&self, v: &NodeView) -> Attr {
+        match (&v.kind, &v.file) {
+            (Kind::File, Some(f)) => Attr {
+                ino: v.ino,
+                kind: Kind::File,
+                size: f.size,
+                mtime: f.mtime,
+                perm: self.cfg.file_mode,
+                nlink: 1,
+                uid: self.cfg.uid,
+                gid: self.cfg.gid,
+                blksize: self.cfg.block_size.min(u32::MAX as u64) as u32,
+            },
+            _ => Attr {
+                ino: v.ino,
+                kind: Kind::Dir,
+                size: 4096,
+                mtime: self.mount_time,
+                perm: self.cfg.dir_mode,
+                nlink: 2,
+                uid: self.cfg.uid,
+                gid: self.cfg.gid,
+                blksize: 4096,
+            },
+        }
+    }
+
+    /// Lists directory `dir` (all pages) into the inode table, once.
+    async fn ensure_listed(&self, dir: Ino) -> Result<(), FsError> {
+        if self.inodes.is_listed(dir) {
+            return Ok(());
+        }
+        let lock = self
+            .list_locks
+            .lock()
+            .unwrap()
+            .entry(dir)
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        if self.inodes.is_listed(dir) {
+            return Ok(());
+        }
+        let dir_rel = self.inodes.rel_path(dir);
+        let prefix = format!("{}{}", self.cfg.prefix, dir_rel);
+        let req = ListRequest {
+            prefix: prefix.clone(),
+            delimiter: Some("/".into()),
+            max_results: Some(1000),
+            ..Default::default()
+        };
+        let page = list_all(self.client.as_ref(), &req).await.inspect_err(|e| {
+            tracing::warn!(prefix = %prefix, error = %e, "listing failed");
+        })?;
+        for p in &page.prefixes {
+            let Some(rel) = p.strip_prefix(&self.cfg.prefix) else { continue };
+            if let Err(why) = self.inodes.insert_dir(rel) {
+                tracing::warn!(prefix = %p, "skipping directory: {why}");
+            }
+        }
+        for m in page.items {
+            let Some(rel) = m.name.strip_prefix(&self.cfg.prefix) else { continue };
+            if rel == dir_rel {
+                // The placeholder object of this very directory.
+                continue;
+            }
+            let info = FileInfo {
+                size: m.size,
+                mtime: m.updated,
+                generation: m.generation,
+            };
+            if let Err(why) = self.inodes.insert_object(rel, info) {
+                tracing::warn!(object = %m.name, "skipping object: {why}");
+            }
+        }
+        self.inodes.mark_listed(dir);
+        self.list_locks.lock().unwrap().remove(&dir);
+        Ok(())
+    }
+
+    pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Attr, FsError> {
+        let mut listed = false;
+        loop {
+            match self.inodes.lookup(parent, name) {
+                Lookup::Found(v) => return Ok(self.attr_of(&v)),
+                Lookup::Absent => return Err(FsError::NotFound),
+                Lookup::NotDir => return Err(FsError::NotDir),
+                Lookup::Unknown if listed => return Err(FsError::NotFound),
+                Lookup::Unknown => {
+                    self.ensure_listed(parent).await?;
+                    listed = true;
+                }
+            }
+        }
+    }
+
+    pub fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
+        self.inodes
+            .get(ino)
+            .map(|v| self.attr_of(&v))
+            .ok_or(FsError::NotFound)
+    }
+
+    /// Opens a directory: lists it if needed and snapshots its entries, so readdir offsets
+    /// stay stable for the life of the handle.
+    pub async fn opendir(&self, ino: Ino) -> Result<u64, FsError> {
+        let v = self.inodes.get(ino).ok_or(FsError::NotFound)?;
+        if v.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        self.ensure_listed(ino).await?;
+        let me = self.attr_of(&v);
+        let parent = self.getattr(if ino == ROOT { ROOT } else { v.parent })?;
+        let mut entries = vec![
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: Arc::from("."),
+                attr: me,
+            },
+            DirEntry {
+                ino: parent.ino,
+                kind: Kind::Dir,
+                name: Arc::from(".."),
+                attr: parent,
+            },
+        ];
+        for (name, child) in self.inodes.children(ino).ok_or(FsError::NotDir)? {
+            entries.push(DirEntry {
+                ino: child.ino,
+                kind: child.kind,
+                name,
+                attr: self.attr_of(&child),
+            });
+        }
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.dir_handles.lock().unwrap().insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    /// Entries of an open directory from `offset` on (offset = index of the first entry).
+    pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>, FsError> {
+        self.dir_handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dir_handles.lock().unwrap().remove(&fh);
+    }
+
+    /// Opens a file for reading, pinning the object version listed now.
+    pub fn open(&self, ino: Ino, write: bool) -> Result<u64, FsError> {
+        let v = self.inodes.get(ino).ok_or(FsError::NotFound)?;
+        if v.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let info = v.file.expect("a file node has file info");
+        let object: Arc<str> = Arc::from(format!("{}{}", self.cfg.prefix, self.inodes.rel_path(ino)));
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(
+            fh,
+            Arc::new(Handle {
+                object,
+                info,
+                readahead: Mutex::new(Readahead::new(self.cfg.readahead_blocks)),
+            }),
+        );
+        Ok(fh)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+
+    /// Reads up to `size` bytes at `offset`. Returns fewer only at end of file.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        let h = self
+            .handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let file_size = h.info.size;
+        if offset >= file_size || size == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + size as u64).min(file_size);
+        let bs = self.cfg.block_size;
+        let first = offset / bs;
+        let last = (end - 1) / bs;
+        let block_count = file_size.div_ceil(bs);
+
+        let ahead = h.readahead.lock().unwrap().on_read(offset, end, last, block_count);
+        for index in ahead {
+            let fut = self.block(&h, index);
+            tokio::spawn(async move {
+                // A failed prefetch is not an error: the reader will fetch (and report) it.
+                let _ = fut.await;
+            });
+        }
+
+        let blocks = try_join_all((first..=last).map(|i| self.block(&h, i))).await?;
+        if blocks.len() == 1 {
+            let start = (offset - first * bs) as usize;
+            return Ok(blocks[0].slice(start..start + (end - offset) as usize));
+        }
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (i, b) in (first..=last).zip(blocks) {
+            let bstart = i * bs;
+            let from = offset.max(bstart) - bstart;
+            let to = end.min(bstart + b.len() as u64) - bstart;
+            out.extend_from_slice(&b[from as usize..to as usize]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// A future yielding block `index` of the handle's object version, from cache or network.
+    fn block(
+        &self,
+        h: &Handle,
+        index: u64,
+    ) -> impl std::future::Future<Output = Result<Bytes, FsError>> + Send + 'static {
+        let bs = self.cfg.block_size;
+        let start = index * bs;
+        let end = (start + bs).min(h.info.size);
+        let key = BlockKey {
+            object: h.object.clone(),
+            generation: h.info.generation,
+            index,
+        };
+        let client = self.client.clone();
+        let cache = self.cache.clone();
+        let object = h.object.clone();
+        let (generation, size) = (h.info.generation, h.info.size);
+        async move {
+            let fetch = Box::pin(async move {
+                client.get_range(&object, generation, size, start, end).await
+            });
+            cache.get_or_fetch(key.clone(), fetch).await.map_err(|e| {
+                tracing::warn!(object = %key.object, generation, block = index, error = %e, "read failed");
+                FsError::Client(e)
+            })
+        }
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: 0,
+            files: self.inodes.len() as u64,
+            bsize: 4096,
+            namelen: crate::inode::NAME_MAX as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::MemoryCache;
+    use crate::client::ClientError;
+    use crate::client::fake::FakeClient;
+
+    fn data(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    fn setup(prefix: &str) -> (Arc<FakeClient>, Fs) {
+        let c = Arc::new(FakeClient { page_cap: 7, ..FakeClient::new("b") });
+        c.put("top.txt", "hello");
+        c.put("empty", "");
+        c.put("big.bin", data(5 * 1024 * 1024 + 123, 1));
+        for i in 0..25 {
+            c.put(&format!("dir/many/f{i:03}"), data(10, i as u8));
+        }
+        c.put("dir/placeholder/", "");
+        c.put("dir/sub/x", "x");
+        let cfg = FsConfig {
+            prefix: prefix.into(),
+            block_size: 1 << 20,
+            ..Default::default()
+        };
+        let fs = Fs::new(cfg, c.clone(), Arc::new(MemoryCache::new(64 << 20)));
+        (c, fs)
+    }
+
+    async fn path(fs: &Fs, p: &str) -> Result<Attr, FsError> {
+        let mut ino = ROOT;
+        let mut a = fs.getattr(ROOT)?;
+        for comp in p.split('/').filter(|c| !c.is_empty()) {
+            a = fs.lookup(ino, comp).await?;
+            ino = a.ino;
+        }
+        Ok(a)
+    }
+
+    #[tokio::test]
+    async fn lookup_and_readdir_page_through_listings() {
+        let (c, fs) = setup("");
+        let many = path(&fs, "dir/many").await.unwrap();
+        assert_eq!(many.kind, Kind::Dir);
+        let before = c.list_calls.load(Ordering::Relaxed);
+        let fh = fs.opendir(many.ino).await.unwrap();
+        let names: Vec<_> = fs.readdir(fh).unwrap().iter().map(|e| e.name.to_string()).collect();
+        assert_eq!(names.len(), 27);
+        assert_eq!(&names[..3], [".", "..", "f000"]);
+        // 25 entries at 7 per page: 4 pages
+        assert_eq!(c.list_calls.load(Ordering::Relaxed) - before, 4);
+        // listed once: a second opendir and lookups cost nothing
+        let fh2 = fs.opendir(many.ino).await.unwrap();
+        fs.lookup(many.ino, "f007").await.unwrap();
+        assert!(matches!(fs.lookup(many.ino, "nope").await, Err(FsError::NotFound)));
+        assert_eq!(c.list_calls.load(Ordering::Relaxed) - before, 4);
+        fs.releasedir(fh);
+        fs.releasedir(fh2);
+        // placeholder object is a directory
+        assert_eq!(path(&fs, "dir/placeholder").await.unwrap().kind, Kind::Dir);
+        assert!(matches!(path(&fs, "top.txt/x").await, Err(FsError::NotDir)));
+    }
+
+    #[tokio::test]
+    async fn reads_ranges_exactly() {
+        let (_c, fs) = setup("");
+        let src = data(5 * 1024 * 1024 + 123, 1);
+        let a = path(&fs, "big.bin").await.unwrap();
+        assert_eq!(a.size, src.len() as u64);
+        let fh = fs.open(a.ino, false).unwrap();
+        let mut rng = 12345u64;
+        for _ in 0..200 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let off = (rng >> 16) % (src.len() as u64 + 10);
+            let len = ((rng >> 40) % (3 << 20)) as u32;
+            let got = fs.read(fh, off, len).await.unwrap();
+            let s = (off as usize).min(src.len());
+            let e = (off as usize + len as usize).min(src.len());
+            assert_eq!(&got[..], &src[s..e], "off {off} len {len}");
+        }
+        // last byte, past EOF, 0-byte file
+        let last = fs.read(fh, src.len() as u64 - 1, 10).await.unwrap();
+        assert_eq!(&last[..], &src[src.len() - 1..]);
+        assert!(fs.read(fh, src.len() as u64, 10).await.unwrap().is_empty());
+        let e = path(&fs, "empty").await.unwrap();
+        let fh0 = fs.open(e.ino, false).unwrap();
+        assert!(fs.read(fh0, 0, 4096).await.unwrap().is_empty());
+        assert!(matches!(fs.open(e.ino, true), Err(FsError::ReadOnly)));
+        let d = path(&fs, "dir").await.unwrap();
+        assert!(matches!(fs.open(d.ino, false), Err(FsError::IsDir)));
+    }
+
+    #[tokio::test]
+    async fn prefix_mounts_a_subtree() {
+        let (_c, fs) = setup("dir/");
+        let fh = fs.opendir(ROOT).await.unwrap();
+        let names: Vec<_> = fs.readdir(fh).unwrap().iter().map(|e| e.name.to_string()).collect();
+        assert_eq!(names, [".", "..", "many", "placeholder", "sub"]);
+        let x = path(&fs, "sub/x").await.unwrap();
+        let h = fs.open(x.ino, false).unwrap();
+        assert_eq!(&fs.read(h, 0, 10).await.unwrap()[..], b"x");
+    }
+
+    #[tokio::test]
+    async fn errors_map_and_recover() {
+        let (c, fs) = setup("");
+        c.fail_next(1, ClientError::Denied { status: 403, message: "no".into() });
+        let e = fs.lookup(ROOT, "top.txt").await.unwrap_err();
+        assert_eq!(e.errno(), libc::EACCES);
+        // the failed listing was not recorded as complete: the next lookup lists again
+        let a = fs.lookup(ROOT, "top.txt").await.unwrap();
+        let fh = fs.open(a.ino, false).unwrap();
+        c.fail_next(1, ClientError::Network { endpoint: "e".into(), cause: "reset".into() });
+        assert_eq!(fs.read(fh, 0, 5).await.unwrap_err().errno(), libc::EIO);
+        assert_eq!(&fs.read(fh, 0, 5).await.unwrap()[..], b"hello");
+        // object replaced under the mount: the open handle's generation is gone → ESTALE
+        c.put("top.txt", "world");
+        let fs2 = fs; // same mount
+        let h2 = fh;
+        let err = fs2.read(h2, 0, 5).await;
+        // block 0 is cached from the earlier read of this generation: still the old bytes
+        assert_eq!(&err.unwrap()[..], b"hello");
+        let big = path(&fs2, "big.bin").await.unwrap();
+        let hb = fs2.open(big.ino, false).unwrap();
+        c.put("big.bin", "replaced");
+        assert_eq!(fs2.read(hb, 0, 10).await.unwrap_err().errno(), libc::ESTALE);
+    }
+
+    #[tokio::test]
+    async fn cached_blocks_cost_no_requests() {
+        let (c, fs) = setup("");
+        let a = path(&fs, "big.bin").await.unwrap();
+        let fh = fs.open(a.ino, false).unwrap();
+        let mut off = 0;
+        while off < a.size {
+            off += fs.read(fh, off, 128 * 1024).await.unwrap().len() as u64;
+        }
+        let gets = c.get_calls.load(Ordering::Relaxed);
+        assert_eq!(gets, 6, "one request per 1 MiB block");
+        let fh2 = fs.open(a.ino, false).unwrap();
+        fs.read(fh2, 0, 4096).await.unwrap();
+        fs.read(fh2, 3 << 20, 4096).await.unwrap();
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), gets);
+    }
+}

@@ -1,0 +1,366 @@
+//! The inode table: the tree the kernel sees, built from object names.
+//!
+//! GCS has no directories, only names; a directory here is any prefix that some name continues
+//! past a `/`. Entries arrive from listings — per-directory pages today, flat listings of whole
+//! sub-trees later — through the same two calls, [`InodeTable::insert_object`] and
+//! [`InodeTable::insert_dir`], which create the implied parent directories as they go.
+//! Nodes hold only their own name component; a full object name is rebuilt by walking parents,
+//! so no node carries a path string.
+//!
+//! Naming rules (a GCS name is any UTF-8 string; a POSIX path component is not):
+//! - a component that is empty (`a//b`), `.` or `..`, longer than 255 bytes, or holds a NUL is
+//!   not representable: the object is skipped, with one warning;
+//! - an object `x` alongside a prefix `x/`: the directory wins, the object is skipped with a warning;
+//! - an object named `d/` (a folder placeholder) is shown as the directory `d`, not as a file.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+pub type Ino = u64;
+pub const ROOT: Ino = 1;
+
+/// Longest name component Linux accepts.
+pub const NAME_MAX: usize = 255;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+/// What the kernel needs to know about one object version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub generation: i64,
+}
+
+/// A copy of one node's state, handed out so no lock is held while it is used.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    pub ino: Ino,
+    pub parent: Ino,
+    pub kind: Kind,
+    /// Files only.
+    pub file: Option<FileInfo>,
+}
+
+#[derive(Debug)]
+pub enum Lookup {
+    Found(NodeView),
+    /// The directory's listing is complete and has no such name.
+    Absent,
+    /// The directory has not been listed yet: the answer needs a listing.
+    Unknown,
+    NotDir,
+}
+
+struct Node {
+    parent: Ino,
+    name: Arc<str>,
+    data: NodeData,
+}
+
+enum NodeData {
+    Dir {
+        children: BTreeMap<Arc<str>, Ino>,
+        listed: bool,
+    },
+    File(FileInfo),
+}
+
+pub struct InodeTable {
+    inner: RwLock<Vec<Node>>,
+}
+
+impl Default for InodeTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why a name component cannot be shown, if it cannot.
+pub fn invalid_component(c: &str) -> Option<&'static str> {
+    if c.is_empty() {
+        Some("empty path component (`//`)")
+    } else if c == "." || c == ".." {
+        Some("`.` or `..` path component")
+    } else if c.len() > NAME_MAX {
+        Some("path component longer than 255 bytes")
+    } else if c.contains('\0') {
+        Some("NUL byte in name")
+    } else {
+        None
+    }
+}
+
+impl InodeTable {
+    pub fn new() -> Self {
+        let dummy = Node {
+            parent: 0,
+            name: Arc::from(""),
+            data: NodeData::File(FileInfo {
+                size: 0,
+                mtime: SystemTime::UNIX_EPOCH,
+                generation: 0,
+            }),
+        };
+        let root = Node {
+            parent: ROOT,
+            name: Arc::from(""),
+            data: NodeData::Dir {
+                children: BTreeMap::new(),
+                listed: false,
+            },
+        };
+        InodeTable {
+            inner: RwLock::new(vec![dummy, root]),
+        }
+    }
+
+    /// Number of inodes, the root included.
+    pub fn len(&self) -> usize {
+        self.inner.read().unwrap().len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn get(&self, ino: Ino) -> Option<NodeView> {
+        let nodes = self.inner.read().unwrap();
+        if ino == 0 {
+            return None;
+        }
+        nodes.get(ino as usize).map(|n| view(ino, n))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &str) -> Lookup {
+        let nodes = self.inner.read().unwrap();
+        match nodes.get(parent as usize).map(|n| &n.data) {
+            Some(NodeData::Dir { children, listed }) => match children.get(name) {
+                Some(&ino) => Lookup::Found(view(ino, &nodes[ino as usize])),
+                None if *listed => Lookup::Absent,
+                None => Lookup::Unknown,
+            },
+            _ => Lookup::NotDir,
+        }
+    }
+
+    pub fn is_listed(&self, dir: Ino) -> bool {
+        matches!(
+            self.inner.read().unwrap().get(dir as usize).map(|n| &n.data),
+            Some(NodeData::Dir { listed: true, .. })
+        )
+    }
+
+    pub fn mark_listed(&self, dir: Ino) {
+        if let Some(NodeData::Dir { listed, .. }) = self
+            .inner
+            .write()
+            .unwrap()
+            .get_mut(dir as usize)
+            .map(|n| &mut n.data)
+        {
+            *listed = true;
+        }
+    }
+
+    /// Children of a directory, in name order.
+    pub fn children(&self, dir: Ino) -> Option<Vec<(Arc<str>, NodeView)>> {
+        let nodes = self.inner.read().unwrap();
+        match &nodes.get(dir as usize)?.data {
+            NodeData::Dir { children, .. } => Some(
+                children
+                    .iter()
+                    .map(|(n, &i)| (n.clone(), view(i, &nodes[i as usize])))
+                    .collect(),
+            ),
+            NodeData::File(_) => None,
+        }
+    }
+
+    /// The node's path relative to the mount root: `a/b` for a file, `a/b/` for a directory,
+    /// `` for the root. Prepend the mount prefix to get the object name or listing prefix.
+    pub fn rel_path(&self, ino: Ino) -> String {
+        let nodes = self.inner.read().unwrap();
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT && cur != 0 {
+            let n = &nodes[cur as usize];
+            parts.push(n.name.clone());
+            cur = n.parent;
+        }
+        let mut out = String::new();
+        for p in parts.iter().rev() {
+            out.push_str(p);
+            out.push('/');
+        }
+        if matches!(nodes[ino as usize].data, NodeData::File(_)) {
+            out.pop();
+        }
+        out
+    }
+
+    /// Adds (or updates) the object at `rel` (relative to the mount root), creating implied
+    /// parent directories. A trailing `/` makes it a directory placeholder. Returns the inode,
+    /// or `Err(reason)` when the name cannot be shown (see the module rules).
+    pub fn insert_object(&self, rel: &str, info: FileInfo) -> Result<Ino, String> {
+        if let Some(dir) = rel.strip_suffix('/') {
+            return self.insert_dir(dir);
+        }
+        let (dir, leaf) = match rel.rfind('/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => ("", rel),
+        };
+        if let Some(why) = invalid_component(leaf) {
+            return Err(why.to_string());
+        }
+        let mut nodes = self.inner.write().unwrap();
+        let parent = ensure_dirs(&mut nodes, dir)?;
+        let NodeData::Dir { children, .. } = &nodes[parent as usize].data else {
+            unreachable!("ensure_dirs returns a directory")
+        };
+        match children.get(leaf).copied() {
+            Some(ino) => match &mut nodes[ino as usize].data {
+                NodeData::File(old) => {
+                    *old = info;
+                    Ok(ino)
+                }
+                NodeData::Dir { .. } => Err("an object and a directory share this name; the directory is shown".into()),
+            },
+            None => Ok(add_child(&mut nodes, parent, leaf, NodeData::File(info))),
+        }
+    }
+
+    /// Adds the directory at `rel` (with or without a trailing `/`) and its parents.
+    pub fn insert_dir(&self, rel: &str) -> Result<Ino, String> {
+        let mut nodes = self.inner.write().unwrap();
+        ensure_dirs(&mut nodes, rel.strip_suffix('/').unwrap_or(rel))
+    }
+}
+
+fn view(ino: Ino, n: &Node) -> NodeView {
+    match &n.data {
+        NodeData::Dir { .. } => NodeView {
+            ino,
+            parent: n.parent,
+            kind: Kind::Dir,
+            file: None,
+        },
+        NodeData::File(f) => NodeView {
+            ino,
+            parent: n.parent,
+            kind: Kind::File,
+            file: Some(f.clone()),
+        },
+    }
+}
+
+fn add_child(nodes: &mut Vec<Node>, parent: Ino, name: &str, data: NodeData) -> Ino {
+    let ino = nodes.len() as Ino;
+    let name: Arc<str> = Arc::from(name);
+    nodes.push(Node {
+        parent,
+        name: name.clone(),
+        data,
+    });
+    if let NodeData::Dir { children, .. } = &mut nodes[parent as usize].data {
+        children.insert(name, ino);
+    }
+    ino
+}
+
+/// Walks/creates the directories of `rel` (no trailing slash; empty = root).
+fn ensure_dirs(nodes: &mut Vec<Node>, rel: &str) -> Result<Ino, String> {
+    let mut cur = ROOT;
+    if rel.is_empty() {
+        return Ok(cur);
+    }
+    for comp in rel.split('/') {
+        if let Some(why) = invalid_component(comp) {
+            return Err(why.to_string());
+        }
+        let NodeData::Dir { children, .. } = &nodes[cur as usize].data else {
+            unreachable!("cur is always a directory")
+        };
+        cur = match children.get(comp).copied() {
+            Some(ino) if matches!(nodes[ino as usize].data, NodeData::Dir { .. }) => ino,
+            Some(_) => {
+                // A file of this name was listed first: the directory wins. The file node is
+                // unlinked (a new inode is made so no cached handle sees its kind change).
+                tracing::warn!(name = %comp, "an object and a directory share this name; showing the directory");
+                add_child(nodes, cur, comp, new_dir())
+            }
+            None => add_child(nodes, cur, comp, new_dir()),
+        };
+    }
+    Ok(cur)
+}
+
+fn new_dir() -> NodeData {
+    NodeData::Dir {
+        children: BTreeMap::new(),
+        listed: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(size: u64) -> FileInfo {
+        FileInfo {
+            size,
+            mtime: SystemTime::UNIX_EPOCH,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn flat_names_build_a_tree() {
+        let t = InodeTable::new();
+        let f = t.insert_object("files/p10/p1000/s5.txt", info(3)).unwrap();
+        t.insert_object("files/p10/p1000/s5/a.dcm", info(9)).unwrap();
+        t.insert_object("LICENSE.txt", info(1)).unwrap();
+        assert_eq!(t.rel_path(f), "files/p10/p1000/s5.txt");
+        let Lookup::Found(files) = t.lookup(ROOT, "files") else { panic!() };
+        assert_eq!(files.kind, Kind::Dir);
+        assert_eq!(t.rel_path(files.ino), "files/");
+        let names: Vec<_> = t.children(ROOT).unwrap().into_iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(names, ["LICENSE.txt", "files"]);
+        assert!(matches!(t.lookup(ROOT, "nope"), Lookup::Unknown));
+        t.mark_listed(ROOT);
+        assert!(matches!(t.lookup(ROOT, "nope"), Lookup::Absent));
+        assert!(matches!(t.lookup(f, "x"), Lookup::NotDir));
+    }
+
+    #[test]
+    fn placeholders_and_conflicts() {
+        let t = InodeTable::new();
+        let d = t.insert_object("d/", info(0)).unwrap();
+        assert_eq!(t.get(d).unwrap().kind, Kind::Dir);
+        // file x then dir x/: directory wins
+        t.insert_object("x", info(1)).unwrap();
+        t.insert_object("x/y", info(1)).unwrap();
+        let Lookup::Found(x) = t.lookup(ROOT, "x") else { panic!() };
+        assert_eq!(x.kind, Kind::Dir);
+        // dir first, then file: file skipped
+        assert!(t.insert_object("x", info(1)).is_err());
+        for bad in ["a//b", "./x", "../x", "a/./b", "a/../b", &"n".repeat(256)] {
+            assert!(t.insert_object(bad, info(1)).is_err(), "{bad}");
+        }
+        assert!(t.insert_object(&"n".repeat(255), info(1)).is_ok());
+    }
+
+    #[test]
+    fn relisting_updates_in_place() {
+        let t = InodeTable::new();
+        let a = t.insert_object("a", info(1)).unwrap();
+        let b = t.insert_object("a", info(5)).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(t.get(a).unwrap().file.unwrap().size, 5);
+    }
+}

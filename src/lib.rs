@@ -1,0 +1,15 @@
+//! physiofs: PhysioNet's MIMIC-CXR buckets on Google Cloud Storage as a read-only local tree.
+//!
+//! The layers, from the kernel down: [`fuse`] (thin adapter) → [`fs`] (async core) →
+//! [`inode`] (tree from names), [`cache`] (block cache), [`prefetch`] (read-ahead) →
+//! [`client`] (the only network access). [`mount`] wires them together for the CLI.
+
+pub mod cache;
+pub mod cli;
+pub mod client;
+pub mod fs;
+pub mod fuse;
+pub mod inode;
+pub mod logging;
+pub mod mount;
+pub mod prefetch;

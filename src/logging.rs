@@ -1,0 +1,24 @@
+//! Logging: tracing to stderr, filtered by --log-level / -v / RUST_LOG; fuser's `log`
+//! records are bridged in. Tokens never reach a log line (see `client::auth`).
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init(verbose: u8, level: Option<&str>) {
+    let filter = if let Some(l) = level {
+        EnvFilter::new(l)
+    } else if let Ok(env) = std::env::var("RUST_LOG") {
+        EnvFilter::new(env)
+    } else {
+        EnvFilter::new(match verbose {
+            0 => "warn,physiofs=info",
+            1 => "info,physiofs=debug",
+            _ => "debug,physiofs=trace",
+        })
+    };
+    let _ = tracing_log::LogTracer::init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,294 @@
+//! From parsed arguments to a live mount: credentials, a probe that proves access, the kernel
+//! session, and a clean unmount on SIGINT/SIGTERM or an external `umount`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, bail};
+
+use crate::cache::MemoryCache;
+use crate::cli::{self, MountArgs};
+use crate::client::auth::TokenSource;
+use crate::client::gcs::{GcsClient, GcsConfig, RetryConfig};
+use crate::client::{ClientError, ListRequest, ObjectClient};
+use crate::fs::{Fs, FsConfig};
+use crate::fuse::FuseAdapter;
+
+/// Everything needed to mount, resolved from the command line and the environment.
+pub struct MountPlan {
+    pub mountpoint: PathBuf,
+    pub gcs: GcsConfig,
+    pub tokens: TokenSource,
+    pub fs: FsConfig,
+    pub cache_size: u64,
+    pub allow_other: bool,
+}
+
+impl MountPlan {
+    pub async fn from_args(args: &MountArgs) -> anyhow::Result<Self> {
+        let (bucket, url_prefix) = cli::parse_bucket(&args.bucket);
+        if bucket.is_empty() {
+            bail!("--bucket {:?} names no bucket (use NAME or gs://NAME[/PREFIX])", args.bucket);
+        }
+        let prefix = match (&url_prefix, &args.prefix) {
+            (Some(a), Some(b)) => bail!(
+                "both --bucket gs://{bucket}/{a} and --prefix {b} give a prefix; use one"
+            ),
+            (a, b) => cli::normalize_prefix(a.as_deref().or(b.as_deref())),
+        };
+        let emulator = std::env::var("STORAGE_EMULATOR_HOST")
+            .ok()
+            .filter(|v| !v.trim().is_empty());
+        let endpoint = match (&args.endpoint, &emulator) {
+            (Some(e), _) => e.trim_end_matches('/').to_string(),
+            (None, Some(h)) => cli::emulator_endpoint(h),
+            (None, None) => cli::GCS_ENDPOINT.to_string(),
+        };
+        if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+            bail!("--endpoint {endpoint:?} must be a URL such as http://127.0.0.1:4443");
+        }
+        let tokens = if args.anonymous || (args.endpoint.is_none() && emulator.is_some()) {
+            TokenSource::Anonymous
+        } else if let Some(k) = &args.key_file {
+            TokenSource::key_file(k)?
+        } else {
+            TokenSource::application_default().await?
+        };
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Ok(MountPlan {
+            mountpoint: args.mountpoint.clone(),
+            gcs: GcsConfig {
+                endpoint,
+                bucket,
+                billing_project: args.billing_project.clone().filter(|p| !p.is_empty()),
+                retry: RetryConfig::default(),
+                pool_size: 64,
+            },
+            tokens,
+            fs: FsConfig {
+                prefix,
+                uid: args.uid.unwrap_or(uid),
+                gid: args.gid.unwrap_or(gid),
+                file_mode: args.file_mode,
+                dir_mode: args.dir_mode,
+                ..FsConfig::default()
+            },
+            cache_size: args.cache_size,
+            allow_other: args.allow_other,
+        })
+    }
+}
+
+/// Explains a failed probe in words a user can act on.
+fn probe_error(e: &ClientError, gcs: &GcsConfig, prefix: &str) -> anyhow::Error {
+    let target = format!("gs://{}/{prefix}", gcs.bucket);
+    let hint = match e {
+        ClientError::NotFound(_) => format!(
+            "the bucket {} does not exist at {} (check --bucket; for an emulator check --endpoint)",
+            gcs.bucket, gcs.endpoint
+        ),
+        ClientError::Denied { status: 400, .. } => {
+            "the bucket is requester-pays: pass --billing-project YOUR_GCP_PROJECT".to_string()
+        }
+        ClientError::Denied { status: 401, .. } => {
+            "no valid credentials: run `gcloud auth application-default login` (or pass --key-file)".to_string()
+        }
+        ClientError::Denied { .. } => "this Google account has no access: sign the MIMIC-CXR data use agreement on \
+             PhysioNet and request Google Cloud access there, using the account you authenticate with; \
+             the billing project also needs serviceusage permission"
+            .to_string(),
+        ClientError::Network { .. } => format!(
+            "is the endpoint {} right and reachable? (--endpoint, STORAGE_EMULATOR_HOST)",
+            gcs.endpoint
+        ),
+        _ => "see the message above".to_string(),
+    };
+    anyhow::anyhow!("cannot list {target}: {e}\n  hint: {hint}")
+}
+
+/// A running mount.
+pub struct Mounted {
+    pub mountpoint: PathBuf,
+    pub fs: Arc<Fs>,
+    pub client: Arc<GcsClient>,
+    unmounter: fuser::SessionUnmounter,
+    done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Mounted {
+    /// Proves access with one small listing, then mounts. Nothing is mounted on error.
+    pub async fn start(plan: MountPlan) -> anyhow::Result<Self> {
+        let mp = &plan.mountpoint;
+        match std::fs::metadata(mp) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!("mount point {} is not a directory", mp.display()),
+            Err(e) => bail!(
+                "mount point {} is not usable: {e} (create it with `mkdir -p {}`)",
+                mp.display(),
+                mp.display()
+            ),
+        }
+        let mountpoint = mp
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", mp.display()))?;
+
+        let client = Arc::new(GcsClient::new(plan.gcs.clone(), plan.tokens.clone())?);
+        let probe = ListRequest {
+            prefix: plan.fs.prefix.clone(),
+            delimiter: Some("/".into()),
+            max_results: Some(1),
+            ..Default::default()
+        };
+        let page = client
+            .list_page(&probe)
+            .await
+            .map_err(|e| probe_error(&e, &plan.gcs, &plan.fs.prefix))?;
+        if page.items.is_empty() && page.prefixes.is_empty() {
+            tracing::warn!(
+                "gs://{}/{} holds no objects: the mount will be empty",
+                plan.gcs.bucket,
+                plan.fs.prefix
+            );
+        }
+
+        let cache = Arc::new(MemoryCache::new(plan.cache_size));
+        let fs = Arc::new(Fs::new(plan.fs.clone(), client.clone(), cache));
+        let adapter = FuseAdapter::new(fs.clone(), tokio::runtime::Handle::current());
+
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("gs://{}/{}", plan.gcs.bucket, plan.fs.prefix)),
+            fuser::MountOption::Subtype("physiofs".into()),
+            fuser::MountOption::RO,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoAtime,
+            fuser::MountOption::DefaultPermissions,
+        ];
+        config.acl = if plan.allow_other {
+            fuser::SessionACL::All
+        } else {
+            fuser::SessionACL::Owner
+        };
+        config.n_threads = Some(2);
+        config.clone_fd = true;
+
+        let mp2 = mountpoint.clone();
+        let mut session = tokio::task::spawn_blocking(move || fuser::Session::new(adapter, &mp2, &config))
+            .await?
+            .map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EPERM) {
+                    " (not root: install fuse3 so fusermount3 exists; for --allow-other enable user_allow_other in /etc/fuse.conf)"
+                } else if e.kind() == std::io::ErrorKind::NotFound {
+                    " (is /dev/fuse present and fuse3 installed?)"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("cannot mount on {}: {e}{hint}", mountpoint.display())
+            })?;
+        let unmounter = session.unmount_callable();
+        let (tx, done) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("physiofs-fuse".into())
+            .spawn(move || {
+                let r = session.run();
+                let _ = tx.send(r);
+            })?;
+        Ok(Mounted {
+            mountpoint,
+            fs,
+            client,
+            unmounter,
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Unmounts (lazily if busy) and waits for the session to end.
+    pub async fn unmount(mut self) -> anyhow::Result<()> {
+        if let Err(e) = self.unmounter.unmount() {
+            tracing::warn!("unmount of {} failed ({e}); detaching lazily", self.mountpoint.display());
+            lazy_unmount(&self.mountpoint);
+        }
+        self.finish().await
+    }
+
+    async fn finish(mut self) -> anyhow::Result<()> {
+        let r = (&mut self.done).await;
+        self.finish_with(r).await
+    }
+
+    async fn finish_with(
+        mut self,
+        r: Result<std::io::Result<()>, tokio::sync::oneshot::error::RecvError>,
+    ) -> anyhow::Result<()> {
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        self.log_stats();
+        match r {
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::anyhow!("FUSE session ended with an error: {e}")),
+        }
+    }
+
+    fn log_stats(&self) {
+        let s = &self.client.stats;
+        let c = self.fs.cache().stats();
+        tracing::info!(
+            list = s.list_requests.load(Ordering::Relaxed),
+            stat = s.stat_requests.load(Ordering::Relaxed),
+            get = s.get_requests.load(Ordering::Relaxed),
+            retries = s.retries.load(Ordering::Relaxed),
+            bytes_fetched = s.bytes_fetched.load(Ordering::Relaxed),
+            cache_hits = c.hits.load(Ordering::Relaxed),
+            cache_misses = c.misses.load(Ordering::Relaxed),
+            "unmounted {}",
+            self.mountpoint.display()
+        );
+    }
+
+    /// Serves until SIGINT/SIGTERM (then unmounts) or until someone runs `umount`.
+    pub async fn serve_until_signal(mut self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let ended = tokio::select! {
+            _ = term.recv() => None,
+            _ = int.recv() => None,
+            r = &mut self.done => Some(r),
+        };
+        match ended {
+            None => self.unmount().await,
+            Some(r) => self.finish_with(r).await,
+        }
+    }
+}
+
+pub fn lazy_unmount(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
+        // SAFETY: c is a valid NUL-terminated path.
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
+/// `physiofs mount`: mount in the foreground until unmounted.
+pub async fn run(args: MountArgs) -> anyhow::Result<()> {
+    let plan = MountPlan::from_args(&args).await?;
+    let bucket = plan.gcs.bucket.clone();
+    let prefix = plan.fs.prefix.clone();
+    let endpoint = plan.gcs.endpoint.clone();
+    let mounted = Mounted::start(plan).await?;
+    eprintln!(
+        "physiofs: mounted gs://{bucket}/{prefix} ({endpoint}) read-only at {}; stop with `umount {}` or Ctrl-C",
+        mounted.mountpoint.display(),
+        mounted.mountpoint.display()
+    );
+    mounted.serve_until_signal().await
+}
