@@ -23,6 +23,12 @@ pub struct Cli {
 pub enum Command {
     /// Mount a bucket (or a sub-tree of it) read-only at MOUNTPOINT.
     Mount(MountArgs),
+    /// Start the built-in GCS testbed with a small MIMIC-CXR-shaped dataset and mount it
+    /// (no credentials, no network). Ctrl-C unmounts.
+    Demo(crate::demo::DemoArgs),
+    /// Serve a GCS JSON API testbed on loopback (a dataset model or a local folder), with
+    /// latency, bandwidth and fault knobs, for tests and benchmarks.
+    Testbed(crate::testbed::TestbedArgs),
 }
 
 #[derive(Debug, Clone, Args)]

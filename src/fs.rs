@@ -409,7 +409,7 @@ mod tests {
     }
 
     fn setup(prefix: &str) -> (Arc<FakeClient>, Fs) {
-        let c = Arc::new(FakeClient { page_cap: 7, ..FakeClient::new("b") });
+        let c = Arc::new(FakeClient::new("b").with_page_cap(7));
         c.put("top.txt", "hello");
         c.put("empty", "");
         c.put("big.bin", data(5 * 1024 * 1024 + 123, 1));

@@ -7,9 +7,12 @@
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod demo;
 pub mod fs;
 pub mod fuse;
 pub mod inode;
 pub mod logging;
+pub mod model;
 pub mod mount;
 pub mod prefetch;
+pub mod testbed;

@@ -1,6 +1,8 @@
 //! Logging: tracing to stderr, filtered by --log-level / -v / RUST_LOG; fuser's `log`
 //! records are bridged in. Tokens never reach a log line (see `client::auth`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 pub fn init(verbose: u8, level: Option<&str>) {
@@ -10,8 +12,8 @@ pub fn init(verbose: u8, level: Option<&str>) {
         EnvFilter::new(env)
     } else {
         EnvFilter::new(match verbose {
-            0 => "warn,physiofs=info",
-            1 => "info,physiofs=debug",
+            0 => "warn,physiofs=info,fuser=error",
+            1 => "info,physiofs=debug,fuser=warn",
             _ => "debug,physiofs=trace",
         })
     };
@@ -20,5 +22,6 @@ pub fn init(verbose: u8, level: Option<&str>) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

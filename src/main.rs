@@ -6,6 +6,8 @@ fn main() {
     let cli = Cli::parse();
     let (verbose, level) = match &cli.command {
         Command::Mount(a) => (a.verbose, a.log_level.clone()),
+        Command::Demo(a) => (a.verbose, None),
+        Command::Testbed(_) => (0, None),
     };
     physiofs::logging::init(verbose, level.as_deref());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -16,6 +18,15 @@ fn main() {
     let result = rt.block_on(async {
         match cli.command {
             Command::Mount(a) => physiofs::mount::run(a).await,
+            Command::Demo(a) => physiofs::demo::run(a).await,
+            Command::Testbed(a) => {
+                let source: std::sync::Arc<dyn physiofs::testbed::ObjectSource> =
+                    match physiofs::testbed::dir_source(&a)? {
+                        Some(s) => s,
+                        None => std::sync::Arc::new(physiofs::testbed::ModelSource::from_args(&a)?),
+                    };
+                physiofs::testbed::run(a, source).await
+            }
         }
     });
     if let Err(e) = result {

@@ -33,6 +33,12 @@ impl FakeClient {
         }
     }
 
+    /// Caps pages at `cap` entries (to exercise paging with few objects).
+    pub fn with_page_cap(mut self, cap: usize) -> Self {
+        self.page_cap = cap;
+        self
+    }
+
     pub fn put(&self, name: &str, data: impl Into<Bytes>) -> ObjectMeta {
         let data = data.into();
         let mut objects = self.objects.lock().unwrap();
@@ -174,7 +180,7 @@ mod tests {
 
     #[tokio::test]
     async fn listing_pages_and_delimits() {
-        let c = FakeClient { page_cap: 3, ..FakeClient::new("b") };
+        let c = FakeClient::new("b").with_page_cap(3);
         for n in ["a/1", "a/2", "a/x/1", "a/x/2", "a/y/1", "a/z", "b"] {
             c.put(n, "x");
         }

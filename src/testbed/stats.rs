@@ -1,0 +1,133 @@
+//! Request / byte / fault counters, exposed on `GET /_testbed/stats`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    List,
+    GetMeta,
+    GetMedia,
+    Bucket,
+    Other,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    Fail429,
+    Fail503,
+    Reset,
+    Truncate,
+    Stall,
+}
+
+pub(crate) struct Stats {
+    req: [AtomicU64; 5],
+    faults: [AtomicU64; 5],
+    bytes_sent: AtomicU64,
+    status: Box<[AtomicU64]>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            req: Default::default(),
+            faults: Default::default(),
+            bytes_sent: AtomicU64::new(0),
+            status: (0..600).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Stats {
+    pub fn request(&self, k: RequestKind) {
+        self.req[k as usize].fetch_add(1, Relaxed);
+    }
+    pub fn fault(&self, k: FaultKind) {
+        self.faults[k as usize].fetch_add(1, Relaxed);
+    }
+    pub fn bytes(&self, n: u64) {
+        self.bytes_sent.fetch_add(n, Relaxed);
+    }
+    pub fn status(&self, code: u16) {
+        if let Some(c) = self.status.get(code as usize) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+    pub fn reset(&self) {
+        for c in self
+            .req
+            .iter()
+            .chain(self.faults.iter())
+            .chain(self.status.iter())
+        {
+            c.store(0, Relaxed);
+        }
+        self.bytes_sent.store(0, Relaxed);
+    }
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let r = |k: RequestKind| self.req[k as usize].load(Relaxed);
+        let f = |k: FaultKind| self.faults[k as usize].load(Relaxed);
+        StatsSnapshot {
+            requests: RequestCounts {
+                list: r(RequestKind::List),
+                get_meta: r(RequestKind::GetMeta),
+                get_media: r(RequestKind::GetMedia),
+                bucket: r(RequestKind::Bucket),
+                other: r(RequestKind::Other),
+            },
+            bytes_sent: self.bytes_sent.load(Relaxed),
+            faults: FaultCounts {
+                fail_429: f(FaultKind::Fail429),
+                fail_503: f(FaultKind::Fail503),
+                reset: f(FaultKind::Reset),
+                truncate: f(FaultKind::Truncate),
+                stall: f(FaultKind::Stall),
+            },
+            responses: self
+                .status
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let v = c.load(Relaxed);
+                    (v > 0).then(|| (i.to_string(), v))
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub list: u64,
+    pub get_meta: u64,
+    pub get_media: u64,
+    pub bucket: u64,
+    pub other: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FaultCounts {
+    pub fail_429: u64,
+    pub fail_503: u64,
+    pub reset: u64,
+    pub truncate: u64,
+    pub stall: u64,
+}
+
+/// What `GET /_testbed/stats` returns. `responses` maps status code (as a string) to count.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub requests: RequestCounts,
+    pub bytes_sent: u64,
+    pub faults: FaultCounts,
+    pub responses: BTreeMap<String, u64>,
+}
+
+impl StatsSnapshot {
+    pub fn responses_with(&self, code: u16) -> u64 {
+        self.responses.get(&code.to_string()).copied().unwrap_or(0)
+    }
+}
