@@ -39,16 +39,15 @@ impl TokenSource {
     pub async fn application_default() -> Result<Self, ClientError> {
         // gcp_auth refuses GOOGLE_APPLICATION_CREDENTIALS pointing at an `authorized_user`
         // file (what `gcloud auth application-default login` writes); load those ourselves.
-        if let Ok(path) = std::env::var("GOOGLE_APPLICATION_CREDENTIALS") {
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                if text.contains("\"authorized_user\"") {
-                    return Err(ClientError::Auth(format!(
-                        "GOOGLE_APPLICATION_CREDENTIALS={path} holds user credentials, which must live at \
-                         ~/.config/gcloud/application_default_credentials.json: unset the variable \
-                         (gcloud's default location is found automatically) or pass a service-account key with --key-file"
-                    )));
-                }
-            }
+        if let Ok(path) = std::env::var("GOOGLE_APPLICATION_CREDENTIALS")
+            && let Ok(text) = std::fs::read_to_string(&path)
+            && text.contains("\"authorized_user\"")
+        {
+            return Err(ClientError::Auth(format!(
+                "GOOGLE_APPLICATION_CREDENTIALS={path} holds user credentials, which must live at \
+                 ~/.config/gcloud/application_default_credentials.json: unset the variable \
+                 (gcloud's default location is found automatically) or pass a service-account key with --key-file"
+            )));
         }
         match gcp_auth::provider().await {
             Ok(p) => Ok(TokenSource::Gcp(p)),
