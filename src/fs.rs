@@ -4,6 +4,7 @@
 //! an [`FsError`], so unit tests drive it with the fake client and the `fuse` adapter only
 //! translates. Anything that may touch the network is `async`; the rest answers from memory.
 
+pub mod bulk;
 pub mod error;
 
 use std::collections::HashMap;
@@ -39,6 +40,9 @@ pub struct FsConfig {
     pub block_size: u64,
     /// Most blocks fetched ahead of a sequential reader.
     pub readahead_blocks: u64,
+    /// How long a directory listing is trusted; None = for the life of the mount (the
+    /// PhysioNet buckets are immutable releases).
+    pub metadata_ttl: Option<Duration>,
 }
 
 impl Default for FsConfig {
@@ -52,6 +56,7 @@ impl Default for FsConfig {
             attr_ttl: Duration::from_secs(24 * 3600),
             block_size: 1 << 20,
             readahead_blocks: 16,
+            metadata_ttl: None,
         }
     }
 }
@@ -105,20 +110,59 @@ pub struct Fs {
     /// One listing per directory at a time; latecomers wait for it and reuse its result.
     list_locks: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
     mount_time: SystemTime,
+    /// While a bulk load runs, lookups in directories it has not finished are answered by a
+    /// targeted request instead of a listing of the whole parent.
+    bulk_loading: std::sync::atomic::AtomicBool,
+    /// Called when an object is seen to have changed under the mount (snapshot invalidation).
+    #[allow(clippy::type_complexity)]
+    on_change: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Fs {
     pub fn new(cfg: FsConfig, client: Arc<dyn ObjectClient>, cache: Arc<dyn BlockCache>) -> Self {
+        let inodes = InodeTable::new(cfg.metadata_ttl);
         Fs {
             cfg,
             client,
             cache,
-            inodes: InodeTable::new(),
+            inodes,
             handles: Mutex::default(),
             dir_handles: Mutex::default(),
             next_handle: AtomicU64::new(1),
             list_locks: Mutex::default(),
             mount_time: SystemTime::now(),
+            bulk_loading: Default::default(),
+            on_change: Mutex::default(),
+        }
+    }
+
+    /// Registers what to do when an object is found changed under the mount.
+    pub fn set_on_change(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self.on_change.lock().unwrap() = Some(Box::new(f));
+    }
+
+    pub fn client(&self) -> &Arc<dyn ObjectClient> {
+        &self.client
+    }
+
+    /// Adds one listed object to the inode table. Returns its path relative to the mount
+    /// root, or None when it is outside the prefix or cannot be shown.
+    fn insert_meta(&self, m: &crate::client::ObjectMeta) -> Option<String> {
+        let rel = m.name.strip_prefix(&self.cfg.prefix)?;
+        if rel.is_empty() {
+            return None;
+        }
+        let info = FileInfo {
+            size: m.size,
+            mtime: m.updated,
+            generation: m.generation,
+        };
+        match self.inodes.insert_object(rel, info) {
+            Ok(_) => Some(rel.to_string()),
+            Err(why) => {
+                tracing::warn!(object = %m.name, "skipping object: {why}");
+                None
+            }
         }
     }
 
@@ -185,48 +229,85 @@ impl Fs {
             max_results: Some(1000),
             ..Default::default()
         };
-        let page = list_all(self.client.as_ref(), &req).await.inspect_err(|e| {
-            tracing::warn!(prefix = %prefix, error = %e, "listing failed");
-        })?;
+        let page = list_all(self.client.as_ref(), &req)
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(prefix = %prefix, error = %e, "listing failed");
+            })?;
+        let mut present = std::collections::HashSet::new();
         for p in &page.prefixes {
-            let Some(rel) = p.strip_prefix(&self.cfg.prefix) else { continue };
-            if let Err(why) = self.inodes.insert_dir(rel) {
-                tracing::warn!(prefix = %p, "skipping directory: {why}");
+            let Some(rel) = p.strip_prefix(&self.cfg.prefix) else {
+                continue;
+            };
+            match self.inodes.insert_dir(rel) {
+                Ok(_) => {
+                    present.insert(leaf_name(rel).to_string());
+                }
+                Err(why) => tracing::warn!(prefix = %p, "skipping directory: {why}"),
             }
         }
-        for m in page.items {
-            let Some(rel) = m.name.strip_prefix(&self.cfg.prefix) else { continue };
-            if rel == dir_rel {
+        for m in &page.items {
+            if m.name.strip_prefix(&self.cfg.prefix) == Some(dir_rel.as_str()) {
                 // The placeholder object of this very directory.
                 continue;
             }
-            let info = FileInfo {
-                size: m.size,
-                mtime: m.updated,
-                generation: m.generation,
-            };
-            if let Err(why) = self.inodes.insert_object(rel, info) {
-                tracing::warn!(object = %m.name, "skipping object: {why}");
+            if let Some(rel) = self.insert_meta(m) {
+                present.insert(leaf_name(&rel).to_string());
             }
         }
+        let present: std::collections::HashSet<&str> = present.iter().map(|s| s.as_str()).collect();
+        self.inodes.prune_children(dir, &present);
         self.inodes.mark_listed(dir);
         self.list_locks.lock().unwrap().remove(&dir);
         Ok(())
     }
 
     pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Attr, FsError> {
-        let mut listed = false;
+        let mut asked = false;
         loop {
             match self.inodes.lookup(parent, name) {
                 Lookup::Found(v) => return Ok(self.attr_of(&v)),
                 Lookup::Absent => return Err(FsError::NotFound),
                 Lookup::NotDir => return Err(FsError::NotDir),
-                Lookup::Unknown if listed => return Err(FsError::NotFound),
+                Lookup::Unknown if asked => return Err(FsError::NotFound),
                 Lookup::Unknown => {
-                    self.ensure_listed(parent).await?;
-                    listed = true;
+                    if self.bulk_loading.load(Ordering::Relaxed) {
+                        self.targeted_lookup(parent, name).await?;
+                    } else {
+                        self.ensure_listed(parent).await?;
+                    }
+                    asked = true;
                 }
             }
+        }
+    }
+
+    /// Finds one name without listing its parent: the object itself and the first entry
+    /// under `name/`, asked concurrently (one round trip).
+    async fn targeted_lookup(&self, parent: Ino, name: &str) -> Result<(), FsError> {
+        if crate::inode::invalid_component(name).is_some() {
+            return Ok(());
+        }
+        let key = format!("{}{}{}", self.cfg.prefix, self.inodes.rel_path(parent), name);
+        let dir_req = ListRequest {
+            prefix: format!("{key}/"),
+            max_results: Some(1),
+            ..Default::default()
+        };
+        let (obj, under) = tokio::join!(self.client.stat(&key), self.client.list_page(&dir_req));
+        if let Ok(p) = &under
+            && (!p.items.is_empty() || !p.prefixes.is_empty())
+        {
+            let _ = self.inodes.insert_dir(&dir_req.prefix[self.cfg.prefix.len()..]);
+            return Ok(());
+        }
+        match obj {
+            Ok(m) => {
+                self.insert_meta(&m);
+                Ok(())
+            }
+            Err(crate::client::ClientError::NotFound(_)) => under.map(|_| ()).map_err(FsError::from),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -270,7 +351,10 @@ impl Fs {
             });
         }
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.dir_handles.lock().unwrap().insert(fh, Arc::new(entries));
+        self.dir_handles
+            .lock()
+            .unwrap()
+            .insert(fh, Arc::new(entries));
         Ok(fh)
     }
 
@@ -298,7 +382,8 @@ impl Fs {
             return Err(FsError::ReadOnly);
         }
         let info = v.file.expect("a file node has file info");
-        let object: Arc<str> = Arc::from(format!("{}{}", self.cfg.prefix, self.inodes.rel_path(ino)));
+        let object: Arc<str> =
+            Arc::from(format!("{}{}", self.cfg.prefix, self.inodes.rel_path(ino)));
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(
             fh,
@@ -334,7 +419,11 @@ impl Fs {
         let last = (end - 1) / bs;
         let block_count = file_size.div_ceil(bs);
 
-        let ahead = h.readahead.lock().unwrap().on_read(offset, end, last, block_count);
+        let ahead = h
+            .readahead
+            .lock()
+            .unwrap()
+            .on_read(offset, end, last, block_count);
         for index in ahead {
             let fut = self.block(&h, index);
             tokio::spawn(async move {
@@ -343,7 +432,15 @@ impl Fs {
             });
         }
 
-        let blocks = try_join_all((first..=last).map(|i| self.block(&h, i))).await?;
+        let blocks = match try_join_all((first..=last).map(|i| self.block(&h, i))).await {
+            Ok(b) => b,
+            Err(e) => {
+                if e.errno() == libc::ESTALE {
+                    self.object_changed(&h.object).await;
+                }
+                return Err(e);
+            }
+        };
         if blocks.len() == 1 {
             let start = (offset - first * bs) as usize;
             return Ok(blocks[0].slice(start..start + (end - offset) as usize));
@@ -378,12 +475,26 @@ impl Fs {
         let (generation, size) = (h.info.generation, h.info.size);
         async move {
             let fetch = Box::pin(async move {
-                client.get_range(&object, generation, size, start, end).await
+                client
+                    .get_range(&object, generation, size, start, end)
+                    .await
             });
             cache.get_or_fetch(key.clone(), fetch).await.map_err(|e| {
                 tracing::warn!(object = %key.object, generation, block = index, error = %e, "read failed");
                 FsError::Client(e)
             })
+        }
+    }
+
+    /// A pinned read found the object gone or replaced: refresh its entry so the next open
+    /// sees the live version, and tell the owner (a persisted snapshot is no longer true).
+    async fn object_changed(&self, object: &str) {
+        tracing::warn!(object, "object changed under the mount; its open handles get ESTALE");
+        if let Some(f) = self.on_change.lock().unwrap().as_ref() {
+            f();
+        }
+        if let Ok(m) = self.client.stat(object).await {
+            self.insert_meta(&m);
         }
     }
 
@@ -397,6 +508,12 @@ impl Fs {
     }
 }
 
+/// Last component of a relative path (`a/b/` → `b`, `a/c` → `c`).
+fn leaf_name(rel: &str) -> &str {
+    let t = rel.strip_suffix('/').unwrap_or(rel);
+    t.rsplit('/').next().unwrap_or(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,7 +522,9 @@ mod tests {
     use crate::client::fake::FakeClient;
 
     fn data(n: usize, seed: u8) -> Vec<u8> {
-        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     fn setup(prefix: &str) -> (Arc<FakeClient>, Fs) {
@@ -444,7 +563,12 @@ mod tests {
         assert_eq!(many.kind, Kind::Dir);
         let before = c.list_calls.load(Ordering::Relaxed);
         let fh = fs.opendir(many.ino).await.unwrap();
-        let names: Vec<_> = fs.readdir(fh).unwrap().iter().map(|e| e.name.to_string()).collect();
+        let names: Vec<_> = fs
+            .readdir(fh)
+            .unwrap()
+            .iter()
+            .map(|e| e.name.to_string())
+            .collect();
         assert_eq!(names.len(), 27);
         assert_eq!(&names[..3], [".", "..", "f000"]);
         // 25 entries at 7 per page: 4 pages
@@ -452,7 +576,10 @@ mod tests {
         // listed once: a second opendir and lookups cost nothing
         let fh2 = fs.opendir(many.ino).await.unwrap();
         fs.lookup(many.ino, "f007").await.unwrap();
-        assert!(matches!(fs.lookup(many.ino, "nope").await, Err(FsError::NotFound)));
+        assert!(matches!(
+            fs.lookup(many.ino, "nope").await,
+            Err(FsError::NotFound)
+        ));
         assert_eq!(c.list_calls.load(Ordering::Relaxed) - before, 4);
         fs.releasedir(fh);
         fs.releasedir(fh2);
@@ -470,7 +597,9 @@ mod tests {
         let fh = fs.open(a.ino, false).unwrap();
         let mut rng = 12345u64;
         for _ in 0..200 {
-            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let off = (rng >> 16) % (src.len() as u64 + 10);
             let len = ((rng >> 40) % (3 << 20)) as u32;
             let got = fs.read(fh, off, len).await.unwrap();
@@ -494,7 +623,12 @@ mod tests {
     async fn prefix_mounts_a_subtree() {
         let (_c, fs) = setup("dir/");
         let fh = fs.opendir(ROOT).await.unwrap();
-        let names: Vec<_> = fs.readdir(fh).unwrap().iter().map(|e| e.name.to_string()).collect();
+        let names: Vec<_> = fs
+            .readdir(fh)
+            .unwrap()
+            .iter()
+            .map(|e| e.name.to_string())
+            .collect();
         assert_eq!(names, [".", "..", "many", "placeholder", "sub"]);
         let x = path(&fs, "sub/x").await.unwrap();
         let h = fs.open(x.ino, false).unwrap();
@@ -504,13 +638,25 @@ mod tests {
     #[tokio::test]
     async fn errors_map_and_recover() {
         let (c, fs) = setup("");
-        c.fail_next(1, ClientError::Denied { status: 403, message: "no".into() });
+        c.fail_next(
+            1,
+            ClientError::Denied {
+                status: 403,
+                message: "no".into(),
+            },
+        );
         let e = fs.lookup(ROOT, "top.txt").await.unwrap_err();
         assert_eq!(e.errno(), libc::EACCES);
         // the failed listing was not recorded as complete: the next lookup lists again
         let a = fs.lookup(ROOT, "top.txt").await.unwrap();
         let fh = fs.open(a.ino, false).unwrap();
-        c.fail_next(1, ClientError::Network { endpoint: "e".into(), cause: "reset".into() });
+        c.fail_next(
+            1,
+            ClientError::Network {
+                endpoint: "e".into(),
+                cause: "reset".into(),
+            },
+        );
         assert_eq!(fs.read(fh, 0, 5).await.unwrap_err().errno(), libc::EIO);
         assert_eq!(&fs.read(fh, 0, 5).await.unwrap()[..], b"hello");
         // object replaced under the mount: the open handle's generation is gone → ESTALE

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 pub type Ino = u64;
 pub const ROOT: Ino = 1;
@@ -66,18 +66,29 @@ struct Node {
 enum NodeData {
     Dir {
         children: BTreeMap<Arc<str>, Ino>,
-        listed: bool,
+        /// When the directory's listing was last complete (None: never).
+        listed: Option<Instant>,
     },
     File(FileInfo),
 }
 
 pub struct InodeTable {
     inner: RwLock<Vec<Node>>,
+    /// How long a complete listing stays trusted; None = for the life of the mount.
+    ttl: Option<Duration>,
+}
+
+fn fresh(listed: &Option<Instant>, ttl: Option<Duration>) -> bool {
+    match (listed, ttl) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(t), Some(ttl)) => t.elapsed() < ttl,
+    }
 }
 
 impl Default for InodeTable {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
@@ -97,7 +108,7 @@ pub fn invalid_component(c: &str) -> Option<&'static str> {
 }
 
 impl InodeTable {
-    pub fn new() -> Self {
+    pub fn new(ttl: Option<Duration>) -> Self {
         let dummy = Node {
             parent: 0,
             name: Arc::from(""),
@@ -110,13 +121,11 @@ impl InodeTable {
         let root = Node {
             parent: ROOT,
             name: Arc::from(""),
-            data: NodeData::Dir {
-                children: BTreeMap::new(),
-                listed: false,
-            },
+            data: new_dir(),
         };
         InodeTable {
             inner: RwLock::new(vec![dummy, root]),
+            ttl,
         }
     }
 
@@ -142,7 +151,7 @@ impl InodeTable {
         match nodes.get(parent as usize).map(|n| &n.data) {
             Some(NodeData::Dir { children, listed }) => match children.get(name) {
                 Some(&ino) => Lookup::Found(view(ino, &nodes[ino as usize])),
-                None if *listed => Lookup::Absent,
+                None if fresh(listed, self.ttl) => Lookup::Absent,
                 None => Lookup::Unknown,
             },
             _ => Lookup::NotDir,
@@ -150,10 +159,16 @@ impl InodeTable {
     }
 
     pub fn is_listed(&self, dir: Ino) -> bool {
-        matches!(
-            self.inner.read().unwrap().get(dir as usize).map(|n| &n.data),
-            Some(NodeData::Dir { listed: true, .. })
-        )
+        match self
+            .inner
+            .read()
+            .unwrap()
+            .get(dir as usize)
+            .map(|n| &n.data)
+        {
+            Some(NodeData::Dir { listed, .. }) => fresh(listed, self.ttl),
+            _ => false,
+        }
     }
 
     pub fn mark_listed(&self, dir: Ino) {
@@ -164,8 +179,77 @@ impl InodeTable {
             .get_mut(dir as usize)
             .map(|n| &mut n.data)
         {
-            *listed = true;
+            *listed = Some(Instant::now());
         }
+    }
+
+    /// Marks `dir` and every directory below it as completely listed (after a flat listing
+    /// of the whole sub-tree).
+    pub fn mark_subtree_listed(&self, dir: Ino) {
+        let now = Instant::now();
+        let mut nodes = self.inner.write().unwrap();
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            if let Some(NodeData::Dir { children, listed }) =
+                nodes.get_mut(d as usize).map(|n| &mut n.data)
+            {
+                *listed = Some(now);
+                stack.extend(children.values().copied());
+            }
+        }
+    }
+
+    /// Removes children of `dir` whose names are not in `present` (after a fresh listing
+    /// shows they are gone). Their inodes stay allocated, so open handles stay valid.
+    pub fn prune_children(&self, dir: Ino, present: &std::collections::HashSet<&str>) {
+        if let Some(NodeData::Dir { children, .. }) = self
+            .inner
+            .write()
+            .unwrap()
+            .get_mut(dir as usize)
+            .map(|n| &mut n.data)
+        {
+            children.retain(|name, _| present.contains(&**name));
+        }
+    }
+
+    /// Resolves a relative directory path (`a/b`, `a/b/` or ``) to its inode, if present.
+    pub fn find_dir(&self, rel: &str) -> Option<Ino> {
+        let nodes = self.inner.read().unwrap();
+        let mut cur = ROOT;
+        for comp in rel.split('/').filter(|c| !c.is_empty()) {
+            let NodeData::Dir { children, .. } = &nodes[cur as usize].data else {
+                return None;
+            };
+            cur = *children.get(comp)?;
+        }
+        matches!(nodes[cur as usize].data, NodeData::Dir { .. }).then_some(cur)
+    }
+
+    /// Every node below the root in depth-first name order: (relative path, file info or
+    /// None for a directory). Used to persist the table.
+    pub fn export(&self) -> Vec<(String, Option<FileInfo>)> {
+        let nodes = self.inner.read().unwrap();
+        let mut out = Vec::with_capacity(nodes.len());
+        let mut stack: Vec<(Ino, String)> = vec![(ROOT, String::new())];
+        while let Some((d, path)) = stack.pop() {
+            let NodeData::Dir { children, .. } = &nodes[d as usize].data else {
+                continue;
+            };
+            let mut dirs = Vec::new();
+            for (name, &ino) in children {
+                let rel = format!("{path}{name}");
+                match &nodes[ino as usize].data {
+                    NodeData::File(f) => out.push((rel, Some(f.clone()))),
+                    NodeData::Dir { .. } => {
+                        out.push((rel.clone(), None));
+                        dirs.push((ino, format!("{rel}/")));
+                    }
+                }
+            }
+            stack.extend(dirs.into_iter().rev());
+        }
+        out
     }
 
     /// Children of a directory, in name order.
@@ -229,7 +313,9 @@ impl InodeTable {
                     *old = info;
                     Ok(ino)
                 }
-                NodeData::Dir { .. } => Err("an object and a directory share this name; the directory is shown".into()),
+                NodeData::Dir { .. } => {
+                    Err("an object and a directory share this name; the directory is shown".into())
+                }
             },
             None => Ok(add_child(&mut nodes, parent, leaf, NodeData::File(info))),
         }
@@ -303,7 +389,7 @@ fn ensure_dirs(nodes: &mut Vec<Node>, rel: &str) -> Result<Ino, String> {
 fn new_dir() -> NodeData {
     NodeData::Dir {
         children: BTreeMap::new(),
-        listed: false,
+        listed: None,
     }
 }
 
@@ -321,15 +407,23 @@ mod tests {
 
     #[test]
     fn flat_names_build_a_tree() {
-        let t = InodeTable::new();
+        let t = InodeTable::new(None);
         let f = t.insert_object("files/p10/p1000/s5.txt", info(3)).unwrap();
-        t.insert_object("files/p10/p1000/s5/a.dcm", info(9)).unwrap();
+        t.insert_object("files/p10/p1000/s5/a.dcm", info(9))
+            .unwrap();
         t.insert_object("LICENSE.txt", info(1)).unwrap();
         assert_eq!(t.rel_path(f), "files/p10/p1000/s5.txt");
-        let Lookup::Found(files) = t.lookup(ROOT, "files") else { panic!() };
+        let Lookup::Found(files) = t.lookup(ROOT, "files") else {
+            panic!()
+        };
         assert_eq!(files.kind, Kind::Dir);
         assert_eq!(t.rel_path(files.ino), "files/");
-        let names: Vec<_> = t.children(ROOT).unwrap().into_iter().map(|(n, _)| n.to_string()).collect();
+        let names: Vec<_> = t
+            .children(ROOT)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
         assert_eq!(names, ["LICENSE.txt", "files"]);
         assert!(matches!(t.lookup(ROOT, "nope"), Lookup::Unknown));
         t.mark_listed(ROOT);
@@ -339,13 +433,15 @@ mod tests {
 
     #[test]
     fn placeholders_and_conflicts() {
-        let t = InodeTable::new();
+        let t = InodeTable::new(None);
         let d = t.insert_object("d/", info(0)).unwrap();
         assert_eq!(t.get(d).unwrap().kind, Kind::Dir);
         // file x then dir x/: directory wins
         t.insert_object("x", info(1)).unwrap();
         t.insert_object("x/y", info(1)).unwrap();
-        let Lookup::Found(x) = t.lookup(ROOT, "x") else { panic!() };
+        let Lookup::Found(x) = t.lookup(ROOT, "x") else {
+            panic!()
+        };
         assert_eq!(x.kind, Kind::Dir);
         // dir first, then file: file skipped
         assert!(t.insert_object("x", info(1)).is_err());
@@ -356,8 +452,39 @@ mod tests {
     }
 
     #[test]
+    fn subtree_listing_export_and_ttl() {
+        let t = InodeTable::new(None);
+        t.insert_object("a/b/c", info(1)).unwrap();
+        t.insert_object("a/d", info(2)).unwrap();
+        t.insert_dir("e/").unwrap();
+        let a = t.find_dir("a").unwrap();
+        t.mark_subtree_listed(a);
+        assert!(t.is_listed(a) && t.is_listed(t.find_dir("a/b/").unwrap()));
+        assert!(!t.is_listed(ROOT));
+        let names: Vec<_> = t
+            .export()
+            .into_iter()
+            .map(|(n, f)| (n, f.is_some()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("a".to_string(), false),
+                ("a/b".to_string(), false),
+                ("a/b/c".to_string(), true),
+                ("a/d".to_string(), true),
+                ("e".to_string(), false)
+            ]
+        );
+        let short = InodeTable::new(Some(Duration::from_millis(1)));
+        short.mark_listed(ROOT);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!short.is_listed(ROOT));
+    }
+
+    #[test]
     fn relisting_updates_in_place() {
-        let t = InodeTable::new();
+        let t = InodeTable::new(None);
         let a = t.insert_object("a", info(1)).unwrap();
         let b = t.insert_object("a", info(5)).unwrap();
         assert_eq!(a, b);

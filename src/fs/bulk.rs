@@ -1,0 +1,270 @@
+//! Loading a whole sub-tree's metadata with flat listings.
+//!
+//! Listing one directory per request costs one request per directory (~293,000 for
+//! MIMIC-CXR). A flat listing (no delimiter) returns 1,000 objects per page whatever the
+//! depth, so the whole tree costs about one request per 1,000 objects. To go fast the key
+//! space is cut into contiguous ranges (`startOffset`/`endOffset`) at the first levels of
+//! prefixes (for MIMIC-CXR: `files/p10/` … `files/p19/`), listed in parallel.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::try_join_all;
+
+use super::{Fs, FsError};
+use crate::client::ListRequest;
+use crate::inode::{Kind, ROOT};
+
+#[derive(Clone, Debug)]
+pub struct BulkOptions {
+    /// Key ranges listed at once.
+    pub concurrency: usize,
+    /// Target number of key ranges.
+    pub ranges: usize,
+    /// Stop (and stay lazy) past this many objects: a bucket this big is better browsed
+    /// per directory than held in memory.
+    pub max_objects: u64,
+}
+
+impl Default for BulkOptions {
+    fn default() -> Self {
+        BulkOptions {
+            concurrency: 16,
+            ranges: 16,
+            max_objects: 3_000_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BulkStats {
+    pub objects: u64,
+    pub list_requests: u64,
+    pub elapsed: Duration,
+    /// The whole tree is in the table (false: stopped at max_objects).
+    pub complete: bool,
+}
+
+struct LoadingFlag<'a>(&'a Fs);
+impl Drop for LoadingFlag<'_> {
+    fn drop(&mut self) {
+        self.0.bulk_loading.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Smallest string greater than every string starting with `p` (for `endOffset`).
+fn prefix_end(p: &str) -> Option<String> {
+    let mut chars: Vec<char> = p.chars().collect();
+    while let Some(c) = chars.pop() {
+        if let Some(next) = char::from_u32(c as u32 + 1) {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+impl Fs {
+    /// Loads every object under the mount prefix into the inode table. Lookups that arrive
+    /// meanwhile are answered with targeted requests.
+    pub async fn bulk_load(self: &Arc<Self>, opts: &BulkOptions) -> Result<BulkStats, FsError> {
+        self.bulk_loading.store(true, Ordering::Relaxed);
+        let _flag = LoadingFlag(self);
+        let started = Instant::now();
+        let requests = AtomicU64::new(0);
+
+        // Discover range boundaries from the first two levels of directories.
+        self.ensure_listed(ROOT).await?;
+        requests.fetch_add(1, Ordering::Relaxed);
+        let level1: Vec<_> = self.dir_children(ROOT);
+        let mut boundaries: Vec<String> = Vec::new();
+        if level1.len() >= opts.ranges {
+            boundaries = level1.iter().map(|(_, rel)| rel.clone()).collect();
+        } else {
+            let sem = tokio::sync::Semaphore::new(opts.concurrency);
+            try_join_all(level1.iter().map(|(ino, _)| async {
+                let _p = sem.acquire().await;
+                requests.fetch_add(1, Ordering::Relaxed);
+                self.ensure_listed(*ino).await
+            }))
+            .await?;
+            for (ino, rel) in &level1 {
+                let sub = self.dir_children(*ino);
+                if sub.is_empty() {
+                    boundaries.push(rel.clone());
+                } else {
+                    boundaries.extend(sub.into_iter().map(|(_, r)| r));
+                }
+            }
+        }
+        boundaries.sort();
+        // Merge neighbours down to about `ranges` contiguous key ranges starting at the
+        // boundaries; the first starts at the mount prefix so nothing is missed.
+        let step = boundaries.len().div_ceil(opts.ranges.max(1)).max(1);
+        let mut starts: Vec<String> = vec![self.cfg.prefix.clone()];
+        starts.extend(
+            boundaries
+                .iter()
+                .skip(step)
+                .step_by(step)
+                .map(|b| format!("{}{b}", self.cfg.prefix)),
+        );
+        let end_all = prefix_end(&self.cfg.prefix).filter(|_| !self.cfg.prefix.is_empty());
+        let ranges: Vec<(String, Option<String>)> = starts
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.clone(), starts.get(i + 1).cloned().or_else(|| end_all.clone())))
+            .collect();
+
+        let objects = AtomicU64::new(0);
+        let sem = tokio::sync::Semaphore::new(opts.concurrency);
+        let results = futures::future::join_all(ranges.iter().map(|(start, end)| async {
+            let _p = sem.acquire().await;
+            let mut req = ListRequest {
+                prefix: self.cfg.prefix.clone(),
+                max_results: Some(1000),
+                start_offset: Some(start.clone()),
+                end_offset: end.clone(),
+                ..Default::default()
+            };
+            let mut tokens = std::collections::HashSet::new();
+            loop {
+                if objects.load(Ordering::Relaxed) > opts.max_objects {
+                    return Ok::<bool, FsError>(false);
+                }
+                requests.fetch_add(1, Ordering::Relaxed);
+                let page = self.client.list_page(&req).await?;
+                for m in &page.items {
+                    self.insert_meta(m);
+                }
+                objects.fetch_add(page.items.len() as u64, Ordering::Relaxed);
+                match page.next_page_token {
+                    Some(t) if tokens.insert(t.clone()) => req.page_token = Some(t),
+                    Some(_) => {
+                        return Err(FsError::Client(crate::client::ClientError::Malformed(
+                            "flat listing repeated a nextPageToken".into(),
+                        )));
+                    }
+                    None => return Ok(true),
+                }
+            }
+        }))
+        .await;
+        let mut complete = true;
+        for r in results {
+            match r {
+                Ok(done) => complete &= done,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bulk metadata load failed; directories will be listed on demand");
+                    return Err(e);
+                }
+            }
+        }
+        if complete {
+            self.inodes.mark_subtree_listed(ROOT);
+        }
+        Ok(BulkStats {
+            objects: objects.load(Ordering::Relaxed),
+            list_requests: requests.load(Ordering::Relaxed),
+            elapsed: started.elapsed(),
+            complete,
+        })
+    }
+
+    /// Child directories of `dir` as (inode, path relative to the mount root with a trailing `/`).
+    fn dir_children(&self, dir: u64) -> Vec<(u64, String)> {
+        let base = self.inodes.rel_path(dir);
+        self.inodes
+            .children(dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, v)| v.kind == Kind::Dir)
+            .map(|(name, v)| (v.ino, format!("{base}{name}/")))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::MemoryCache;
+    use crate::client::fake::FakeClient;
+    use crate::fs::FsConfig;
+
+    #[test]
+    fn prefix_end_is_tight() {
+        assert_eq!(prefix_end("files/p10/").as_deref(), Some("files/p100"));
+        assert_eq!(prefix_end("a").as_deref(), Some("b"));
+        assert_eq!(prefix_end(""), None);
+    }
+
+    fn mimic_like(c: &FakeClient) -> usize {
+        let mut n = 0;
+        for top in ["LICENSE.txt", "SHA256SUMS.txt", "cxr-record-list.csv.gz"] {
+            c.put(top, "t");
+            n += 1;
+        }
+        for p in 10..20 {
+            for s in 0..30 {
+                let subj = format!("files/p{p}/p{p}{s:06}");
+                c.put(&format!("{subj}/s5{s:07}.txt"), "r");
+                c.put(&format!("{subj}/s5{s:07}/a.dcm"), "d");
+                c.put(&format!("{subj}/s5{s:07}/b.dcm"), "d");
+                n += 3;
+            }
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn loads_everything_with_few_requests() {
+        let c = Arc::new(FakeClient::new("b").with_page_cap(50));
+        let n = mimic_like(&c);
+        let fs = Arc::new(Fs::new(FsConfig::default(), c.clone(), Arc::new(MemoryCache::new(1 << 20))));
+        let st = fs.bulk_load(&BulkOptions::default()).await.unwrap();
+        assert!(st.complete);
+        assert_eq!(st.objects as usize, n);
+        let lists = c.list_calls.load(Ordering::Relaxed) as usize;
+        // 2 discovery listings + ceil(90/50) pages per pNN range
+        assert!(lists <= 2 + 10 * 2, "{lists} list requests");
+        assert_eq!(lists as u64, st.list_requests);
+        // Everything answers from memory now: lookups, misses and readdir.
+        let before = c.requests();
+        let files = fs.lookup(ROOT, "files").await.unwrap();
+        let p15 = fs.lookup(files.ino, "p15").await.unwrap();
+        let fh = fs.opendir(p15.ino).await.unwrap();
+        assert_eq!(fs.readdir(fh).unwrap().len(), 32);
+        let subj = fs.lookup(p15.ino, "p15000007").await.unwrap();
+        assert!(fs.lookup(subj.ino, "s50000007.txt").await.is_ok());
+        assert!(matches!(fs.lookup(subj.ino, "missing").await, Err(FsError::NotFound)));
+        assert_eq!(c.requests(), before);
+    }
+
+    #[tokio::test]
+    async fn prefix_mount_and_cap() {
+        let c = Arc::new(FakeClient::new("b").with_page_cap(20));
+        mimic_like(&c);
+        let cfg = FsConfig {
+            prefix: "files/p12/".into(),
+            ..Default::default()
+        };
+        let fs = Arc::new(Fs::new(cfg, c.clone(), Arc::new(MemoryCache::new(1 << 20))));
+        let st = fs.bulk_load(&BulkOptions::default()).await.unwrap();
+        assert!(st.complete);
+        assert_eq!(st.objects, 90);
+        let capped = Arc::new(Fs::new(FsConfig::default(), c, Arc::new(MemoryCache::new(1 << 20))));
+        let st = capped
+            .bulk_load(&BulkOptions {
+                max_objects: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(!st.complete);
+        // Not complete: directories are still listed on demand, correctly.
+        let files = capped.lookup(ROOT, "files").await.unwrap();
+        let fh = capped.opendir(files.ino).await.unwrap();
+        assert_eq!(capped.readdir(fh).unwrap().len(), 12);
+    }
+}
