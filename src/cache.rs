@@ -115,7 +115,10 @@ mod tests {
         let c = MemoryCache::new(4 << 20);
         for i in 0..64 {
             let b = c
-                .get_or_fetch(key(i), Box::pin(async { Ok(Bytes::from(vec![0u8; 1 << 20])) }))
+                .get_or_fetch(
+                    key(i),
+                    Box::pin(async { Ok(Bytes::from(vec![0u8; 1 << 20])) }),
+                )
                 .await
                 .unwrap();
             assert_eq!(b.len(), 1 << 20);
@@ -138,7 +141,10 @@ mod tests {
     async fn errors_are_not_cached() {
         let c = MemoryCache::new(1 << 20);
         let e = c
-            .get_or_fetch(key(0), Box::pin(async { Err(ClientError::Malformed("x".into())) }))
+            .get_or_fetch(
+                key(0),
+                Box::pin(async { Err(ClientError::Malformed("x".into())) }),
+            )
             .await;
         assert!(e.is_err());
         let ok = c

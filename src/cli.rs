@@ -58,8 +58,30 @@ pub struct MountArgs {
     pub anonymous: bool,
 
     /// Service-account JSON key file (instead of application-default credentials).
-    #[arg(long, value_name = "FILE", help_heading = "Auth", conflicts_with = "anonymous")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Auth",
+        conflicts_with = "anonymous"
+    )]
     pub key_file: Option<PathBuf>,
+
+    /// How directory metadata is loaded: `eager` lists the whole tree at mount with flat
+    /// listings (about one request per 1,000 objects), in the background; `lazy` lists each
+    /// directory when first used; `auto` is eager up to 3 million objects, and lazy when
+    /// --metadata-ttl is set.
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Metadata")]
+    pub metadata: MetadataMode,
+
+    /// How long listings are trusted, e.g. `10m` (default: for the life of the mount, right
+    /// for PhysioNet's immutable releases; set it for buckets that change).
+    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Metadata")]
+    pub metadata_ttl: Option<std::time::Duration>,
+
+    /// Where the metadata snapshot is kept, so a remount needs no listing
+    /// (default ~/.cache/physiofs; `off` disables it).
+    #[arg(long, value_name = "DIR|off", help_heading = "Metadata")]
+    pub metadata_cache: Option<String>,
 
     /// Memory for cached file data, e.g. `512MiB`, `2GiB`.
     #[arg(long, default_value = "1GiB", value_parser = parse_size, help_heading = "Cache")]
@@ -99,6 +121,13 @@ pub struct MountArgs {
     pub log_level: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetadataMode {
+    Auto,
+    Eager,
+    Lazy,
+}
+
 /// Parses `1048576`, `64MiB`, `2GiB`, `1.5GB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -132,7 +161,11 @@ pub fn parse_bucket(s: &str) -> (String, Option<String>) {
 /// Normalizes a prefix to `` or `a/b/`.
 pub fn normalize_prefix(p: Option<&str>) -> String {
     let t = p.unwrap_or("").trim_matches('/');
-    if t.is_empty() { String::new() } else { format!("{t}/") }
+    if t.is_empty() {
+        String::new()
+    } else {
+        format!("{t}/")
+    }
 }
 
 /// Turns `STORAGE_EMULATOR_HOST` (`host:port` or a URL) into a service root URL.
@@ -157,7 +190,10 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert_eq!(parse_mode("0444").unwrap(), 0o444);
         assert!(parse_mode("999").is_err());
-        assert_eq!(parse_bucket("gs://b/files/p10"), ("b".into(), Some("files/p10".into())));
+        assert_eq!(
+            parse_bucket("gs://b/files/p10"),
+            ("b".into(), Some("files/p10".into()))
+        );
         assert_eq!(parse_bucket("gs://b/"), ("b".into(), None));
         assert_eq!(parse_bucket("b"), ("b".into(), None));
         assert_eq!(normalize_prefix(Some("/files/p10/")), "files/p10/");

@@ -84,7 +84,10 @@ pub trait ObjectClient: Send + Sync + 'static {
 /// Lists every page of `req` and merges them: items in order, prefixes de-duplicated
 /// (some servers repeat a prefix on several pages). Stops with an error on a page token
 /// that repeats, so a misbehaving server cannot loop us forever.
-pub async fn list_all(client: &dyn ObjectClient, req: &ListRequest) -> Result<ListPage, ClientError> {
+pub async fn list_all(
+    client: &dyn ObjectClient,
+    req: &ListRequest,
+) -> Result<ListPage, ClientError> {
     let mut out = ListPage::default();
     let mut seen_prefixes = std::collections::HashSet::new();
     let mut seen_tokens = std::collections::HashSet::new();

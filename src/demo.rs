@@ -47,7 +47,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         size_scale: args.size_scale.clamp(1e-6, 4.0),
     });
     let bucket = model.bucket().to_string();
-    let (images, studies, objects) = (model.image_count(), model.study_count(), model.object_count());
+    let (images, studies, objects) = (
+        model.image_count(),
+        model.study_count(),
+        model.object_count(),
+    );
     let server = testbed::start(
         TestbedOptions {
             requester_pays: true,
@@ -63,7 +67,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             (p.clone(), None)
         }
         None => {
-            let t = tempfile::Builder::new().prefix("physiofs-demo-").tempdir()?;
+            let t = tempfile::Builder::new()
+                .prefix("physiofs-demo-")
+                .tempdir()?;
             (t.path().to_path_buf(), Some(t))
         }
     };
@@ -86,6 +92,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         cache_size: args.cache_size,
         allow_other: false,
+        metadata: crate::cli::MetadataMode::Auto,
+        // The demo's server lives only as long as the demo: nothing worth persisting.
+        snapshot_dir: None,
     };
     let mounted = match Mounted::start(plan).await {
         Ok(m) => m,
@@ -95,7 +104,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let m = mounted.mountpoint.display().to_string();
-    let ext = if args.model == ModelKind::Dicom { "dcm" } else { "jpg" };
+    let ext = if args.model == ModelKind::Dicom {
+        "dcm"
+    } else {
+        "jpg"
+    };
     println!(
         "physiofs demo: a MIMIC-CXR-shaped bucket gs://{bucket} ({} patients, {studies} studies, \
          {images} images, {objects} objects) served by the built-in GCS testbed at {} and mounted read-only at {m}\n\

@@ -288,7 +288,12 @@ impl Fs {
         if crate::inode::invalid_component(name).is_some() {
             return Ok(());
         }
-        let key = format!("{}{}{}", self.cfg.prefix, self.inodes.rel_path(parent), name);
+        let key = format!(
+            "{}{}{}",
+            self.cfg.prefix,
+            self.inodes.rel_path(parent),
+            name
+        );
         let dir_req = ListRequest {
             prefix: format!("{key}/"),
             max_results: Some(1),
@@ -298,7 +303,9 @@ impl Fs {
         if let Ok(p) = &under
             && (!p.items.is_empty() || !p.prefixes.is_empty())
         {
-            let _ = self.inodes.insert_dir(&dir_req.prefix[self.cfg.prefix.len()..]);
+            let _ = self
+                .inodes
+                .insert_dir(&dir_req.prefix[self.cfg.prefix.len()..]);
             return Ok(());
         }
         match obj {
@@ -306,7 +313,9 @@ impl Fs {
                 self.insert_meta(&m);
                 Ok(())
             }
-            Err(crate::client::ClientError::NotFound(_)) => under.map(|_| ()).map_err(FsError::from),
+            Err(crate::client::ClientError::NotFound(_)) => {
+                under.map(|_| ()).map_err(FsError::from)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -318,31 +327,43 @@ impl Fs {
             .ok_or(FsError::NotFound)
     }
 
-    /// Opens a directory: lists it if needed and snapshots its entries, so readdir offsets
-    /// stay stable for the life of the handle.
-    pub async fn opendir(&self, ino: Ino) -> Result<u64, FsError> {
+    /// The entries of a directory (`.`, `..`, then children in name order), listing it first
+    /// if needed.
+    pub async fn entries(&self, ino: Ino) -> Result<Vec<DirEntry>, FsError> {
         let v = self.inodes.get(ino).ok_or(FsError::NotFound)?;
         if v.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
         self.ensure_listed(ino).await?;
+        self.entries_listed(ino).ok_or(FsError::NotDir)
+    }
+
+    /// The entries of a directory whose listing is complete, without any I/O; None when it
+    /// would need a listing (or is not a directory).
+    pub fn entries_listed(&self, ino: Ino) -> Option<Vec<DirEntry>> {
+        if !self.inodes.is_listed(ino) {
+            return None;
+        }
+        let v = self.inodes.get(ino)?;
         let me = self.attr_of(&v);
-        let parent = self.getattr(if ino == ROOT { ROOT } else { v.parent })?;
-        let mut entries = vec![
-            DirEntry {
-                ino,
-                kind: Kind::Dir,
-                name: Arc::from("."),
-                attr: me,
-            },
-            DirEntry {
-                ino: parent.ino,
-                kind: Kind::Dir,
-                name: Arc::from(".."),
-                attr: parent,
-            },
-        ];
-        for (name, child) in self.inodes.children(ino).ok_or(FsError::NotDir)? {
+        let parent = self
+            .getattr(if ino == ROOT { ROOT } else { v.parent })
+            .ok()?;
+        let children = self.inodes.children(ino)?;
+        let mut entries = Vec::with_capacity(children.len() + 2);
+        entries.push(DirEntry {
+            ino,
+            kind: Kind::Dir,
+            name: Arc::from("."),
+            attr: me,
+        });
+        entries.push(DirEntry {
+            ino: parent.ino,
+            kind: Kind::Dir,
+            name: Arc::from(".."),
+            attr: parent,
+        });
+        for (name, child) in children {
             entries.push(DirEntry {
                 ino: child.ino,
                 kind: child.kind,
@@ -350,12 +371,28 @@ impl Fs {
                 attr: self.attr_of(&child),
             });
         }
+        Some(entries)
+    }
+
+    /// Opens a directory: lists it if needed and snapshots its entries, so readdir offsets
+    /// stay stable for the life of the handle.
+    pub async fn opendir(&self, ino: Ino) -> Result<u64, FsError> {
+        let entries = self.entries(ino).await?;
+        Ok(self.add_dir_handle(entries))
+    }
+
+    /// `opendir` without I/O, for a directory already listed.
+    pub fn opendir_listed(&self, ino: Ino) -> Option<u64> {
+        self.entries_listed(ino).map(|e| self.add_dir_handle(e))
+    }
+
+    fn add_dir_handle(&self, entries: Vec<DirEntry>) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.dir_handles
             .lock()
             .unwrap()
             .insert(fh, Arc::new(entries));
-        Ok(fh)
+        fh
     }
 
     /// Entries of an open directory from `offset` on (offset = index of the first entry).
@@ -489,7 +526,10 @@ impl Fs {
     /// A pinned read found the object gone or replaced: refresh its entry so the next open
     /// sees the live version, and tell the owner (a persisted snapshot is no longer true).
     async fn object_changed(&self, object: &str) {
-        tracing::warn!(object, "object changed under the mount; its open handles get ESTALE");
+        tracing::warn!(
+            object,
+            "object changed under the mount; its open handles get ESTALE"
+        );
         if let Some(f) = self.on_change.lock().unwrap().as_ref() {
             f();
         }

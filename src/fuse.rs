@@ -13,23 +13,31 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, Fs, FsError};
+use crate::fs::{Attr, DirEntry, Fs, FsError};
 use crate::inode::Kind;
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
     ttl: Duration,
+    /// The kernel skips opendir/releasedir (FUSE_NO_OPENDIR_SUPPORT): readdir comes with no
+    /// handle and is answered from the inode table by offset. Saves two requests per directory.
+    no_opendir: bool,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
         let ttl = fs.config().attr_ttl;
-        FuseAdapter { fs, rt, ttl }
+        FuseAdapter {
+            fs,
+            rt,
+            ttl,
+            no_opendir: false,
+        }
     }
 }
 
@@ -64,6 +72,27 @@ fn to_fuse(a: &Attr) -> FileAttr {
     }
 }
 
+impl FuseAdapter {
+    /// Runs `f` with a directory's entries: from the open handle, or (no-opendir mode) from
+    /// the table, inline when the directory is listed and on a task when it needs a listing.
+    fn with_entries(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        f: impl FnOnce(Result<Arc<Vec<DirEntry>>, FsError>) + Send + 'static,
+    ) {
+        if !self.no_opendir || fh.0 != 0 {
+            return f(self.fs.readdir(fh.0));
+        }
+        if let Some(e) = self.fs.entries_listed(ino.0) {
+            return f(Ok(Arc::new(e)));
+        }
+        let fs = self.fs.clone();
+        self.rt
+            .spawn(async move { f(fs.entries(ino.0).await.map(Arc::new)) });
+    }
+}
+
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Let the kernel read ahead in big steps and keep many reads in flight; it only helps.
@@ -71,10 +100,23 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
         // One round trip returns names and attributes for `ls -l`.
-        if config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS).is_err() {
+        if config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS)
+            .is_err()
+        {
             tracing::debug!("kernel lacks READDIRPLUS");
         }
-        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        // Lookups and readdirs in one directory may run at once.
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        if config
+            .capabilities()
+            .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            && config
+                .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+                .is_ok()
+        {
+            self.no_opendir = true;
+        }
         Ok(())
     }
 
@@ -146,16 +188,38 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // Nothing is ever written, so there is nothing to flush.
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir {
+            // ENOSYS here means "never send opendir again"; readdir then arrives with fh 0.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
+        if let Some(fh) = self.fs.opendir_listed(ino.0) {
+            reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            );
+            return;
+        }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+                Ok(fh) => reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                ),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -164,12 +228,12 @@ impl Filesystem for FuseAdapter {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(fh.0) {
+        self.with_entries(ino, fh, move |r| match r {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), &*e.name) {
@@ -179,25 +243,26 @@ impl Filesystem for FuseAdapter {
                 reply.ok();
             }
             Err(e) => reply.error(errno(&e)),
-        }
+        });
     }
 
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.fs.readdir(fh.0) {
+        let ttl = self.ttl;
+        self.with_entries(ino, fh, move |r| match r {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(
                         INodeNo(e.ino),
                         (i + 1) as u64,
                         &*e.name,
-                        &self.ttl,
+                        &ttl,
                         &to_fuse(&e.attr),
                         Generation(0),
                     ) {
@@ -207,10 +272,17 @@ impl Filesystem for FuseAdapter {
                 reply.ok();
             }
             Err(e) => reply.error(errno(&e)),
-        }
+        });
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -230,7 +302,14 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         reply.error(Errno::NO_XATTR);
     }
 
@@ -265,11 +344,28 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::EROFS);
     }
 
-    fn mknod(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
-    fn mkdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -281,7 +377,14 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::EROFS);
     }
 
-    fn symlink(&self, _req: &Request, _parent: INodeNo, _link_name: &OsStr, _target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -298,7 +401,14 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::EROFS);
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 

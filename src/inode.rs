@@ -213,6 +213,14 @@ impl InodeTable {
         }
     }
 
+    /// Some file in the table, if any (used to prove access without a listing).
+    pub fn any_file(&self) -> Option<Ino> {
+        let nodes = self.inner.read().unwrap();
+        (2..nodes.len())
+            .find(|&i| matches!(nodes[i].data, NodeData::File(_)))
+            .map(|i| i as Ino)
+    }
+
     /// Resolves a relative directory path (`a/b`, `a/b/` or ``) to its inode, if present.
     pub fn find_dir(&self, rel: &str) -> Option<Ino> {
         let nodes = self.inner.read().unwrap();
@@ -229,26 +237,24 @@ impl InodeTable {
     /// Every node below the root in depth-first name order: (relative path, file info or
     /// None for a directory). Used to persist the table.
     pub fn export(&self) -> Vec<(String, Option<FileInfo>)> {
-        let nodes = self.inner.read().unwrap();
-        let mut out = Vec::with_capacity(nodes.len());
-        let mut stack: Vec<(Ino, String)> = vec![(ROOT, String::new())];
-        while let Some((d, path)) = stack.pop() {
-            let NodeData::Dir { children, .. } = &nodes[d as usize].data else {
-                continue;
+        fn walk(nodes: &[Node], dir: Ino, path: &str, out: &mut Vec<(String, Option<FileInfo>)>) {
+            let NodeData::Dir { children, .. } = &nodes[dir as usize].data else {
+                return;
             };
-            let mut dirs = Vec::new();
             for (name, &ino) in children {
                 let rel = format!("{path}{name}");
                 match &nodes[ino as usize].data {
                     NodeData::File(f) => out.push((rel, Some(f.clone()))),
                     NodeData::Dir { .. } => {
                         out.push((rel.clone(), None));
-                        dirs.push((ino, format!("{rel}/")));
+                        walk(nodes, ino, &format!("{rel}/"), out);
                     }
                 }
             }
-            stack.extend(dirs.into_iter().rev());
         }
+        let nodes = self.inner.read().unwrap();
+        let mut out = Vec::with_capacity(nodes.len());
+        walk(&nodes, ROOT, "", &mut out);
         out
     }
 

@@ -15,4 +15,5 @@ pub mod logging;
 pub mod model;
 pub mod mount;
 pub mod prefetch;
+pub mod snapshot;
 pub mod testbed;

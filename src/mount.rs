@@ -23,18 +23,24 @@ pub struct MountPlan {
     pub fs: FsConfig,
     pub cache_size: u64,
     pub allow_other: bool,
+    pub metadata: cli::MetadataMode,
+    /// Directory of metadata snapshots; None = off.
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 impl MountPlan {
     pub async fn from_args(args: &MountArgs) -> anyhow::Result<Self> {
         let (bucket, url_prefix) = cli::parse_bucket(&args.bucket);
         if bucket.is_empty() {
-            bail!("--bucket {:?} names no bucket (use NAME or gs://NAME[/PREFIX])", args.bucket);
+            bail!(
+                "--bucket {:?} names no bucket (use NAME or gs://NAME[/PREFIX])",
+                args.bucket
+            );
         }
         let prefix = match (&url_prefix, &args.prefix) {
-            (Some(a), Some(b)) => bail!(
-                "both --bucket gs://{bucket}/{a} and --prefix {b} give a prefix; use one"
-            ),
+            (Some(a), Some(b)) => {
+                bail!("both --bucket gs://{bucket}/{a} and --prefix {b} give a prefix; use one")
+            }
             (a, b) => cli::normalize_prefix(a.as_deref().or(b.as_deref())),
         };
         let emulator = std::env::var("STORAGE_EMULATOR_HOST")
@@ -57,6 +63,23 @@ impl MountPlan {
         };
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let snapshot_dir = match args.metadata_cache.as_deref() {
+            Some("off") | Some("none") => None,
+            Some(d) => Some(PathBuf::from(d)),
+            None => crate::snapshot::default_dir(),
+        };
+        let mut fs = FsConfig {
+            prefix,
+            uid: args.uid.unwrap_or(uid),
+            gid: args.gid.unwrap_or(gid),
+            file_mode: args.file_mode,
+            dir_mode: args.dir_mode,
+            metadata_ttl: args.metadata_ttl,
+            ..FsConfig::default()
+        };
+        if let Some(ttl) = args.metadata_ttl {
+            fs.attr_ttl = fs.attr_ttl.min(ttl);
+        }
         Ok(MountPlan {
             mountpoint: args.mountpoint.clone(),
             gcs: GcsConfig {
@@ -67,16 +90,11 @@ impl MountPlan {
                 pool_size: 64,
             },
             tokens,
-            fs: FsConfig {
-                prefix,
-                uid: args.uid.unwrap_or(uid),
-                gid: args.gid.unwrap_or(gid),
-                file_mode: args.file_mode,
-                dir_mode: args.dir_mode,
-                ..FsConfig::default()
-            },
+            fs,
             cache_size: args.cache_size,
             allow_other: args.allow_other,
+            metadata: args.metadata,
+            snapshot_dir,
         })
     }
 }
@@ -136,26 +154,114 @@ impl Mounted {
             .with_context(|| format!("cannot resolve {}", mp.display()))?;
 
         let client = Arc::new(GcsClient::new(plan.gcs.clone(), plan.tokens.clone())?);
-        let probe = ListRequest {
-            prefix: plan.fs.prefix.clone(),
-            delimiter: Some("/".into()),
-            max_results: Some(1),
-            ..Default::default()
+        let cache = Arc::new(MemoryCache::new(plan.cache_size));
+        let new_fs = || Arc::new(Fs::new(plan.fs.clone(), client.clone(), cache.clone()));
+        let mut fs = new_fs();
+
+        // Metadata: from the snapshot if there is a good one, else (eager) a bulk load after
+        // mounting, which writes a new snapshot when it completes.
+        let eager = match plan.metadata {
+            cli::MetadataMode::Lazy => None,
+            cli::MetadataMode::Eager => Some(u64::MAX),
+            cli::MetadataMode::Auto if plan.fs.metadata_ttl.is_some() => None,
+            cli::MetadataMode::Auto => Some(crate::fs::bulk::BulkOptions::default().max_objects),
         };
-        let page = client
-            .list_page(&probe)
-            .await
-            .map_err(|e| probe_error(&e, &plan.gcs, &plan.fs.prefix))?;
-        if page.items.is_empty() && page.prefixes.is_empty() {
-            tracing::warn!(
-                "gs://{}/{} holds no objects: the mount will be empty",
-                plan.gcs.bucket,
-                plan.fs.prefix
-            );
+        let snapshot = match (&plan.snapshot_dir, eager) {
+            (Some(dir), Some(_)) if plan.fs.metadata_ttl.is_none() => {
+                let key = crate::snapshot::SnapshotKey {
+                    endpoint: plan.gcs.endpoint.clone(),
+                    bucket: plan.gcs.bucket.clone(),
+                    prefix: plan.fs.prefix.clone(),
+                };
+                Some((crate::snapshot::path_for(dir, &key), key))
+            }
+            _ => None,
+        };
+        let mut from_snapshot = false;
+        if let Some((path, key)) = &snapshot {
+            let t = std::time::Instant::now();
+            let (path2, key2, fs2) = (path.clone(), key.clone(), fs.clone());
+            match tokio::task::spawn_blocking(move || {
+                crate::snapshot::load(&path2, &key2, None, fs2.inodes())
+            })
+            .await?
+            {
+                Ok(n) => {
+                    fs.inodes().mark_subtree_listed(crate::inode::ROOT);
+                    from_snapshot = true;
+                    tracing::info!(
+                        "metadata: {n} entries from snapshot {} in {:?}",
+                        path.display(),
+                        t.elapsed()
+                    );
+                }
+                Err(crate::snapshot::LoadError::Missing) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        "ignoring metadata snapshot {}: {e}; listing afresh",
+                        path.display()
+                    );
+                    let _ = std::fs::remove_file(path);
+                    fs = new_fs();
+                }
+            }
+        }
+        // Prove access before mounting: with a snapshot, one object read of metadata (no
+        // listing); otherwise one small listing.
+        let known = if from_snapshot {
+            fs.inodes().any_file()
+        } else {
+            None
+        };
+        if let Some(ino) = known {
+            let name = format!("{}{}", plan.fs.prefix, fs.inodes().rel_path(ino));
+            let want = fs
+                .inodes()
+                .get(ino)
+                .and_then(|v| v.file)
+                .map(|f| f.generation);
+            match client.stat(&name).await {
+                Ok(m) if Some(m.generation) == want => {}
+                Ok(_) | Err(ClientError::NotFound(_)) => {
+                    tracing::warn!(
+                        "metadata snapshot is out of date ({name} changed); listing afresh"
+                    );
+                    if let Some((path, _)) = &snapshot {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    fs = new_fs();
+                    from_snapshot = false;
+                }
+                Err(e) => return Err(probe_error(&e, &plan.gcs, &plan.fs.prefix)),
+            }
+        }
+        if !from_snapshot {
+            let probe = ListRequest {
+                prefix: plan.fs.prefix.clone(),
+                delimiter: Some("/".into()),
+                max_results: Some(1),
+                ..Default::default()
+            };
+            let page = client
+                .list_page(&probe)
+                .await
+                .map_err(|e| probe_error(&e, &plan.gcs, &plan.fs.prefix))?;
+            if page.items.is_empty() && page.prefixes.is_empty() {
+                tracing::warn!(
+                    "gs://{}/{} holds no objects: the mount will be empty",
+                    plan.gcs.bucket,
+                    plan.fs.prefix
+                );
+            }
         }
 
-        let cache = Arc::new(MemoryCache::new(plan.cache_size));
-        let fs = Arc::new(Fs::new(plan.fs.clone(), client.clone(), cache));
+        if let Some((path, _)) = &snapshot {
+            // An object seen changed makes the snapshot untrue: the next mount lists afresh.
+            let p = path.clone();
+            fs.set_on_change(move || {
+                let _ = std::fs::remove_file(&p);
+            });
+        }
         let adapter = FuseAdapter::new(fs.clone(), tokio::runtime::Handle::current());
 
         let mut config = fuser::Config::default();
@@ -190,6 +296,50 @@ impl Mounted {
                 anyhow::anyhow!("cannot mount on {}: {e}{hint}", mountpoint.display())
             })?;
         let unmounter = session.unmount_callable();
+        if let (Some(max_objects), false) = (eager, from_snapshot) {
+            let fs = fs.clone();
+            tokio::spawn(async move {
+                let opts = crate::fs::bulk::BulkOptions {
+                    max_objects,
+                    ..Default::default()
+                };
+                match fs.bulk_load(&opts).await {
+                    Ok(st) if st.complete => {
+                        tracing::info!(
+                            "metadata: {} objects in {:.1?} with {} list requests",
+                            st.objects,
+                            st.elapsed,
+                            st.list_requests
+                        );
+                        if let Some((path, key)) = snapshot {
+                            let r = tokio::task::spawn_blocking(move || {
+                                crate::snapshot::save(&path, &key, fs.inodes()).map(|n| (n, path))
+                            })
+                            .await;
+                            match r {
+                                Ok(Ok((n, path))) => {
+                                    tracing::info!(
+                                        "metadata: snapshot of {n} entries saved to {}",
+                                        path.display()
+                                    )
+                                }
+                                Ok(Err(e)) => tracing::warn!("metadata snapshot not saved: {e}"),
+                                Err(e) => tracing::warn!("metadata snapshot not saved: {e}"),
+                            }
+                        }
+                    }
+                    Ok(st) => tracing::warn!(
+                        "metadata: stopped after {} objects (--metadata auto caps at {}); \
+                         directories beyond are listed when used (use --metadata eager to load all)",
+                        st.objects,
+                        opts.max_objects
+                    ),
+                    Err(e) => tracing::warn!(
+                        "metadata: bulk load failed ({e}); directories are listed when used"
+                    ),
+                }
+            });
+        }
         let (tx, done) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("physiofs-fuse".into())
@@ -210,7 +360,10 @@ impl Mounted {
     /// Unmounts (lazily if busy) and waits for the session to end.
     pub async fn unmount(mut self) -> anyhow::Result<()> {
         if let Err(e) = self.unmounter.unmount() {
-            tracing::warn!("unmount of {} failed ({e}); detaching lazily", self.mountpoint.display());
+            tracing::warn!(
+                "unmount of {} failed ({e}); detaching lazily",
+                self.mountpoint.display()
+            );
             lazy_unmount(&self.mountpoint);
         }
         self.finish().await

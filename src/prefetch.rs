@@ -27,7 +27,13 @@ impl Readahead {
 
     /// Records a read of `[offset, end)` touching blocks up to `last_block`, and returns the
     /// range of blocks (`start..end`) to fetch ahead now, clipped to `block_count`.
-    pub fn on_read(&mut self, offset: u64, end: u64, last_block: u64, block_count: u64) -> std::ops::Range<u64> {
+    pub fn on_read(
+        &mut self,
+        offset: u64,
+        end: u64,
+        last_block: u64,
+        block_count: u64,
+    ) -> std::ops::Range<u64> {
         let sequential = offset == self.next_offset;
         self.next_offset = end;
         if sequential {

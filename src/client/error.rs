@@ -6,7 +6,7 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone)]
 pub enum ClientError {
     /// 404: no such bucket or object (or the pinned generation is gone).
-    #[error("not found: {0}")]
+    #[error("not found (HTTP 404): {0}")]
     NotFound(String),
     /// 401 / 403 / requester-pays 400: the credentials or billing project are wrong.
     #[error("access denied (HTTP {status}): {message}")]

@@ -47,7 +47,8 @@ impl FakeClient {
             name: name.to_string(),
             size: data.len() as u64,
             generation,
-            updated: SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000 + generation as u64),
+            updated: SystemTime::UNIX_EPOCH
+                + Duration::from_secs(1_600_000_000 + generation as u64),
             crc32c: None,
         };
         objects.insert(name.to_string(), (meta.clone(), data));
@@ -88,7 +89,9 @@ impl ObjectClient for FakeClient {
         self.list_calls.fetch_add(1, Ordering::Relaxed);
         self.injected()?;
         let objects = self.objects.lock().unwrap();
-        let cap = req.max_results.map_or(self.page_cap, |m| (m as usize).min(self.page_cap));
+        let cap = req
+            .max_results
+            .map_or(self.page_cap, |m| (m as usize).min(self.page_cap));
         let mut start = req.prefix.clone();
         if let Some(s) = &req.start_offset {
             start = start.max(s.clone());
@@ -162,7 +165,10 @@ impl ObjectClient for FakeClient {
         if meta.generation != generation {
             return Err(ClientError::NotFound(format!("{name}#{generation}")));
         }
-        assert_eq!(meta.size, object_size, "caller's size disagrees with the store");
+        assert_eq!(
+            meta.size, object_size,
+            "caller's size disagrees with the store"
+        );
         if start > end || end > meta.size {
             return Err(ClientError::Http {
                 status: 416,

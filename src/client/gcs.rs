@@ -123,7 +123,11 @@ impl GcsClient {
     }
 
     fn object_url(&self, name: &str) -> String {
-        format!("{}/{}", self.objects_url, utf8_percent_encode(name, SEGMENT))
+        format!(
+            "{}/{}",
+            self.objects_url,
+            utf8_percent_encode(name, SEGMENT)
+        )
     }
 
     fn url_with(&self, base: &str, params: &[(&str, String)]) -> Result<reqwest::Url, ClientError> {
@@ -232,7 +236,13 @@ async fn error_from(resp: reqwest::Response, what: &str) -> ClientError {
     let message = serde_json::from_str::<ErrorJson>(&body)
         .ok()
         .and_then(|e| e.error.message)
-        .unwrap_or_else(|| body.chars().take(300).collect::<String>().trim().to_string());
+        .unwrap_or_else(|| {
+            body.chars()
+                .take(300)
+                .collect::<String>()
+                .trim()
+                .to_string()
+        });
     match status {
         404 => ClientError::NotFound(if message.is_empty() {
             what.to_string()
@@ -304,13 +314,18 @@ impl ObjectJson {
         let generation = self
             .generation
             .as_ref()
-            .ok_or_else(|| ClientError::Malformed(format!("object {:?} has no generation", self.name)))?
+            .ok_or_else(|| {
+                ClientError::Malformed(format!("object {:?} has no generation", self.name))
+            })?
             .parse("generation", &self.name)? as i64;
         let updated = match &self.updated {
             Some(s) => chrono::DateTime::parse_from_rfc3339(s)
                 .map(SystemTime::from)
                 .map_err(|e| {
-                    ClientError::Malformed(format!("updated of {:?} is not RFC 3339 ({s:?}): {e}", self.name))
+                    ClientError::Malformed(format!(
+                        "updated of {:?} is not RFC 3339 ({s:?}): {e}",
+                        self.name
+                    ))
                 })?,
             None => SystemTime::UNIX_EPOCH,
         };
@@ -434,7 +449,10 @@ impl ObjectClient for GcsClient {
         }
         let url = self.url_with(
             &self.object_url(name),
-            &[("alt", "media".to_string()), ("generation", generation.to_string())],
+            &[
+                ("alt", "media".to_string()),
+                ("generation", generation.to_string()),
+            ],
         )?;
         let whole = start == 0 && end == object_size;
         let mut headers = Vec::new();
@@ -467,7 +485,9 @@ impl ObjectClient for GcsClient {
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_content_range)
                         .ok_or_else(|| {
-                            ClientError::Malformed(format!("{what}: 206 without a valid Content-Range"))
+                            ClientError::Malformed(format!(
+                                "{what}: 206 without a valid Content-Range"
+                            ))
                         })?;
                     if cr.0 != start || cr.1 + 1 != end || cr.2 != object_size {
                         return Err(ClientError::Malformed(format!(
@@ -484,7 +504,9 @@ impl ObjectClient for GcsClient {
                     (0, object_size)
                 };
                 let body = read_body(resp, &what).await?;
-                stats.bytes_fetched.fetch_add(body.len() as u64, Ordering::Relaxed);
+                stats
+                    .bytes_fetched
+                    .fetch_add(body.len() as u64, Ordering::Relaxed);
                 if body.len() as u64 != expect_len {
                     return Err(ClientError::Malformed(format!(
                         "short body for {what}: expected {expect_len} bytes, got {}",
@@ -527,7 +549,9 @@ mod tests {
             c.object_url("a/b c%+#?é"),
             "http://127.0.0.1:1/storage/v1/b/b/o/a%2Fb%20c%25%2B%23%3F%C3%A9"
         );
-        let u = c.url_with(&c.objects_url, &[("prefix", "x/".into())]).unwrap();
+        let u = c
+            .url_with(&c.objects_url, &[("prefix", "x/".into())])
+            .unwrap();
         assert_eq!(u.query(), Some("prefix=x%2F&userProject=proj"));
     }
 

@@ -114,7 +114,12 @@ impl Fs {
         let ranges: Vec<(String, Option<String>)> = starts
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.clone(), starts.get(i + 1).cloned().or_else(|| end_all.clone())))
+            .map(|(i, s)| {
+                (
+                    s.clone(),
+                    starts.get(i + 1).cloned().or_else(|| end_all.clone()),
+                )
+            })
             .collect();
 
         let objects = AtomicU64::new(0);
@@ -221,7 +226,11 @@ mod tests {
     async fn loads_everything_with_few_requests() {
         let c = Arc::new(FakeClient::new("b").with_page_cap(50));
         let n = mimic_like(&c);
-        let fs = Arc::new(Fs::new(FsConfig::default(), c.clone(), Arc::new(MemoryCache::new(1 << 20))));
+        let fs = Arc::new(Fs::new(
+            FsConfig::default(),
+            c.clone(),
+            Arc::new(MemoryCache::new(1 << 20)),
+        ));
         let st = fs.bulk_load(&BulkOptions::default()).await.unwrap();
         assert!(st.complete);
         assert_eq!(st.objects as usize, n);
@@ -237,7 +246,10 @@ mod tests {
         assert_eq!(fs.readdir(fh).unwrap().len(), 32);
         let subj = fs.lookup(p15.ino, "p15000007").await.unwrap();
         assert!(fs.lookup(subj.ino, "s50000007.txt").await.is_ok());
-        assert!(matches!(fs.lookup(subj.ino, "missing").await, Err(FsError::NotFound)));
+        assert!(matches!(
+            fs.lookup(subj.ino, "missing").await,
+            Err(FsError::NotFound)
+        ));
         assert_eq!(c.requests(), before);
     }
 
@@ -253,7 +265,11 @@ mod tests {
         let st = fs.bulk_load(&BulkOptions::default()).await.unwrap();
         assert!(st.complete);
         assert_eq!(st.objects, 90);
-        let capped = Arc::new(Fs::new(FsConfig::default(), c, Arc::new(MemoryCache::new(1 << 20))));
+        let capped = Arc::new(Fs::new(
+            FsConfig::default(),
+            c,
+            Arc::new(MemoryCache::new(1 << 20)),
+        ));
         let st = capped
             .bulk_load(&BulkOptions {
                 max_objects: 10,

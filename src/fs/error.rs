@@ -54,11 +54,26 @@ mod tests {
         let c = |e| FsError::Client(e).errno();
         assert_eq!(c(ClientError::NotFound("x".into())), libc::ESTALE);
         assert_eq!(c(ClientError::Stale("x".into())), libc::ESTALE);
-        assert_eq!(c(ClientError::Denied { status: 403, message: "m".into() }), libc::EACCES);
-        assert_eq!(c(ClientError::Auth("m".into())), libc::EACCES);
-        assert_eq!(c(ClientError::Http { status: 503, message: "m".into() }), libc::EIO);
         assert_eq!(
-            c(ClientError::Network { endpoint: "e".into(), cause: "c".into() }),
+            c(ClientError::Denied {
+                status: 403,
+                message: "m".into()
+            }),
+            libc::EACCES
+        );
+        assert_eq!(c(ClientError::Auth("m".into())), libc::EACCES);
+        assert_eq!(
+            c(ClientError::Http {
+                status: 503,
+                message: "m".into()
+            }),
+            libc::EIO
+        );
+        assert_eq!(
+            c(ClientError::Network {
+                endpoint: "e".into(),
+                cause: "c".into()
+            }),
             libc::EIO
         );
         assert_eq!(c(ClientError::Malformed("m".into())), libc::EIO);

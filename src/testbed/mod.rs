@@ -14,6 +14,7 @@ pub mod knobs;
 pub mod listing;
 pub mod mem;
 pub mod model_source;
+pub mod overlay;
 pub mod server;
 pub mod source;
 pub mod stats;
@@ -34,6 +35,7 @@ pub use dir::DirSource;
 pub use knobs::{Knobs, KnobsUpdate, parse_bandwidth};
 pub use mem::MemSource;
 pub use model_source::ModelSource;
+pub use overlay::{Overlay, SyntheticSpec, parse_synthetic};
 pub use source::{ObjectSource, SourceObject};
 pub use stats::StatsSnapshot;
 
@@ -71,6 +73,15 @@ pub struct TestbedArgs {
     /// Dataset model to serve (when --dir is not given).
     #[arg(long, value_enum, default_value = "dicom")]
     pub model: ModelKind,
+    /// Also serve this model, in its own bucket, with the same --patients/--seed/--size-scale
+    /// (repeatable; e.g. `--model dicom --add-model jpg` serves both buckets).
+    #[arg(long, value_enum)]
+    pub add_model: Vec<ModelKind>,
+    /// Add a pseudo-random object of SIZE bytes: `NAME=SIZE` (in the first model's bucket) or
+    /// `gs://BUCKET/NAME=SIZE` (repeatable; e.g. `bench/1g.bin=1GiB`). Costs ~1 MiB of memory
+    /// whatever the size; content depends only on the name. Works with --dir too.
+    #[arg(long, value_name = "NAME=SIZE", value_parser = parse_synthetic)]
+    pub synthetic: Vec<SyntheticSpec>,
     /// Number of patients in the dataset model.
     #[arg(long, default_value_t = 100)]
     pub patients: u64,
@@ -296,11 +307,16 @@ pub async fn run(args: TestbedArgs, source: Arc<dyn ObjectSource>) -> anyhow::Re
 }
 
 /// Convenience for the integrator: the source for `--dir` if given (None = build the model).
+/// `--synthetic` objects are layered over the folder (each must name its bucket).
 pub fn dir_source(args: &TestbedArgs) -> anyhow::Result<Option<Arc<dyn ObjectSource>>> {
     match &args.dir {
         Some(d) => {
             let s = DirSource::new(d).map_err(|e| anyhow::anyhow!("--dir {}: {e}", d.display()))?;
-            Ok(Some(Arc::new(s)))
+            if args.synthetic.is_empty() {
+                return Ok(Some(Arc::new(s)));
+            }
+            let extra = overlay::synthetic_source(&args.synthetic, None)?;
+            Ok(Some(Arc::new(Overlay::new(Arc::new(s), extra))))
         }
         None => Ok(None),
     }

@@ -1,17 +1,31 @@
-//! Serves dataset models (`crate::model`) through the testbed: one bucket per model.
+//! Serves dataset models (`crate::model`) through the testbed: one bucket per model, plus
+//! optional synthetic objects (`--synthetic`, see `overlay.rs`) layered over them.
 
 use std::sync::Arc;
 
+use super::mem::MemSource;
+use super::overlay::{merge_lists, synthetic_source, union_buckets};
 use super::{ModelKind as CliKind, ObjectSource, SourceObject, TestbedArgs};
 use crate::model::{DatasetModel, ModelConfig, ModelKind, ModelObject};
 
 pub struct ModelSource {
     models: Vec<Arc<DatasetModel>>,
+    /// Synthetic objects; they shadow model objects of the same name.
+    extra: Option<MemSource>,
 }
 
 impl ModelSource {
     pub fn new(models: Vec<Arc<DatasetModel>>) -> Self {
-        ModelSource { models }
+        ModelSource {
+            models,
+            extra: None,
+        }
+    }
+
+    /// Adds synthetic objects (specs without a bucket go to the first model's bucket).
+    pub fn with_synthetic(mut self, extra: MemSource) -> Self {
+        self.extra = Some(extra);
+        self
     }
 
     /// The model the testbed's `--model/--patients/--seed/--size-scale` describe.
@@ -30,20 +44,40 @@ impl ModelSource {
         if !(args.size_scale > 0.0 && args.size_scale <= 16.0) {
             anyhow::bail!("--size-scale {} must be in (0, 16]", args.size_scale);
         }
-        let kind = match args.model {
-            CliKind::Dicom => ModelKind::Dicom,
-            CliKind::Jpg => ModelKind::Jpg,
-        };
-        Ok(ModelSource::new(vec![DatasetModel::shared(ModelConfig {
-            kind,
-            patients,
-            seed: args.seed,
-            size_scale: args.size_scale,
-        })]))
+        let mut kinds = vec![args.model];
+        for k in &args.add_model {
+            if !kinds.contains(k) {
+                kinds.push(*k);
+            }
+        }
+        let models: Vec<_> = kinds
+            .iter()
+            .map(|k| {
+                let kind = match k {
+                    CliKind::Dicom => ModelKind::Dicom,
+                    CliKind::Jpg => ModelKind::Jpg,
+                };
+                DatasetModel::shared(ModelConfig {
+                    kind,
+                    patients,
+                    seed: args.seed,
+                    size_scale: args.size_scale,
+                })
+            })
+            .collect();
+        let first = models[0].bucket().to_string();
+        let mut s = ModelSource::new(models);
+        if !args.synthetic.is_empty() {
+            s = s.with_synthetic(synthetic_source(&args.synthetic, Some(&first))?);
+        }
+        Ok(s)
     }
 
     fn model(&self, bucket: &str) -> Option<&DatasetModel> {
-        self.models.iter().find(|m| m.bucket() == bucket).map(|m| &**m)
+        self.models
+            .iter()
+            .find(|m| m.bucket() == bucket)
+            .map(|m| &**m)
     }
 }
 
@@ -57,21 +91,33 @@ fn to_source(o: ModelObject) -> SourceObject {
     }
 }
 
-impl ObjectSource for ModelSource {
-    fn buckets(&self) -> Vec<String> {
+/// The models alone (no synthetic objects).
+impl ModelSource {
+    fn base_buckets(&self) -> Vec<String> {
         self.models.iter().map(|m| m.bucket().to_string()).collect()
     }
 
-    fn list_from(&self, bucket: &str, start: &str, limit: usize) -> Option<Vec<SourceObject>> {
+    fn base_list_from(&self, bucket: &str, start: &str, limit: usize) -> Option<Vec<SourceObject>> {
         let m = self.model(bucket)?;
-        Some(m.list_from(start, limit).into_iter().map(to_source).collect())
+        Some(
+            m.list_from(start, limit)
+                .into_iter()
+                .map(to_source)
+                .collect(),
+        )
     }
 
-    fn stat(&self, bucket: &str, name: &str) -> Option<SourceObject> {
+    fn base_stat(&self, bucket: &str, name: &str) -> Option<SourceObject> {
         self.model(bucket)?.stat(name).map(to_source)
     }
 
-    fn read_at(&self, bucket: &str, obj: &SourceObject, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    fn base_read_at(
+        &self,
+        bucket: &str,
+        obj: &SourceObject,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
         let m = self
             .model(bucket)
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such bucket"))?;
@@ -80,6 +126,50 @@ impl ObjectSource for ModelSource {
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"))?;
         m.read_at(&mo, offset, buf);
         Ok(())
+    }
+}
+
+impl ObjectSource for ModelSource {
+    fn buckets(&self) -> Vec<String> {
+        match &self.extra {
+            Some(x) => union_buckets(self.base_buckets(), x),
+            None => self.base_buckets(),
+        }
+    }
+
+    fn list_from(&self, bucket: &str, start: &str, limit: usize) -> Option<Vec<SourceObject>> {
+        let base = self.base_list_from(bucket, start, limit);
+        match &self.extra {
+            Some(x) => merge_lists(x.list_from(bucket, start, limit), base, limit),
+            None => base,
+        }
+    }
+
+    fn stat(&self, bucket: &str, name: &str) -> Option<SourceObject> {
+        self.extra
+            .as_ref()
+            .and_then(|x| x.stat(bucket, name))
+            .or_else(|| self.base_stat(bucket, name))
+    }
+
+    fn read_at(
+        &self,
+        bucket: &str,
+        obj: &SourceObject,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
+        match &self.extra {
+            Some(x) if x.stat(bucket, &obj.name).is_some() => x.read_at(bucket, obj, offset, buf),
+            _ => self.base_read_at(bucket, obj, offset, buf),
+        }
+    }
+
+    fn hashes(&self, bucket: &str, obj: &SourceObject) -> Option<(String, Option<String>)> {
+        match &self.extra {
+            Some(x) if x.stat(bucket, &obj.name).is_some() => x.hashes(bucket, obj),
+            _ => None,
+        }
     }
 }
 
@@ -97,12 +187,71 @@ mod tests {
         });
         let s = ModelSource::new(vec![m.clone()]);
         assert_eq!(s.buckets(), ["mimic-cxr-2.0.0.physionet.org"]);
-        let all = s.list_from("mimic-cxr-2.0.0.physionet.org", "", 100_000).unwrap();
+        let all = s
+            .list_from("mimic-cxr-2.0.0.physionet.org", "", 100_000)
+            .unwrap();
         assert_eq!(all.len() as u64, m.object_count());
         let o = all.iter().find(|o| o.name.ends_with(".dcm")).unwrap();
         let mut buf = vec![0u8; o.size as usize];
-        s.read_at("mimic-cxr-2.0.0.physionet.org", o, 0, &mut buf).unwrap();
+        s.read_at("mimic-cxr-2.0.0.physionet.org", o, 0, &mut buf)
+            .unwrap();
         assert_eq!(&buf[128..132], b"DICM");
         assert!(s.list_from("nope", "", 1).is_none());
+    }
+
+    #[test]
+    fn two_models_and_synthetic_objects() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            tb: TestbedArgs,
+        }
+        let c = Cli::try_parse_from([
+            "x",
+            "--patients",
+            "3",
+            "--size-scale",
+            "0.001",
+            "--add-model",
+            "jpg",
+            "--synthetic",
+            "bench/1g.bin=1GiB",
+            "--synthetic",
+            "gs://mimic-cxr-jpg-2.1.0.physionet.org/zz.bin=1000",
+        ])
+        .unwrap();
+        let s = ModelSource::from_args(&c.tb).unwrap();
+        let (d, j) = (crate::model::DICOM_BUCKET, crate::model::JPG_BUCKET);
+        assert_eq!(s.buckets(), [d, j]);
+        let plain = ModelSource::from_args(
+            &Cli::try_parse_from(["x", "--patients", "3", "--size-scale", "0.001"])
+                .unwrap()
+                .tb,
+        )
+        .unwrap();
+        let all = s.list_from(d, "", 100_000).unwrap();
+        assert_eq!(
+            all.len(),
+            plain.list_from(d, "", 100_000).unwrap().len() + 1
+        );
+        assert!(all.windows(2).all(|w| w[0].name < w[1].name));
+        let big = s.stat(d, "bench/1g.bin").unwrap();
+        assert_eq!(big.size, 1 << 30);
+        let mut buf = vec![0u8; 1 << 16];
+        s.read_at(d, &big, (1 << 30) - (1 << 16), &mut buf).unwrap();
+        assert!(buf.iter().any(|&v| v != 0));
+        assert_eq!(s.stat(j, "zz.bin").unwrap().size, 1000);
+        assert!(
+            s.list_from(j, "", 100_000)
+                .unwrap()
+                .iter()
+                .any(|o| o.name.ends_with(".jpg"))
+        );
+        // Model objects still read as before.
+        let o = all.iter().find(|o| o.name.ends_with(".dcm")).unwrap();
+        let mut h = vec![0u8; 132];
+        s.read_at(d, o, 0, &mut h).unwrap();
+        assert_eq!(&h[128..132], b"DICM");
     }
 }

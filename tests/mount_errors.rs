@@ -1,0 +1,177 @@
+//! Failing before the mount (clear message, non-zero exit, nothing mounted) and ending a
+//! mount (umount, SIGTERM, SIGINT: exit 0, nothing left mounted).
+
+mod common;
+
+use std::ffi::OsString;
+use std::fs;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn one_bucket() -> (tempfile::TempDir, FakeGcs) {
+    let seed = tempfile::tempdir().unwrap();
+    seed_file(seed.path(), "present", "dir/file.txt", b"hello");
+    let gcs = FakeGcs::start(seed.path());
+    (seed, gcs)
+}
+
+#[test]
+fn missing_bucket_fails_with_404() {
+    let (_seed, gcs) = one_bucket();
+    let (_dir, mnt) = mountpoint_dir();
+    let args = emulator_args(&gcs, "no-such-bucket-xyz", &[]);
+    let (status, stderr) = expect_mount_failure(&args, &mnt, Duration::from_secs(60));
+    eprintln!("missing bucket: {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("no-such-bucket-xyz"),
+        "stderr should name the bucket:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("404"),
+        "stderr should give the HTTP status 404:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("Not Found"),
+        "stderr should carry the server's message:\n{stderr}"
+    );
+}
+
+#[test]
+fn unreachable_endpoint_fails_naming_it() {
+    let port = free_port(); // nothing listens there
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let (_dir, mnt) = mountpoint_dir();
+    let args: Vec<OsString> = vec![
+        "--endpoint".into(),
+        endpoint.clone().into(),
+        "--anonymous".into(),
+        "--bucket".into(),
+        "b".into(),
+    ];
+    let t0 = Instant::now();
+    let (status, stderr) = expect_mount_failure(&args, &mnt, Duration::from_secs(120));
+    eprintln!(
+        "unreachable endpoint: {status} after {:?}; stderr:\n{stderr}",
+        t0.elapsed()
+    );
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port}")),
+        "stderr should name the endpoint {endpoint}:\n{stderr}"
+    );
+}
+
+#[test]
+fn missing_mountpoint_fails_clearly() {
+    let (_seed, gcs) = one_bucket();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("does-not-exist");
+    let args = emulator_args(&gcs, "present", &[]);
+    let (status, stderr) = expect_mount_failure(&args, &mnt, Duration::from_secs(60));
+    eprintln!("missing mountpoint: {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("does-not-exist"),
+        "stderr should name the mountpoint:\n{stderr}"
+    );
+    assert!(!mnt.exists(), "physiofs must not create the mountpoint");
+
+    // A mountpoint that is a file is as clearly refused.
+    let file = dir.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    let (status, stderr) = expect_mount_failure(&args, &file, Duration::from_secs(60));
+    eprintln!("file as mountpoint: {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("a-file"),
+        "stderr should name the mountpoint:\n{stderr}"
+    );
+}
+
+#[test]
+fn bad_options_fail_without_mounting() {
+    let (_seed, gcs) = one_bucket();
+    let (_dir, mnt) = mountpoint_dir();
+    for extra in [
+        &["--cache-size", "lots"][..],
+        &["--file-mode", "rwx"][..],
+        &["--no-such-flag"][..],
+    ] {
+        let args = emulator_args(&gcs, "present", extra);
+        let (_, stderr) = expect_mount_failure(&args, &mnt, Duration::from_secs(30));
+        assert!(!stderr.trim().is_empty(), "{extra:?} failed silently");
+    }
+}
+
+#[test]
+fn missing_key_file_fails_naming_it() {
+    let (_seed, gcs) = one_bucket();
+    let (dir, mnt) = mountpoint_dir();
+    let key = dir.path().join("no-such-key.json");
+    let args: Vec<OsString> = vec![
+        "--endpoint".into(),
+        gcs.endpoint().into(),
+        "--key-file".into(),
+        key.clone().into(),
+        "--bucket".into(),
+        "present".into(),
+    ];
+    let (status, stderr) = expect_mount_failure(&args, &mnt, Duration::from_secs(60));
+    eprintln!("missing key file: {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("no-such-key.json"),
+        "stderr should name the key file:\n{stderr}"
+    );
+}
+
+fn mounted_and_reading(gcs: &FakeGcs) -> Mount {
+    let mut m = Mount::start(gcs, "present", &[]);
+    assert_eq!(
+        fs::read(m.join("dir/file.txt")).unwrap(),
+        b"hello",
+        "{}",
+        m.diag()
+    );
+    m.assert_alive();
+    m
+}
+
+#[test]
+fn sigterm_unmounts_and_exits_zero() {
+    let (_seed, gcs) = one_bucket();
+    let mut m = mounted_and_reading(&gcs);
+    m.signal(libc::SIGTERM);
+    m.assert_clean_exit("SIGTERM");
+}
+
+#[test]
+fn sigint_unmounts_and_exits_zero() {
+    let (_seed, gcs) = one_bucket();
+    let mut m = mounted_and_reading(&gcs);
+    m.signal(libc::SIGINT);
+    m.assert_clean_exit("SIGINT");
+}
+
+#[test]
+fn umount_ends_the_process_with_zero() {
+    let (_seed, gcs) = one_bucket();
+    let m = mounted_and_reading(&gcs);
+    m.unmount();
+}
+
+#[test]
+fn two_mounts_of_one_bucket_coexist() {
+    let (_seed, gcs) = one_bucket();
+    let a = mounted_and_reading(&gcs);
+    let b = mounted_and_reading(&gcs);
+    assert_eq!(
+        fs::read(a.join("dir/file.txt")).unwrap(),
+        fs::read(b.join("dir/file.txt")).unwrap()
+    );
+    b.unmount();
+    assert_eq!(
+        fs::read(a.join("dir/file.txt")).unwrap(),
+        b"hello",
+        "{}",
+        a.diag()
+    );
+    a.unmount();
+}

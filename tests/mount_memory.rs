@@ -1,0 +1,90 @@
+//! Memory stays bounded by `--cache-size` while far more data than that streams through.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BUCKET: &str = "mem";
+const N_FILES: usize = 8;
+const FILE_SIZE: usize = 40 * MIB;
+const CACHE_MIB: u64 = 64;
+/// Allowance on top of the cache: runtime, buffers in flight, metadata, allocator slack.
+const OVERHEAD_MIB: u64 = 64;
+
+#[test]
+fn rss_stays_bounded_by_cache_size() {
+    let seed = tempfile::tempdir().unwrap();
+    let mut hashes = Vec::new();
+    for i in 0..N_FILES {
+        let data = random_bytes(9000 + i as u64, FILE_SIZE);
+        hashes.push(sha256_hex(&data));
+        seed_file(seed.path(), BUCKET, &format!("big/part{i}.bin"), &data);
+    }
+    let gcs = FakeGcs::start(seed.path());
+    let m = Mount::start(&gcs, BUCKET, &["--cache-size", "64MiB"]);
+    let pid = m.pid();
+    let baseline = rss_kib(pid).unwrap_or(0);
+
+    let peak = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut samples = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(r) = rss_kib(pid) {
+                    peak.fetch_max(r, Ordering::Relaxed);
+                    samples += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        })
+    };
+
+    // Two readers at once, each streaming half of the files.
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for r in 0..2 {
+            let (m, hashes) = (&m, &hashes);
+            s.spawn(move || {
+                for i in (r..N_FILES).step_by(2) {
+                    let got = sha256_file(&m.join(format!("big/part{i}.bin")));
+                    assert_eq!(got, hashes[i], "part{i}.bin\n{}", m.diag());
+                }
+            });
+        }
+    });
+    let elapsed = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss_kib(pid).unwrap_or(0);
+    let hwm = proc_status_kib(pid, "VmHWM").unwrap_or(0);
+    let report = memory_report(pid);
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.join().unwrap();
+    // VmHWM is the kernel's own peak; sampling is a cross-check.
+    let peak_kib = peak.load(Ordering::Relaxed).max(after).max(hwm);
+    let total_mib = (N_FILES * FILE_SIZE / MIB) as f64;
+    eprintln!(
+        "MEMORY: physiofs --cache-size 64MiB read {total_mib} MiB in {:.1} s ({:.0} MiB/s): \
+         RSS baseline {} KiB, peak {} KiB ({:.1} MiB), after {} KiB; {samples} samples; {report}",
+        elapsed.as_secs_f64(),
+        total_mib / elapsed.as_secs_f64(),
+        baseline,
+        peak_kib,
+        peak_kib as f64 / 1024.0,
+        after
+    );
+    assert!(samples > 5, "too few RSS samples ({samples})");
+    let limit_kib = (CACHE_MIB + OVERHEAD_MIB) * 1024;
+    assert!(
+        peak_kib < limit_kib,
+        "peak RSS {peak_kib} KiB exceeds {limit_kib} KiB (cache {CACHE_MIB} MiB + {OVERHEAD_MIB} MiB overhead); {report}\n{}",
+        m.diag()
+    );
+    m.unmount();
+}
