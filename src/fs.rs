@@ -40,6 +40,10 @@ pub struct FsConfig {
     pub block_size: u64,
     /// Most blocks fetched ahead of a sequential reader.
     pub readahead_blocks: u64,
+    /// Most bytes being fetched ahead at once, over all open files. Read-ahead beyond it is
+    /// skipped (readers then fetch on demand), so memory stays bounded however many files
+    /// are read at once.
+    pub prefetch_budget: u64,
     /// How long a directory listing is trusted; None = for the life of the mount (the
     /// PhysioNet buckets are immutable releases).
     pub metadata_ttl: Option<Duration>,
@@ -56,6 +60,7 @@ impl Default for FsConfig {
             attr_ttl: Duration::from_secs(24 * 3600),
             block_size: 1 << 20,
             readahead_blocks: 16,
+            prefetch_budget: 64 << 20,
             metadata_ttl: None,
         }
     }
@@ -110,6 +115,8 @@ pub struct Fs {
     /// One listing per directory at a time; latecomers wait for it and reuse its result.
     list_locks: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
     mount_time: SystemTime,
+    /// Permits of one block each for read-ahead in flight (see `FsConfig::prefetch_budget`).
+    prefetch_permits: Arc<tokio::sync::Semaphore>,
     /// While a bulk load runs, lookups in directories it has not finished are answered by a
     /// targeted request instead of a listing of the whole parent.
     bulk_loading: std::sync::atomic::AtomicBool,
@@ -121,6 +128,7 @@ pub struct Fs {
 impl Fs {
     pub fn new(cfg: FsConfig, client: Arc<dyn ObjectClient>, cache: Arc<dyn BlockCache>) -> Self {
         let inodes = InodeTable::new(cfg.metadata_ttl);
+        let permits = (cfg.prefetch_budget / cfg.block_size.max(1)) as usize;
         Fs {
             cfg,
             client,
@@ -131,6 +139,7 @@ impl Fs {
             next_handle: AtomicU64::new(1),
             list_locks: Mutex::default(),
             mount_time: SystemTime::now(),
+            prefetch_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
             bulk_loading: Default::default(),
             on_change: Mutex::default(),
         }
@@ -462,10 +471,22 @@ impl Fs {
             .unwrap()
             .on_read(offset, end, last, block_count);
         for index in ahead {
+            let key = BlockKey {
+                object: h.object.clone(),
+                generation: h.info.generation,
+                index,
+            };
+            if self.cache.contains(&key) {
+                continue;
+            }
+            let Ok(permit) = self.prefetch_permits.clone().try_acquire_owned() else {
+                break; // over budget: the reader will fetch on demand
+            };
             let fut = self.block(&h, index);
             tokio::spawn(async move {
                 // A failed prefetch is not an error: the reader will fetch (and report) it.
                 let _ = fut.await;
+                drop(permit);
             });
         }
 

@@ -15,5 +15,6 @@ pub mod logging;
 pub mod model;
 pub mod mount;
 pub mod prefetch;
+pub mod session;
 pub mod snapshot;
 pub mod testbed;

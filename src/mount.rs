@@ -80,6 +80,8 @@ impl MountPlan {
         if let Some(ttl) = args.metadata_ttl {
             fs.attr_ttl = fs.attr_ttl.min(ttl);
         }
+        // Read-ahead in flight is memory outside the cache: a quarter of it, within sane bounds.
+        fs.prefetch_budget = (args.cache_size / 4).clamp(4 << 20, 256 << 20);
         Ok(MountPlan {
             mountpoint: args.mountpoint.clone(),
             gcs: GcsConfig {
@@ -131,7 +133,7 @@ pub struct Mounted {
     pub mountpoint: PathBuf,
     pub fs: Arc<Fs>,
     pub client: Arc<GcsClient>,
-    unmounter: fuser::SessionUnmounter,
+    unmounter: crate::session::KernelMount,
     done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -283,7 +285,11 @@ impl Mounted {
         config.clone_fd = true;
 
         let mp2 = mountpoint.clone();
-        let mut session = tokio::task::spawn_blocking(move || fuser::Session::new(adapter, &mp2, &config))
+        let fsname = format!("gs://{}/{}", plan.gcs.bucket, plan.fs.prefix);
+        let allow_other = plan.allow_other;
+        let (session, unmounter) = tokio::task::spawn_blocking(move || {
+            crate::session::mount(adapter, &mp2, &fsname, allow_other, config)
+        })
             .await?
             .map_err(|e| {
                 let hint = if e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EPERM) {
@@ -295,7 +301,6 @@ impl Mounted {
                 };
                 anyhow::anyhow!("cannot mount on {}: {e}{hint}", mountpoint.display())
             })?;
-        let unmounter = session.unmount_callable();
         if let (Some(max_objects), false) = (eager, from_snapshot) {
             let fs = fs.clone();
             tokio::spawn(async move {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -503,18 +503,43 @@ impl ObjectClient for GcsClient {
                     // 200: the whole object (a server may ignore Range).
                     (0, object_size)
                 };
-                let body = read_body(resp, &what).await?;
-                stats
-                    .bytes_fetched
-                    .fetch_add(body.len() as u64, Ordering::Relaxed);
-                if body.len() as u64 != expect_len {
+                // Stream the body into a buffer of exactly the asked size (no over-allocation,
+                // so the cache's byte count is the memory used). A server that ignored the
+                // Range sends the whole object: keep only the asked part and stop early.
+                let mut resp = resp;
+                let want = (end - start) as usize;
+                let mut buf = BytesMut::with_capacity(want);
+                let mut pos = body_start;
+                let body_end = body_start + expect_len;
+                while let Some(chunk) = resp.chunk().await.map_err(|e| {
+                    ClientError::Malformed(format!("body error reading {what}: {e}"))
+                })? {
+                    stats
+                        .bytes_fetched
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    let (cstart, cend) = (pos, pos + chunk.len() as u64);
+                    pos = cend;
+                    if cend > body_end {
+                        return Err(ClientError::Malformed(format!(
+                            "long body for {what}: more than the {expect_len} bytes announced"
+                        )));
+                    }
+                    let (a, b) = (cstart.max(start), cend.min(end));
+                    if a < b {
+                        buf.extend_from_slice(&chunk[(a - cstart) as usize..(b - cstart) as usize]);
+                    }
+                    if pos >= end && body_end > end {
+                        // The rest is beyond what we asked (a 200 for a range): drop it.
+                        break;
+                    }
+                }
+                if buf.len() != want {
                     return Err(ClientError::Malformed(format!(
-                        "short body for {what}: expected {expect_len} bytes, got {}",
-                        body.len()
+                        "short body for {what}: expected {want} bytes, got {}",
+                        buf.len()
                     )));
                 }
-                let from = (start - body_start) as usize;
-                Ok(body.slice(from..from + (end - start) as usize))
+                Ok(buf.freeze())
             }
         })
         .await

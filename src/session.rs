@@ -1,0 +1,118 @@
+//! Getting a FUSE session onto a mount point, and off it again.
+//!
+//! As root we call mount(2) ourselves with the type `fuse.physiofs` (fuser's own direct mount
+//! always says plain `fuse`, which hides us from `findmnt -t fuse.physiofs` and `df -t`);
+//! otherwise fuser goes through the setuid `fusermount3`, which names the type correctly.
+
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::fuse::FuseAdapter;
+
+/// How to undo the mount.
+pub enum KernelMount {
+    /// Mounted by us with mount(2).
+    Direct(PathBuf),
+    /// Mounted by fuser (fusermount3).
+    Fuser(fuser::SessionUnmounter),
+}
+
+impl KernelMount {
+    /// Unmounts; if busy, detaches lazily (the kernel finishes once files are closed).
+    pub fn unmount(&mut self) -> std::io::Result<()> {
+        match self {
+            KernelMount::Direct(p) => {
+                let c = CString::new(p.as_os_str().as_bytes())?;
+                // SAFETY: c is a valid NUL-terminated path.
+                if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+                    return Ok(());
+                }
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EINVAL) {
+                    return Ok(()); // already unmounted
+                }
+                tracing::warn!(
+                    "unmount of {} failed ({err}); detaching lazily",
+                    p.display()
+                );
+                // SAFETY: as above.
+                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            }
+            KernelMount::Fuser(u) => u.unmount(),
+        }
+    }
+}
+
+/// Mounts `adapter` at `mountpoint` and completes the FUSE handshake.
+pub fn mount(
+    adapter: FuseAdapter,
+    mountpoint: &Path,
+    fsname: &str,
+    allow_other: bool,
+    config: fuser::Config,
+) -> std::io::Result<(fuser::Session<FuseAdapter>, KernelMount)> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        match direct_mount(mountpoint, fsname, allow_other) {
+            Ok(fd) => {
+                let acl = config.acl;
+                return match fuser::Session::from_fd(adapter, fd, acl, config) {
+                    Ok(s) => Ok((s, KernelMount::Direct(mountpoint.to_path_buf()))),
+                    Err(e) => {
+                        let _ = KernelMount::Direct(mountpoint.to_path_buf()).unmount();
+                        Err(e)
+                    }
+                };
+            }
+            // Root without CAP_SYS_ADMIN (a user namespace): let fusermount3 try.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut s = fuser::Session::new(adapter, mountpoint, &config)?;
+    let u = s.unmount_callable();
+    Ok((s, KernelMount::Fuser(u)))
+}
+
+fn direct_mount(mountpoint: &Path, fsname: &str, allow_other: bool) -> std::io::Result<OwnedFd> {
+    let dev = CString::new("/dev/fuse").unwrap();
+    // SAFETY: valid path; the returned fd is owned below.
+    let raw = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut opts =
+        format!("fd={raw},rootmode=40000,user_id={uid},group_id={gid},default_permissions");
+    if allow_other {
+        opts.push_str(",allow_other");
+    }
+    let src = CString::new(fsname.replace(',', "_"))?;
+    let target = CString::new(mountpoint.as_os_str().as_bytes())?;
+    let fstype = CString::new("fuse.physiofs").unwrap();
+    let data = CString::new(opts)?;
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr() as *const libc::c_void,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
