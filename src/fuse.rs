@@ -72,6 +72,21 @@ fn to_fuse(a: &Attr) -> FileAttr {
     }
 }
 
+/// Attributes for a negative entry whose parent vanished (never expected).
+fn unreachable_attr() -> Attr {
+    Attr {
+        ino: 0,
+        kind: Kind::File,
+        size: 0,
+        mtime: std::time::UNIX_EPOCH,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        blksize: 4096,
+    }
+}
+
 impl FuseAdapter {
     /// Runs `f` with a directory's entries: from the open handle, or (no-opendir mode) from
     /// the table, inline when the directory is listed and on a task when it needs a listing.
@@ -131,7 +146,14 @@ impl Filesystem for FuseAdapter {
         self.rt.spawn(async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&ttl, &to_fuse(&a), Generation(0)),
-                // Negative entries are cached by the kernel for the entry TTL as well.
+                // A name missing from a completely listed directory: answer with inode 0, which
+                // the kernel caches as a negative entry for the TTL (Python's import machinery
+                // and loaders probe many names that do not exist).
+                Err(FsError::NotFound) if fs.inodes().is_listed(parent.0) => {
+                    let mut attr = to_fuse(&fs.getattr(parent.0).unwrap_or_else(|_| unreachable_attr()));
+                    attr.ino = INodeNo(0);
+                    reply.entry(&ttl, &attr, Generation(0))
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
