@@ -2,17 +2,14 @@
 //!
 //! Keys name an object *version* (name + generation), so a cached block can never be served
 //! for a different version. [`BlockCache`] is a trait so a disk tier can sit behind the memory
-//! one later; [`MemoryCache`] is moka weighed by bytes, which also de-duplicates concurrent
-//! fetches of the same block (two readers of one block cause one request).
+//! one later; [`MemoryCache`] is moka weighed by bytes. De-duplication of concurrent fetches
+//! lives in the read path (`fs::fetch`), which fetches runs of blocks in one request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::future::BoxFuture;
-
-use crate::client::ClientError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct BlockKey {
@@ -29,14 +26,11 @@ pub struct CacheStats {
 
 #[async_trait]
 pub trait BlockCache: Send + Sync + 'static {
-    /// The block for `key`, running `fetch` only if it is neither cached nor being fetched.
-    async fn get_or_fetch(
-        &self,
-        key: BlockKey,
-        fetch: BoxFuture<'static, Result<Bytes, ClientError>>,
-    ) -> Result<Bytes, ClientError>;
+    async fn get(&self, key: &BlockKey) -> Option<Bytes>;
 
-    /// Whether the block is cached right now (no fetch).
+    async fn insert(&self, key: BlockKey, block: Bytes);
+
+    /// Whether the block is cached right now.
     fn contains(&self, key: &BlockKey) -> bool;
 
     /// Bytes currently held.
@@ -47,6 +41,10 @@ pub trait BlockCache: Send + Sync + 'static {
 
 pub struct MemoryCache {
     inner: moka::future::Cache<BlockKey, Bytes>,
+    capacity: u64,
+    /// Bytes inserted since eviction last ran: moka evicts in batches, so without a nudge a
+    /// fast reader could overshoot the bound by whatever arrives between batches.
+    since_maintenance: AtomicU64,
     stats: CacheStats,
 }
 
@@ -62,6 +60,8 @@ impl MemoryCache {
             .build();
         MemoryCache {
             inner,
+            capacity,
+            since_maintenance: AtomicU64::new(0),
             stats: CacheStats::default(),
         }
     }
@@ -69,20 +69,23 @@ impl MemoryCache {
 
 #[async_trait]
 impl BlockCache for MemoryCache {
-    async fn get_or_fetch(
-        &self,
-        key: BlockKey,
-        fetch: BoxFuture<'static, Result<Bytes, ClientError>>,
-    ) -> Result<Bytes, ClientError> {
-        if let Some(b) = self.inner.get(&key).await {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(b);
+    async fn get(&self, key: &BlockKey) -> Option<Bytes> {
+        let r = self.inner.get(key).await;
+        match r {
+            Some(_) => &self.stats.hits,
+            None => &self.stats.misses,
         }
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .try_get_with(key, fetch)
-            .await
-            .map_err(|e: Arc<ClientError>| (*e).clone())
+        .fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    async fn insert(&self, key: BlockKey, block: Bytes) {
+        let n = block.len() as u64;
+        self.inner.insert(key, block).await;
+        if self.since_maintenance.fetch_add(n, Ordering::Relaxed) + n > self.capacity / 16 {
+            self.since_maintenance.store(0, Ordering::Relaxed);
+            self.inner.run_pending_tasks().await;
+        }
     }
 
     fn contains(&self, key: &BlockKey) -> bool {
@@ -111,46 +114,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bounded_by_bytes_and_dedups() {
+    async fn bounded_by_bytes() {
         let c = MemoryCache::new(4 << 20);
         for i in 0..64 {
-            let b = c
-                .get_or_fetch(
-                    key(i),
-                    Box::pin(async { Ok(Bytes::from(vec![0u8; 1 << 20])) }),
-                )
-                .await
-                .unwrap();
-            assert_eq!(b.len(), 1 << 20);
+            c.insert(key(i), Bytes::from(vec![0u8; 1 << 20])).await;
+            assert!(c.weighted_size() <= 5 << 20, "{}", c.weighted_size());
         }
         c.inner.run_pending_tasks().await;
         assert!(c.weighted_size() <= 4 << 20, "{}", c.weighted_size());
-        // A cached block is not fetched again.
-        let k = key(1000);
-        c.get_or_fetch(k.clone(), Box::pin(async { Ok(Bytes::from_static(b"x")) }))
-            .await
-            .unwrap();
-        let again = c
-            .get_or_fetch(k, Box::pin(async { panic!("fetched twice") }))
-            .await
-            .unwrap();
-        assert_eq!(&again[..], b"x");
-    }
-
-    #[tokio::test]
-    async fn errors_are_not_cached() {
-        let c = MemoryCache::new(1 << 20);
-        let e = c
-            .get_or_fetch(
-                key(0),
-                Box::pin(async { Err(ClientError::Malformed("x".into())) }),
-            )
-            .await;
-        assert!(e.is_err());
-        let ok = c
-            .get_or_fetch(key(0), Box::pin(async { Ok(Bytes::from_static(b"y")) }))
-            .await
-            .unwrap();
-        assert_eq!(&ok[..], b"y");
+        c.insert(key(1000), Bytes::from_static(b"x")).await;
+        assert_eq!(&c.get(&key(1000)).await.unwrap()[..], b"x");
+        assert!(c.get(&key(1001)).await.is_none());
+        assert_eq!(c.stats().hits.load(Ordering::Relaxed), 1);
+        assert_eq!(c.stats().misses.load(Ordering::Relaxed), 1);
     }
 }

@@ -150,7 +150,8 @@ impl Filesystem for FuseAdapter {
                 // the kernel caches as a negative entry for the TTL (Python's import machinery
                 // and loaders probe many names that do not exist).
                 Err(FsError::NotFound) if fs.inodes().is_listed(parent.0) => {
-                    let mut attr = to_fuse(&fs.getattr(parent.0).unwrap_or_else(|_| unreachable_attr()));
+                    let mut attr =
+                        to_fuse(&fs.getattr(parent.0).unwrap_or_else(|_| unreachable_attr()));
                     attr.ino = INodeNo(0);
                     reply.entry(&ttl, &attr, Generation(0))
                 }

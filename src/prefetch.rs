@@ -1,53 +1,62 @@
 //! Read-ahead decisions for one open file, as a pure state machine.
 //!
-//! A reader that keeps asking for the byte after its last read is sequential: the window of
-//! blocks fetched ahead of it starts small and doubles while that holds, up to a cap. Any
-//! jump resets it, so random readers fetch only what they ask for.
+//! A reader whose reads keep landing near the furthest byte read so far is sequential (the
+//! kernel issues read-ahead requests concurrently, so they may arrive slightly out of order).
+//! The window of bytes fetched ahead starts at `min_window` on the second sequential read and
+//! doubles while that holds, up to `max_window`. Any jump resets it, so random readers and
+//! header scans fetch only what they ask for.
+
+use std::ops::Range;
+
+/// How far from the furthest byte read a read may start and still count as sequential.
+const SLACK: u64 = 2 << 20;
 
 #[derive(Clone, Debug)]
 pub struct Readahead {
-    /// Offset one past the last read; a read starting here is sequential.
-    next_offset: u64,
-    /// Blocks to keep fetched ahead of the reader.
+    /// One past the furthest byte read.
+    pos: u64,
+    reads: u64,
+    /// Bytes to keep fetched ahead of `pos`.
     window: u64,
-    /// First block not yet requested ahead.
+    /// Bytes already requested ahead up to here.
     ahead_until: u64,
+    min_window: u64,
     max_window: u64,
 }
 
 impl Readahead {
-    pub fn new(max_window: u64) -> Self {
+    pub fn new(min_window: u64, max_window: u64) -> Self {
         Readahead {
-            next_offset: 0,
+            pos: 0,
+            reads: 0,
             window: 0,
             ahead_until: 0,
+            min_window: min_window.min(max_window),
             max_window,
         }
     }
 
-    /// Records a read of `[offset, end)` touching blocks up to `last_block`, and returns the
-    /// range of blocks (`start..end`) to fetch ahead now, clipped to `block_count`.
-    pub fn on_read(
-        &mut self,
-        offset: u64,
-        end: u64,
-        last_block: u64,
-        block_count: u64,
-    ) -> std::ops::Range<u64> {
-        let sequential = offset == self.next_offset;
-        self.next_offset = end;
-        if sequential {
-            self.window = (self.window * 2).clamp(1, self.max_window.max(1));
-        } else {
+    /// Records a read of `[offset, end)` of a `size`-byte file and returns the byte range to
+    /// fetch ahead now (empty if none).
+    pub fn on_read(&mut self, offset: u64, end: u64, size: u64) -> Range<u64> {
+        let first = self.reads == 0;
+        self.reads += 1;
+        let near = offset + SLACK >= self.pos && offset <= self.pos + SLACK;
+        if first || !near || self.max_window == 0 {
+            // A first read (maybe a header scan) or a jump: fetch only what is asked.
             self.window = 0;
-            self.ahead_until = last_block + 1;
+            self.pos = end;
+            self.ahead_until = end;
             return 0..0;
         }
-        if self.max_window == 0 {
-            return 0..0;
-        }
-        let from = self.ahead_until.max(last_block + 1);
-        let to = (last_block + 1 + self.window).min(block_count);
+        self.pos = self.pos.max(end);
+        self.window = if self.window == 0 {
+            self.min_window
+        } else {
+            (self.window * 2).min(self.max_window)
+        };
+        let from = self.ahead_until.max(self.pos);
+        let to = (self.pos + self.window).min(size);
         if from >= to {
             return 0..0;
         }
@@ -60,27 +69,34 @@ impl Readahead {
 mod tests {
     use super::*;
 
+    const M: u64 = 1 << 20;
+
     #[test]
-    fn grows_while_sequential_and_resets_on_seek() {
-        let mut r = Readahead::new(8);
-        assert_eq!(r.on_read(0, 10, 0, 100), 1..2);
-        assert_eq!(r.on_read(10, 20, 0, 100), 2..3);
-        assert_eq!(r.on_read(20, 30, 0, 100), 3..5);
-        // jump: nothing ahead
-        assert_eq!(r.on_read(5000, 5010, 50, 100), 0..0);
-        assert_eq!(r.on_read(5010, 5020, 50, 100), 51..52);
-        // clipped to the file
-        let mut r = Readahead::new(8);
-        assert_eq!(r.on_read(0, 1, 0, 1), 0..0);
+    fn first_read_and_jumps_fetch_nothing_ahead() {
+        let mut r = Readahead::new(M, 32 * M);
+        assert_eq!(r.on_read(0, 16384, 100 * M), 0..0);
+        assert_eq!(r.on_read(50 * M, 50 * M + 65536, 100 * M), 0..0);
+        assert_eq!(r.on_read(10 * M, 10 * M + 65536, 100 * M), 0..0);
     }
 
     #[test]
-    fn window_caps() {
-        let mut r = Readahead::new(4);
-        let mut last = 0..0;
-        for b in 0..20 {
-            last = r.on_read(b, b + 1, b, 1000);
-        }
-        assert!(last.end - 19 - 1 <= 4);
+    fn grows_while_sequential_tolerating_reordering() {
+        let k = 128 * 1024;
+        let mut r = Readahead::new(M, 4 * M);
+        assert_eq!(r.on_read(0, k, 100 * M), 0..0);
+        assert_eq!(r.on_read(2 * k, 3 * k, 100 * M), 3 * k..3 * k + M);
+        // an earlier kernel read-ahead arriving late still counts as sequential
+        assert_eq!(r.on_read(k, 2 * k, 100 * M), 3 * k + M..3 * k + 2 * M);
+        assert_eq!(
+            r.on_read(3 * k, 4 * k, 100 * M),
+            3 * k + 2 * M..4 * k + 4 * M
+        );
+        // capped at max_window ahead of the reader
+        let next = r.on_read(4 * k, 5 * k, 100 * M);
+        assert_eq!(next, 4 * k + 4 * M..5 * k + 4 * M);
+        // clipped to the file
+        let mut r = Readahead::new(M, 4 * M);
+        r.on_read(0, k, 2 * k);
+        assert_eq!(r.on_read(k, 2 * k, 2 * k), 0..0);
     }
 }
