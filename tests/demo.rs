@@ -6,6 +6,7 @@ mod common;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -190,6 +191,24 @@ fn demo_mount_examples_checksums_and_ctrl_c() {
         })
         .unwrap_or_else(|| panic!("no images/s in:\n{stdout}"));
     assert!(rate > 0.0, "{stdout}");
+
+    // examples/read_metadata.R: base R + data.table read the record list, readBin the header.
+    let out = Command::new("Rscript")
+        .arg(repo_root().join("examples/read_metadata.R"))
+        .arg(&mnt)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run Rscript ({e}): run `bash scripts/setup-test-env.sh` to install R")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "read_metadata.R failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("same as read.csv: TRUE"), "{stdout}");
+    assert!(stdout.contains("-> DICOM Part 10 file"), "{stdout}");
+    assert!(stdout.contains(": match the record list"), "{stdout}");
 
     // Every checksum in SHA256SUMS.txt verifies through the mount.
     let ok = sha256sum_check(&mnt);
