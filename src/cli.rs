@@ -112,6 +112,11 @@ pub struct MountArgs {
     #[arg(long, short = 'f', help_heading = "Mount")]
     pub foreground: bool,
 
+    /// Serve counters (requests, bytes, cache hits) in Prometheus format at this address,
+    /// e.g. `127.0.0.1:9464`.
+    #[arg(long, value_name = "ADDR", help_heading = "Logging")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count, help_heading = "Logging")]
     pub verbose: u8,

@@ -12,6 +12,7 @@ pub mod fs;
 pub mod fuse;
 pub mod inode;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod mount;
 pub mod prefetch;

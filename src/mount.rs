@@ -352,6 +352,9 @@ impl Mounted {
                 let r = session.run();
                 let _ = tx.send(r);
             })?;
+        let mp3 = mountpoint.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || crate::session::tune_readahead(&mp3, 4096)).await;
         Ok(Mounted {
             mountpoint,
             fs,
@@ -404,6 +407,8 @@ impl Mounted {
             bytes_fetched = s.bytes_fetched.load(Ordering::Relaxed),
             cache_hits = c.hits.load(Ordering::Relaxed),
             cache_misses = c.misses.load(Ordering::Relaxed),
+            read_bytes = self.fs.stats().read_bytes.load(Ordering::Relaxed),
+            prefetch_bytes = self.fs.stats().prefetch_bytes.load(Ordering::Relaxed),
             "unmounted {}",
             self.mountpoint.display()
         );
@@ -443,6 +448,12 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     let prefix = plan.fs.prefix.clone();
     let endpoint = plan.gcs.endpoint.clone();
     let mounted = Mounted::start(plan).await?;
+    if let Some(addr) = args.metrics_addr {
+        let at = crate::metrics::serve(addr, mounted.client.stats.clone(), mounted.fs.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
+        eprintln!("physiofs: metrics at http://{at}/metrics");
+    }
     eprintln!(
         "physiofs: mounted gs://{bucket}/{prefix} ({endpoint}) read-only at {}; stop with `umount {}` or Ctrl-C",
         mounted.mountpoint.display(),

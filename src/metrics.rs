@@ -1,0 +1,124 @@
+//! Counters, readable while mounted at `--metrics-addr` (Prometheus text format) and logged
+//! at unmount.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use crate::client::gcs::ClientStats;
+use crate::fs::Fs;
+
+/// Everything worth counting, in Prometheus text exposition format.
+pub fn render(client: &ClientStats, fs: &Fs) -> String {
+    let c = fs.cache().stats();
+    let f = fs.stats();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP physiofs_{name} {help}");
+        let _ = writeln!(out, "# TYPE physiofs_{name} {kind}");
+        let _ = writeln!(out, "physiofs_{name} {value}");
+    };
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    metric(
+        "list_requests_total",
+        "counter",
+        "Listing requests sent (each a billed Class A operation).",
+        n(&client.list_requests),
+    );
+    metric(
+        "stat_requests_total",
+        "counter",
+        "Object metadata requests sent.",
+        n(&client.stat_requests),
+    );
+    metric(
+        "get_requests_total",
+        "counter",
+        "Ranged media requests sent.",
+        n(&client.get_requests),
+    );
+    metric(
+        "retries_total",
+        "counter",
+        "Requests retried after a transient failure.",
+        n(&client.retries),
+    );
+    metric(
+        "bytes_fetched_total",
+        "counter",
+        "Body bytes received for media reads.",
+        n(&client.bytes_fetched),
+    );
+    metric(
+        "read_bytes_total",
+        "counter",
+        "Bytes returned to readers.",
+        n(&f.read_bytes),
+    );
+    metric(
+        "prefetch_bytes_total",
+        "counter",
+        "Bytes requested by read-ahead.",
+        n(&f.prefetch_bytes),
+    );
+    metric(
+        "cache_hits_total",
+        "counter",
+        "Block cache hits.",
+        n(&c.hits),
+    );
+    metric(
+        "cache_misses_total",
+        "counter",
+        "Block cache misses.",
+        n(&c.misses),
+    );
+    metric(
+        "cache_bytes",
+        "gauge",
+        "Bytes held in the block cache.",
+        fs.cache().weighted_size(),
+    );
+    metric(
+        "inodes",
+        "gauge",
+        "Entries in the inode table.",
+        fs.inodes().len() as u64,
+    );
+    out
+}
+
+/// Serves `GET /metrics` (any path, in fact) on `addr` until the process ends.
+pub async fn serve(
+    addr: SocketAddr,
+    client: Arc<ClientStats>,
+    fs: Arc<Fs>,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (client, fs) = (client.clone(), fs.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = render(&client, &fs);
+                    async move {
+                        hyper::Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(http_body_util::Full::new(Bytes::from(body)))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,262 @@
+//! Whole-tree metadata, snapshots, metrics and request economy, through a real mount of the
+//! testbed serving a MIMIC-CXR-shaped DICOM model.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use physiofs::model::{DatasetModel, ModelConfig, ModelKind};
+
+const BUCKET: &str = "mimic-cxr-2.0.0.physionet.org";
+const PATIENTS: u32 = 400;
+
+fn stats(tb: &TestbedProc) -> serde_json::Value {
+    let r = http_get(&format!("{}/_testbed/stats", tb.endpoint), &[]);
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn reset(tb: &TestbedProc) {
+    use std::io::Write;
+    let addr = tb.endpoint.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /_testbed/stats/reset HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"),
+        "{resp}"
+    );
+}
+
+fn count(v: &serde_json::Value, kind: &str) -> u64 {
+    v["requests"][kind].as_u64().unwrap()
+}
+
+fn find_files(root: &Path) -> usize {
+    let out = Command::new("find")
+        .arg(root)
+        .args(["-type", "f"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    out.stdout.iter().filter(|&&b| b == b'\n').count()
+}
+
+/// Waits for the background bulk load's "metadata: N objects" log line.
+fn wait_loaded(m: &Mount) -> String {
+    let t0 = Instant::now();
+    loop {
+        let log = fs::read_to_string(m.stderr_path()).unwrap_or_default();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("metadata: ") && l.contains(" objects in "))
+        {
+            return l.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no bulk load line:\n{}",
+            m.diag()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bulk_listing_snapshot_remount_and_zero_request_browsing() {
+    let model = DatasetModel::new(ModelConfig {
+        kind: ModelKind::Dicom,
+        patients: PATIENTS,
+        seed: 0,
+        size_scale: 0.001,
+    });
+    let objects = model.object_count();
+    let tb = TestbedProc::start(&[
+        "--model",
+        "dicom",
+        "--patients",
+        "400",
+        "--size-scale",
+        "0.001",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let snapdir = tempfile::tempdir().unwrap();
+    let snap = snapdir.path().to_str().unwrap();
+
+    // Fresh mount: one bulk load, about one list request per 1,000 objects plus discovery.
+    let m = Mount::start_with(&tb.mount_args(BUCKET, &["--metadata-cache", snap]), &[]);
+    let line = wait_loaded(&m);
+    eprintln!("METADATA: {line}");
+    let listed = count(&stats(&tb), "list");
+    // 1 probe + root + files/ + one range per pNN (each < 1,000 objects here) + pages.
+    let budget = objects / 1000 + 1 + 2 + 10 + 2;
+    assert!(
+        listed <= budget,
+        "{listed} list requests for {objects} objects (budget {budget})"
+    );
+    assert_eq!(find_files(&m.path) as u64, objects);
+
+    // Browsing the loaded tree costs no requests at all: find, ls -l, stat, misses.
+    reset(&tb);
+    assert_eq!(find_files(&m.path) as u64, objects);
+    let ls = Command::new("ls")
+        .arg("-l")
+        .arg(m.join("files/p10"))
+        .output()
+        .unwrap();
+    assert!(ls.status.success());
+    assert!(!m.join("files/p10/p00000000").exists());
+    assert!(!m.join("no-such-file.txt").exists());
+    let s = stats(&tb);
+    assert_eq!(
+        count(&s, "list") + count(&s, "get_meta") + count(&s, "get_media"),
+        0,
+        "{s}"
+    );
+    m.unmount();
+
+    // Remount: the snapshot makes it ready with zero listings (one metadata GET proves access).
+    let snaps: Vec<_> = fs::read_dir(snapdir.path()).unwrap().flatten().collect();
+    assert_eq!(snaps.len(), 1, "one snapshot file");
+    reset(&tb);
+    let m = Mount::start_with(&tb.mount_args(BUCKET, &["--metadata-cache", snap]), &[]);
+    assert_eq!(find_files(&m.path) as u64, objects);
+    let s = stats(&tb);
+    assert_eq!(count(&s, "list"), 0, "remount listed: {s}");
+    assert!(count(&s, "get_meta") <= 1, "{s}");
+    m.unmount();
+
+    // A corrupt snapshot is refused and rebuilt, never trusted.
+    let path = snaps[0].path();
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    reset(&tb);
+    let m = Mount::start_with(&tb.mount_args(BUCKET, &["--metadata-cache", snap]), &[]);
+    wait_loaded(&m);
+    assert_eq!(find_files(&m.path) as u64, objects);
+    assert!(count(&stats(&tb), "list") > 0);
+    let log = fs::read_to_string(m.stderr_path()).unwrap();
+    assert!(log.contains("ignoring metadata snapshot"), "{log}");
+    m.unmount();
+    assert!(
+        fs::metadata(&path).unwrap().len() > bytes.len() as u64 / 2,
+        "snapshot rewritten"
+    );
+}
+
+#[test]
+fn lazy_mode_lists_per_directory() {
+    let tb = TestbedProc::start(&[
+        "--model",
+        "dicom",
+        "--patients",
+        "30",
+        "--size-scale",
+        "0.001",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let m = Mount::start_with(
+        &tb.mount_args(BUCKET, &["--metadata", "lazy", "--metadata-cache", "off"]),
+        &[],
+    );
+    reset(&tb);
+    let names: Vec<_> = fs::read_dir(m.join("files")).unwrap().flatten().collect();
+    assert_eq!(names.len(), 10, "p10..p19");
+    let s = stats(&tb);
+    assert!(count(&s, "list") <= 2, "lazy listing of one directory: {s}");
+}
+
+#[test]
+fn header_reads_cost_one_request_and_metrics_are_served() {
+    let tb = TestbedProc::start(&[
+        "--model",
+        "dicom",
+        "--patients",
+        "20",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = Mount::start_with(
+        &tb.mount_args(
+            BUCKET,
+            &["--metadata-cache", "off", "--metrics-addr", &addr],
+        ),
+        &[],
+    );
+    let model = DatasetModel::new(ModelConfig {
+        kind: ModelKind::Dicom,
+        patients: 20,
+        seed: 0,
+        size_scale: 1.0,
+    });
+    let dicoms: Vec<_> = model
+        .list_from("files/", 100_000)
+        .into_iter()
+        .filter(|o| o.name.ends_with(".dcm"))
+        .take(10)
+        .collect();
+    // Resolve the paths first so only the reads are counted.
+    for o in &dicoms {
+        assert!(m.join(&o.name).exists());
+    }
+    reset(&tb);
+    for o in &dicoms {
+        let f = File::open(m.join(&o.name)).unwrap();
+        let mut buf = vec![0u8; 16384];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        let mut want = vec![0u8; 16384];
+        model.read_at(o, 0, &mut want);
+        assert_eq!(buf, want, "{}", o.name);
+    }
+    let s = stats(&tb);
+    assert_eq!(
+        count(&s, "get_media"),
+        dicoms.len() as u64,
+        "one GET per header: {s}"
+    );
+    let sent = s["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < dicoms.len() as u64 * 512 * 1024,
+        "header reads fetched {sent} bytes: {s}"
+    );
+
+    // A whole file read sequentially: exact bytes, few large requests.
+    reset(&tb);
+    let o = &dicoms[0];
+    let mut all = Vec::new();
+    File::open(m.join(&o.name))
+        .unwrap()
+        .read_to_end(&mut all)
+        .unwrap();
+    assert_eq!(all, model.read_all(o));
+    let gets = count(&stats(&tb), "get_media");
+    assert!(gets <= 12, "{gets} GETs for a {} byte file", o.size);
+
+    let body = String::from_utf8(http_get(&format!("http://{addr}/metrics"), &[]).body).unwrap();
+    let metric = |name: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("physiofs_{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(metric("get_requests_total") >= dicoms.len() as u64 + 1);
+    assert!(metric("read_bytes_total") >= o.size + 16384 * dicoms.len() as u64);
+    assert!(metric("bytes_fetched_total") >= o.size);
+    assert!(metric("inodes") > 50);
+    assert!(body.contains("# TYPE physiofs_cache_bytes gauge"));
+}
