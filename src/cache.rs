@@ -53,6 +53,10 @@ impl MemoryCache {
     pub fn new(capacity: u64) -> Self {
         let inner = moka::future::Cache::builder()
             .max_capacity(capacity)
+            // Plain LRU: moka's default (TinyLFU) refuses to admit new entries that are seen
+            // less often than old ones, which for a streaming reader means read-ahead blocks
+            // are dropped on arrival and fetched again.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .weigher(|_k: &BlockKey, v: &Bytes| -> u32 {
                 // Key and bookkeeping overhead is small next to a block; count the payload.
                 (v.len() as u64 + 64).min(u32::MAX as u64) as u32
@@ -110,6 +114,24 @@ mod tests {
             object: Arc::from("o"),
             generation: 1,
             index: i,
+        }
+    }
+
+    #[tokio::test]
+    async fn streaming_inserts_are_admitted() {
+        // Old blocks read twice must not keep new blocks out (TinyLFU would).
+        let c = MemoryCache::new(8 << 20);
+        for i in 0..8 {
+            c.insert(key(i), Bytes::from(vec![0u8; 1 << 20])).await;
+            c.get(&key(i)).await;
+            c.get(&key(i)).await;
+        }
+        for i in 100..104 {
+            c.insert(key(i), Bytes::from(vec![1u8; 1 << 20])).await;
+        }
+        c.inner.run_pending_tasks().await;
+        for i in 100..104 {
+            assert!(c.contains(&key(i)), "block {i} was not admitted");
         }
     }
 

@@ -80,8 +80,9 @@ impl MountPlan {
         if let Some(ttl) = args.metadata_ttl {
             fs.attr_ttl = fs.attr_ttl.min(ttl);
         }
-        // Read-ahead in flight is memory outside the cache: a quarter of it, within sane bounds.
-        fs.prefetch_budget = (args.cache_size / 4).clamp(4 << 20, 256 << 20);
+        // --cache-size is the whole data budget: read-ahead in flight gets a quarter of it
+        // (within sane bounds) and the block cache the rest.
+        fs.prefetch_budget = (args.cache_size / 4).clamp(1 << 20, 256 << 20);
         Ok(MountPlan {
             mountpoint: args.mountpoint.clone(),
             gcs: GcsConfig {
@@ -156,7 +157,11 @@ impl Mounted {
             .with_context(|| format!("cannot resolve {}", mp.display()))?;
 
         let client = Arc::new(GcsClient::new(plan.gcs.clone(), plan.tokens.clone())?);
-        let cache = Arc::new(MemoryCache::new(plan.cache_size));
+        let cache = Arc::new(MemoryCache::new(
+            plan.cache_size
+                .saturating_sub(plan.fs.prefetch_budget)
+                .max(1 << 20),
+        ));
         let new_fs = || Arc::new(Fs::new(plan.fs.clone(), client.clone(), cache.clone()));
         let mut fs = new_fs();
 
