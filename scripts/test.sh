@@ -20,4 +20,13 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 # The harness times out every mount, unmount and child command, but a read stuck in the kernel
 # on a broken FUSE daemon could still hang a test: bound the whole run (exit 124 = timed out).
 # --no-fail-fast: one failing test binary must not hide the others' results.
-timeout -k 30s "${PHYSIOFS_TEST_TIMEOUT:-30m}" cargo test --release --no-fail-fast "$@"
+# Output is kept to add up every binary's "test result:" line into one closing summary.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+timeout -k 30s "${PHYSIOFS_TEST_TIMEOUT:-30m}" cargo test --release --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "physiofs-tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
