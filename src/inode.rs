@@ -237,25 +237,47 @@ impl InodeTable {
     /// Every node below the root in depth-first name order: (relative path, file info or
     /// None for a directory). Used to persist the table.
     pub fn export(&self) -> Vec<(String, Option<FileInfo>)> {
-        fn walk(nodes: &[Node], dir: Ino, path: &str, out: &mut Vec<(String, Option<FileInfo>)>) {
+        let mut out = Vec::new();
+        let _ = self.for_each_entry(&mut |name, file| {
+            out.push((name.to_string(), file.cloned()));
+            Ok(())
+        });
+        out
+    }
+
+    /// Calls `f` for every node below the root in depth-first name order with its relative
+    /// path, without materializing the list (a million names would cost ~100 MB). Holds the
+    /// read lock throughout; stops at the first error.
+    pub fn for_each_entry(
+        &self,
+        f: &mut dyn FnMut(&str, Option<&FileInfo>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        fn walk(
+            nodes: &[Node],
+            dir: Ino,
+            path: &mut String,
+            f: &mut dyn FnMut(&str, Option<&FileInfo>) -> std::io::Result<()>,
+        ) -> std::io::Result<()> {
             let NodeData::Dir { children, .. } = &nodes[dir as usize].data else {
-                return;
+                return Ok(());
             };
             for (name, &ino) in children {
-                let rel = format!("{path}{name}");
+                let len = path.len();
+                path.push_str(name);
                 match &nodes[ino as usize].data {
-                    NodeData::File(f) => out.push((rel, Some(f.clone()))),
+                    NodeData::File(info) => f(path, Some(info))?,
                     NodeData::Dir { .. } => {
-                        out.push((rel.clone(), None));
-                        walk(nodes, ino, &format!("{rel}/"), out);
+                        f(path, None)?;
+                        path.push('/');
+                        walk(nodes, ino, path, f)?;
                     }
                 }
+                path.truncate(len);
             }
+            Ok(())
         }
         let nodes = self.inner.read().unwrap();
-        let mut out = Vec::with_capacity(nodes.len());
-        walk(&nodes, ROOT, "", &mut out);
-        out
+        walk(&nodes, ROOT, &mut String::new(), f)
     }
 
     /// Children of a directory, in name order.

@@ -78,7 +78,6 @@ fn put_record(buf: &mut Vec<u8>, name: &str, file: Option<&FileInfo>) {
 
 /// Writes the table atomically (temp file + rename). Returns the entry count.
 pub fn save(path: &Path, key: &SnapshotKey, table: &InodeTable) -> std::io::Result<u64> {
-    let entries = table.export();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -93,33 +92,38 @@ pub fn save(path: &Path, key: &SnapshotKey, table: &InodeTable) -> std::io::Resu
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs(),
-            entries: entries.len() as u64,
+            // Written before the records are walked; the trailer holds the real count.
+            entries: 0,
         };
         serde_json::to_writer(&mut gz, &header)?;
         gz.write_all(b"\n")?;
         let mut crc = 0u32;
+        let mut count = 0u64;
         let mut buf = Vec::with_capacity(1 << 16);
-        for (name, file) in &entries {
-            put_record(&mut buf, name, file.as_ref());
+        table.for_each_entry(&mut |name, file| {
+            put_record(&mut buf, name, file);
+            count += 1;
             if buf.len() >= 1 << 16 {
                 crc = crc32c::crc32c_append(crc, &buf);
                 gz.write_all(&buf)?;
                 buf.clear();
             }
-        }
+            Ok(())
+        })?;
         crc = crc32c::crc32c_append(crc, &buf);
         gz.write_all(&buf)?;
         gz.write_all(&[0xFF])?;
-        gz.write_all(&(entries.len() as u64).to_le_bytes())?;
+        gz.write_all(&count.to_le_bytes())?;
         gz.write_all(&crc.to_le_bytes())?;
         let out = gz.finish()?;
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        Ok(count)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map(|_| entries.len() as u64)
+    result
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +234,7 @@ pub fn load(
         .map_err(|e| corrupt(format!("truncated trailer: {e}")))?;
     let want_count = u64::from_le_bytes(tail[0..8].try_into().unwrap());
     let want_crc = u32::from_le_bytes(tail[8..12].try_into().unwrap());
-    if want_count != count || want_count != header.entries {
+    if want_count != count {
         return Err(corrupt(format!(
             "{count} records, trailer says {want_count}"
         )));
