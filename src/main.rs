@@ -32,7 +32,7 @@ fn main() {
                 let source: std::sync::Arc<dyn physiofs::testbed::ObjectSource> =
                     match physiofs::testbed::dir_source(&a)? {
                         Some(s) => s,
-                        None => std::sync::Arc::new(physiofs::testbed::ModelSource::from_args(&a)?),
+                        None => physiofs::testbed::ModelSource::from_args(&a)?,
                     };
                 physiofs::testbed::run(a, source).await
             }

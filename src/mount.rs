@@ -1,7 +1,7 @@
 //! From parsed arguments to a live mount: credentials, a probe that proves access, the kernel
 //! session, and a clean unmount on SIGINT/SIGTERM or an external `umount`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -372,12 +372,9 @@ impl Mounted {
 
     /// Unmounts (lazily if busy) and waits for the session to end.
     pub async fn unmount(mut self) -> anyhow::Result<()> {
+        // (KernelMount already falls back to a lazy detach when the mount is busy.)
         if let Err(e) = self.unmounter.unmount() {
-            tracing::warn!(
-                "unmount of {} failed ({e}); detaching lazily",
-                self.mountpoint.display()
-            );
-            lazy_unmount(&self.mountpoint);
+            tracing::warn!("unmount of {} failed: {e}", self.mountpoint.display());
         }
         self.finish().await
     }
@@ -432,16 +429,6 @@ impl Mounted {
         match ended {
             None => self.unmount().await,
             Some(r) => self.finish_with(r).await,
-        }
-    }
-}
-
-pub fn lazy_unmount(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
-        // SAFETY: c is a valid NUL-terminated path.
-        unsafe {
-            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
         }
     }
 }

@@ -16,7 +16,7 @@ pub enum KernelMount {
     /// Mounted by us with mount(2).
     Direct(PathBuf),
     /// Mounted by fuser (fusermount3).
-    Fuser(fuser::SessionUnmounter),
+    Fuser(fuser::SessionUnmounter, PathBuf),
 }
 
 impl KernelMount {
@@ -44,7 +44,19 @@ impl KernelMount {
                     Err(std::io::Error::last_os_error())
                 }
             }
-            KernelMount::Fuser(u) => u.unmount(),
+            KernelMount::Fuser(u, p) => u.unmount().or_else(|err| {
+                tracing::warn!(
+                    "unmount of {} failed ({err}); detaching lazily",
+                    p.display()
+                );
+                let ok = std::process::Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(&*p)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok { Ok(()) } else { Err(err) }
+            }),
         }
     }
 }
@@ -77,7 +89,7 @@ pub fn mount(
     }
     let mut s = fuser::Session::new(adapter, mountpoint, &config)?;
     let u = s.unmount_callable();
-    Ok((s, KernelMount::Fuser(u)))
+    Ok((s, KernelMount::Fuser(u, mountpoint.to_path_buf())))
 }
 
 fn direct_mount(mountpoint: &Path, fsname: &str, allow_other: bool) -> std::io::Result<OwnedFd> {

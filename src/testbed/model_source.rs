@@ -1,35 +1,24 @@
-//! Serves dataset models (`crate::model`) through the testbed: one bucket per model, plus
-//! optional synthetic objects (`--synthetic`, see `overlay.rs`) layered over them.
+//! Serves dataset models (`crate::model`) through the testbed: one bucket per model.
+//! Synthetic objects (`--synthetic`) are layered over them by `overlay::Overlay`.
 
 use std::sync::Arc;
 
-use super::mem::MemSource;
-use super::overlay::{merge_lists, synthetic_source, union_buckets};
+use super::overlay::{Overlay, synthetic_source};
 use super::{ModelKind as CliKind, ObjectSource, SourceObject, TestbedArgs};
 use crate::model::{DatasetModel, ModelConfig, ModelKind, ModelObject};
 
 pub struct ModelSource {
     models: Vec<Arc<DatasetModel>>,
-    /// Synthetic objects; they shadow model objects of the same name.
-    extra: Option<MemSource>,
 }
 
 impl ModelSource {
     pub fn new(models: Vec<Arc<DatasetModel>>) -> Self {
-        ModelSource {
-            models,
-            extra: None,
-        }
+        ModelSource { models }
     }
 
-    /// Adds synthetic objects (specs without a bucket go to the first model's bucket).
-    pub fn with_synthetic(mut self, extra: MemSource) -> Self {
-        self.extra = Some(extra);
-        self
-    }
-
-    /// The model the testbed's `--model/--patients/--seed/--size-scale` describe.
-    pub fn from_args(args: &TestbedArgs) -> anyhow::Result<Self> {
+    /// What the testbed's `--model/--add-model/--patients/--seed/--size-scale` describe, with
+    /// `--synthetic` objects over it (specs without a bucket go to the first model's bucket).
+    pub fn from_args(args: &TestbedArgs) -> anyhow::Result<Arc<dyn ObjectSource>> {
         let patients = u32::try_from(args.patients)
             .ok()
             .filter(|p| (*p as u64) <= crate::model::MAX_PATIENTS as u64 && *p > 0)
@@ -66,11 +55,12 @@ impl ModelSource {
             })
             .collect();
         let first = models[0].bucket().to_string();
-        let mut s = ModelSource::new(models);
-        if !args.synthetic.is_empty() {
-            s = s.with_synthetic(synthetic_source(&args.synthetic, Some(&first))?);
+        let models = Arc::new(ModelSource::new(models));
+        if args.synthetic.is_empty() {
+            return Ok(models);
         }
-        Ok(s)
+        let extra = synthetic_source(&args.synthetic, Some(&first))?;
+        Ok(Arc::new(Overlay::new(models, extra)))
     }
 
     fn model(&self, bucket: &str) -> Option<&DatasetModel> {
@@ -91,13 +81,12 @@ fn to_source(o: ModelObject) -> SourceObject {
     }
 }
 
-/// The models alone (no synthetic objects).
-impl ModelSource {
-    fn base_buckets(&self) -> Vec<String> {
+impl ObjectSource for ModelSource {
+    fn buckets(&self) -> Vec<String> {
         self.models.iter().map(|m| m.bucket().to_string()).collect()
     }
 
-    fn base_list_from(&self, bucket: &str, start: &str, limit: usize) -> Option<Vec<SourceObject>> {
+    fn list_from(&self, bucket: &str, start: &str, limit: usize) -> Option<Vec<SourceObject>> {
         let m = self.model(bucket)?;
         Some(
             m.list_from(start, limit)
@@ -107,11 +96,11 @@ impl ModelSource {
         )
     }
 
-    fn base_stat(&self, bucket: &str, name: &str) -> Option<SourceObject> {
+    fn stat(&self, bucket: &str, name: &str) -> Option<SourceObject> {
         self.model(bucket)?.stat(name).map(to_source)
     }
 
-    fn base_read_at(
+    fn read_at(
         &self,
         bucket: &str,
         obj: &SourceObject,
@@ -126,50 +115,6 @@ impl ModelSource {
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"))?;
         m.read_at(&mo, offset, buf);
         Ok(())
-    }
-}
-
-impl ObjectSource for ModelSource {
-    fn buckets(&self) -> Vec<String> {
-        match &self.extra {
-            Some(x) => union_buckets(self.base_buckets(), x),
-            None => self.base_buckets(),
-        }
-    }
-
-    fn list_from(&self, bucket: &str, start: &str, limit: usize) -> Option<Vec<SourceObject>> {
-        let base = self.base_list_from(bucket, start, limit);
-        match &self.extra {
-            Some(x) => merge_lists(x.list_from(bucket, start, limit), base, limit),
-            None => base,
-        }
-    }
-
-    fn stat(&self, bucket: &str, name: &str) -> Option<SourceObject> {
-        self.extra
-            .as_ref()
-            .and_then(|x| x.stat(bucket, name))
-            .or_else(|| self.base_stat(bucket, name))
-    }
-
-    fn read_at(
-        &self,
-        bucket: &str,
-        obj: &SourceObject,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> std::io::Result<()> {
-        match &self.extra {
-            Some(x) if x.stat(bucket, &obj.name).is_some() => x.read_at(bucket, obj, offset, buf),
-            _ => self.base_read_at(bucket, obj, offset, buf),
-        }
-    }
-
-    fn hashes(&self, bucket: &str, obj: &SourceObject) -> Option<(String, Option<String>)> {
-        match &self.extra {
-            Some(x) if x.stat(bucket, &obj.name).is_some() => x.hashes(bucket, obj),
-            _ => None,
-        }
     }
 }
 

@@ -68,7 +68,7 @@ pub fn synthetic_source(
 }
 
 /// Sorted union of two `list_from` answers (`a` wins on equal names), at most `limit` long.
-pub(crate) fn merge_lists(
+fn merge_lists(
     a: Option<Vec<SourceObject>>,
     b: Option<Vec<SourceObject>>,
     limit: usize,
@@ -113,8 +113,8 @@ impl Overlay {
     }
 }
 
-/// Shared by [`Overlay`] and `ModelSource`: the union of `extra` over `base`.
-pub(crate) fn union_buckets(mut v: Vec<String>, extra: &MemSource) -> Vec<String> {
+/// The buckets of `base` and `extra`, sorted.
+fn union_buckets(mut v: Vec<String>, extra: &MemSource) -> Vec<String> {
     for b in extra.buckets() {
         if !v.contains(&b) {
             v.push(b);
