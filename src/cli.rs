@@ -6,6 +6,8 @@ use clap::{Args, Parser, Subcommand};
 
 pub const DEFAULT_BUCKET: &str = "mimic-cxr-2.0.0.physionet.org";
 pub const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
+/// Default for `--stall-timeout`.
+pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -86,6 +88,21 @@ pub struct MountArgs {
     /// Memory for cached file data, e.g. `512MiB`, `2GiB`.
     #[arg(long, default_value = "1GiB", value_parser = parse_size, help_heading = "Cache")]
     pub cache_size: u64,
+
+    /// Attempts per request, the first included, before a read fails with EIO. Throttling
+    /// (429), server errors (5xx), timeouts and broken connections are retried with
+    /// exponential backoff and full jitter; Retry-After is honoured.
+    #[arg(long, default_value_t = 10, value_name = "N", help_heading = "Network")]
+    pub retries: u32,
+
+    /// Give up retrying a request after this long without progress (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Network")]
+    pub retry_deadline: std::time::Duration,
+
+    /// Abandon a response that sends no bytes for this long, and ask again (a media read
+    /// resumes from its first missing byte).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Network")]
+    pub stall_timeout: std::time::Duration,
 
     /// Owner uid of every file (default: the user running physiofs).
     #[arg(long, help_heading = "Mount")]

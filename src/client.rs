@@ -28,8 +28,29 @@ pub struct ObjectMeta {
     pub generation: i64,
     /// `updated` from the listing; shown as mtime.
     pub updated: SystemTime,
-    /// Base64 CRC32C of the whole object, when the server sent it.
-    pub crc32c: Option<String>,
+    /// CRC32C of the whole object (decoded from the base64 GCS sends), when the server sent it.
+    pub crc32c: Option<u32>,
+}
+
+/// The object version a read is pinned to: what the listing said about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectVersion<'a> {
+    pub name: &'a str,
+    pub generation: i64,
+    /// The listed size: decides how to ask (a whole object is read without a Range header)
+    /// and is what every answer is checked against.
+    pub size: u64,
+    /// The listed CRC32C; a read of the whole object is verified against it.
+    pub crc32c: Option<u32>,
+}
+
+/// Decodes GCS's crc32c field: base64 of the big-endian checksum.
+pub fn parse_crc32c(b64: &str) -> Option<u32> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    Some(u32::from_be_bytes(bytes.try_into().ok()?))
 }
 
 /// One page of a listing.
@@ -68,14 +89,11 @@ pub trait ObjectClient: Send + Sync + 'static {
     /// Metadata of the live version of one object.
     async fn stat(&self, name: &str) -> Result<ObjectMeta, ClientError>;
 
-    /// Bytes `[start, end)` of object `name` at `generation`. `object_size` is the listed size,
-    /// used to decide how to ask (a 0-byte object is read without a Range header) and to
-    /// check the answer. Returns exactly `end - start` bytes or an error.
+    /// Bytes `[start, end)` of one object version. Returns exactly `end - start` bytes of that
+    /// generation or an error; a read of the whole object is checked against its CRC32C.
     async fn get_range(
         &self,
-        name: &str,
-        generation: i64,
-        object_size: u64,
+        obj: ObjectVersion<'_>,
         start: u64,
         end: u64,
     ) -> Result<Bytes, ClientError>;

@@ -83,6 +83,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             billing_project: Some("physiofs-demo".into()),
             retry: RetryConfig::default(),
             pool_size: 64,
+            stall_timeout: crate::cli::DEFAULT_STALL_TIMEOUT,
         },
         tokens: TokenSource::Anonymous,
         fs: FsConfig {

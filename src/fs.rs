@@ -20,7 +20,7 @@ use futures::future::{BoxFuture, Shared};
 type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, crate::client::ClientError>>>;
 
 use crate::cache::{BlockCache, BlockKey};
-use crate::client::{ListRequest, ObjectClient, list_all};
+use crate::client::{ListRequest, ObjectClient, ObjectVersion, list_all};
 use crate::inode::{FileInfo, Ino, InodeTable, Kind, Lookup, NodeView, ROOT};
 use crate::prefetch::Readahead;
 pub use error::FsError;
@@ -124,6 +124,17 @@ struct Handle {
     readahead: Mutex<Readahead>,
 }
 
+impl Handle {
+    fn version(&self) -> ObjectVersion<'_> {
+        ObjectVersion {
+            name: &self.object,
+            generation: self.info.generation,
+            size: self.info.size,
+            crc32c: self.info.crc32c,
+        }
+    }
+}
+
 pub struct Fs {
     cfg: FsConfig,
     client: Arc<dyn ObjectClient>,
@@ -195,6 +206,7 @@ impl Fs {
             size: m.size,
             mtime: m.updated,
             generation: m.generation,
+            crc32c: m.crc32c,
         };
         match self.inodes.insert_object(rel, info) {
             Ok(_) => Some(rel.to_string()),
@@ -607,15 +619,7 @@ impl Fs {
                                 Some(b) => Ok(b),
                                 None => {
                                     let s = k2.index * bs;
-                                    client
-                                        .get_range(
-                                            &obj.object,
-                                            obj.info.generation,
-                                            size,
-                                            s,
-                                            (s + bs).min(size),
-                                        )
-                                        .await
+                                    client.get_range(obj.version(), s, (s + bs).min(size)).await
                                 }
                             }
                         };
@@ -669,9 +673,7 @@ impl Fs {
         let key2 = key.clone();
         let h2 = h.clone();
         let span: SharedFetch = async move {
-            let r = client
-                .get_range(&h2.object, h2.info.generation, size, start, end)
-                .await;
+            let r = client.get_range(h2.version(), start, end).await;
             if let Ok(data) = &r {
                 for i in a..=b {
                     let from = ((i - a) * bs) as usize;

@@ -35,6 +35,8 @@ pub struct FileInfo {
     pub size: u64,
     pub mtime: SystemTime,
     pub generation: i64,
+    /// CRC32C of the whole object from the listing; whole-object reads are checked against it.
+    pub crc32c: Option<u32>,
 }
 
 /// A copy of one node's state, handed out so no lock is held while it is used.
@@ -116,6 +118,7 @@ impl InodeTable {
                 size: 0,
                 mtime: SystemTime::UNIX_EPOCH,
                 generation: 0,
+                crc32c: None,
             }),
         };
         let root = Node {
@@ -430,6 +433,7 @@ mod tests {
             size,
             mtime: SystemTime::UNIX_EPOCH,
             generation: 1,
+            crc32c: None,
         }
     }
 

@@ -47,6 +47,18 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         n(&client.retries),
     );
     metric(
+        "resumes_total",
+        "counter",
+        "Media reads continued from the first missing byte after a broken or stalled body.",
+        n(&client.resumes),
+    );
+    metric(
+        "checksum_mismatches_total",
+        "counter",
+        "Whole-object reads whose CRC32C did not match the listing (each was asked again).",
+        n(&client.checksum_mismatches),
+    );
+    metric(
         "bytes_fetched_total",
         "counter",
         "Body bytes received for media reads.",

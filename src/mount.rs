@@ -89,8 +89,13 @@ impl MountPlan {
                 endpoint,
                 bucket,
                 billing_project: args.billing_project.clone().filter(|p| !p.is_empty()),
-                retry: RetryConfig::default(),
+                retry: RetryConfig {
+                    max_attempts: args.retries.max(1),
+                    deadline: args.retry_deadline,
+                    ..RetryConfig::default()
+                },
                 pool_size: 64,
+                stall_timeout: args.stall_timeout,
             },
             tokens,
             fs,
@@ -406,6 +411,8 @@ impl Mounted {
             stat = s.stat_requests.load(Ordering::Relaxed),
             get = s.get_requests.load(Ordering::Relaxed),
             retries = s.retries.load(Ordering::Relaxed),
+            resumes = s.resumes.load(Ordering::Relaxed),
+            checksum_mismatches = s.checksum_mismatches.load(Ordering::Relaxed),
             bytes_fetched = s.bytes_fetched.load(Ordering::Relaxed),
             cache_hits = c.hits.load(Ordering::Relaxed),
             cache_misses = c.misses.load(Ordering::Relaxed),

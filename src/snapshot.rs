@@ -6,8 +6,9 @@
 //! rebuilt by a fresh listing), never trusted. If a read finds an object's generation gone,
 //! the snapshot is deleted so the next mount lists afresh.
 //!
-//! Layout: `PHYSIOFS-SNAPSHOT 1\n`, then a gzip stream of: one JSON header line, then records
-//! `kind:u8 (0 dir, 1 file) | name_len:u32 | name | [size:u64 generation:i64 secs:i64 nanos:u32]`,
+//! Layout: `PHYSIOFS-SNAPSHOT 2\n`, then a gzip stream of: one JSON header line, then records
+//! `kind:u8 (0 dir, 1 file, 2 file with crc32c) | name_len:u32 | name |
+//! [size:u64 generation:i64 secs:i64 nanos:u32 [crc32c:u32]]`,
 //! then `0xFF | count:u64 | crc32c:u32` over all record bytes. Integers little-endian.
 
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -19,7 +20,7 @@ use sha2::Digest;
 
 use crate::inode::{FileInfo, InodeTable};
 
-const MAGIC: &[u8] = b"PHYSIOFS-SNAPSHOT 1\n";
+const MAGIC: &[u8] = b"PHYSIOFS-SNAPSHOT 2\n";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotKey {
@@ -64,7 +65,11 @@ pub fn path_for(dir: &Path, key: &SnapshotKey) -> PathBuf {
 }
 
 fn put_record(buf: &mut Vec<u8>, name: &str, file: Option<&FileInfo>) {
-    buf.push(u8::from(file.is_some()));
+    buf.push(match file {
+        None => 0,
+        Some(f) if f.crc32c.is_none() => 1,
+        Some(_) => 2,
+    });
     buf.extend_from_slice(&(name.len() as u32).to_le_bytes());
     buf.extend_from_slice(name.as_bytes());
     if let Some(f) = file {
@@ -73,6 +78,9 @@ fn put_record(buf: &mut Vec<u8>, name: &str, file: Option<&FileInfo>) {
         buf.extend_from_slice(&f.generation.to_le_bytes());
         buf.extend_from_slice(&(d.as_secs() as i64).to_le_bytes());
         buf.extend_from_slice(&d.subsec_nanos().to_le_bytes());
+        if let Some(c) = f.crc32c {
+            buf.extend_from_slice(&c.to_le_bytes());
+        }
     }
 }
 
@@ -194,7 +202,7 @@ pub fn load(
             records_crc = before;
             break;
         }
-        if kind > 1 {
+        if kind > 2 {
             return Err(corrupt(format!("bad record kind {kind}")));
         }
         let len = u32::from_le_bytes(read(4, &mut crc)?.try_into().unwrap()) as usize;
@@ -202,8 +210,8 @@ pub fn load(
             return Err(corrupt(format!("bad name length {len}")));
         }
         let name = String::from_utf8(read(len, &mut crc)?).map_err(corrupt)?;
-        if kind == 1 {
-            let b = read(28, &mut crc)?;
+        if kind >= 1 {
+            let b = read(if kind == 2 { 32 } else { 28 }, &mut crc)?;
             let size = u64::from_le_bytes(b[0..8].try_into().unwrap());
             let generation = i64::from_le_bytes(b[8..16].try_into().unwrap());
             let secs = i64::from_le_bytes(b[16..24].try_into().unwrap());
@@ -212,6 +220,7 @@ pub fn load(
                 return Err(corrupt("bad mtime"));
             }
             let mtime = UNIX_EPOCH + Duration::new(secs as u64, nanos);
+            let crc32c = (kind == 2).then(|| u32::from_le_bytes(b[28..32].try_into().unwrap()));
             table
                 .insert_object(
                     &name,
@@ -219,6 +228,7 @@ pub fn load(
                         size,
                         mtime,
                         generation,
+                        crc32c,
                     },
                 )
                 .map_err(|e| corrupt(format!("{name:?}: {e}")))?;
@@ -271,6 +281,7 @@ mod tests {
                     size: i,
                     mtime: UNIX_EPOCH + Duration::new(1_500_000_000 + i, 123),
                     generation: 1000 + i as i64,
+                    crc32c: (i % 3 != 0).then_some(i as u32 * 7919),
                 },
             )
             .unwrap();

@@ -20,6 +20,9 @@ pub enum ClientError {
     /// The server answered something we refuse to trust (bad JSON, wrong range, short body).
     #[error("malformed response: {0}")]
     Malformed(String),
+    /// An answer was cut short, stalled, or failed its checksum: worth asking again.
+    #[error("interrupted transfer: {0}")]
+    Interrupted(String),
     /// The object changed under us: a different generation was served.
     #[error("object changed while reading: {0}")]
     Stale(String),
@@ -33,8 +36,7 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Http { status, .. } => *status == 408 || *status == 429 || *status >= 500,
-            ClientError::Network { .. } => true,
-            ClientError::Malformed(m) => m.starts_with("short body") || m.starts_with("body error"),
+            ClientError::Network { .. } | ClientError::Interrupted(_) => true,
             _ => false,
         }
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta};
+use super::{ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta, ObjectVersion};
 
 #[derive(Default)]
 pub struct FakeClient {
@@ -49,7 +49,7 @@ impl FakeClient {
             generation,
             updated: SystemTime::UNIX_EPOCH
                 + Duration::from_secs(1_600_000_000 + generation as u64),
-            crc32c: None,
+            crc32c: Some(crc32c::crc32c(&data)),
         };
         objects.insert(name.to_string(), (meta.clone(), data));
         meta
@@ -150,12 +150,11 @@ impl ObjectClient for FakeClient {
 
     async fn get_range(
         &self,
-        name: &str,
-        generation: i64,
-        object_size: u64,
+        obj: ObjectVersion<'_>,
         start: u64,
         end: u64,
     ) -> Result<Bytes, ClientError> {
+        let (name, generation, object_size) = (obj.name, obj.generation, obj.size);
         self.get_calls.fetch_add(1, Ordering::Relaxed);
         self.injected()?;
         let objects = self.objects.lock().unwrap();

@@ -16,7 +16,9 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 
 use super::auth::TokenSource;
-use super::{ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta};
+use super::{
+    ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta, ObjectVersion, parse_crc32c,
+};
 
 /// Characters left as-is in a path segment: RFC 3986 unreserved. Everything else,
 /// including `/`, is escaped so an object name always travels as ONE segment.
@@ -44,11 +46,57 @@ impl Default for RetryConfig {
         // Enough to ride out a short throttling burst or a server restart, short enough that a
         // reader blocked on a dead network hears EIO within a minute.
         RetryConfig {
-            max_attempts: 6,
+            max_attempts: 10,
             base_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(5),
+            max_delay: Duration::from_secs(8),
             deadline: Duration::from_secs(60),
         }
+    }
+}
+
+/// Retry bookkeeping for one logical request.
+struct Backoff<'a> {
+    cfg: &'a RetryConfig,
+    /// When the current streak of failures began (the first attempt, or the last progress).
+    since: Instant,
+    attempt: u32,
+}
+
+impl<'a> Backoff<'a> {
+    fn new(cfg: &'a RetryConfig) -> Self {
+        Backoff {
+            cfg,
+            since: Instant::now(),
+            attempt: 0,
+        }
+    }
+
+    /// A broken transfer delivered bytes before it failed: the attempt count and the deadline
+    /// start over, so a long body on a flaky network keeps going as long as it moves.
+    fn progress(&mut self) {
+        self.attempt = 0;
+        self.since = Instant::now();
+    }
+
+    /// After attempt `self.attempt` failed with `e`: the sleep before the next, or None to give up.
+    fn next_delay(&self, e: &ClientError, retry_after: Option<Duration>) -> Option<Duration> {
+        if !e.is_transient()
+            || self.attempt >= self.cfg.max_attempts
+            || self.since.elapsed() >= self.cfg.deadline
+        {
+            return None;
+        }
+        let cap = self
+            .cfg
+            .base_delay
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.cfg.max_delay);
+        let mut delay = cap.mul_f64(fastrand::f64());
+        if let Some(ra) = retry_after {
+            delay = delay.max(ra.min(self.cfg.max_delay));
+        }
+        // Never sleep past the deadline.
+        Some(delay.min(self.cfg.deadline.saturating_sub(self.since.elapsed())))
     }
 }
 
@@ -62,6 +110,9 @@ pub struct GcsConfig {
     pub retry: RetryConfig,
     /// Idle connections kept per host (connection reuse matters more than anything for latency).
     pub pool_size: usize,
+    /// A response whose headers or next body bytes take longer than this is abandoned (and
+    /// retried; a media body resumes from its first missing byte).
+    pub stall_timeout: Duration,
 }
 
 /// Counters of what the client sent and received; cheap to read at any time.
@@ -71,6 +122,10 @@ pub struct ClientStats {
     pub stat_requests: AtomicU64,
     pub get_requests: AtomicU64,
     pub retries: AtomicU64,
+    /// Media reads continued from the first missing byte after a broken or stalled body.
+    pub resumes: AtomicU64,
+    /// Whole-object reads whose CRC32C did not match the listing (each one was asked again).
+    pub checksum_mismatches: AtomicU64,
     pub bytes_fetched: AtomicU64,
 }
 
@@ -97,7 +152,8 @@ impl GcsClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(30))
+            // Backstop for list/stat bodies; media bodies are timed per chunk (`stall_timeout`).
+            .read_timeout(cfg.stall_timeout + Duration::from_secs(1))
             .user_agent(concat!("physiofs/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::Network {
@@ -145,6 +201,49 @@ impl GcsClient {
         Ok(url)
     }
 
+    /// Sends one request once: billing project (in the URL), bearer token, headers, and a
+    /// bound on the wait for the response headers.
+    async fn send_once(
+        &self,
+        url: &reqwest::Url,
+        headers: &[(&str, String)],
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut req = self.http.get(url.clone());
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        if let Some(tok) = self.tokens.token().await? {
+            // reqwest marks this header sensitive: it is never printed by Debug or logs.
+            req = req.bearer_auth(tok);
+        }
+        match tokio::time::timeout(self.cfg.stall_timeout, req.send()).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(self.network_error(&e)),
+            Err(_) => Err(ClientError::Network {
+                endpoint: self.cfg.endpoint.clone(),
+                cause: format!(
+                    "no response within {} (stall timeout)",
+                    humantime::format_duration(self.cfg.stall_timeout)
+                ),
+            }),
+        }
+    }
+
+    fn count(&self, kind: Kind) {
+        match kind {
+            Kind::List => &self.stats.list_requests,
+            Kind::Stat => &self.stats.stat_requests,
+            Kind::Get => &self.stats.get_requests,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn pause(&self, kind: Kind, attempt: u32, e: &ClientError, delay: Duration) {
+        tracing::debug!(?kind, attempt, error = %e, ?delay, "retrying");
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(delay).await;
+    }
+
     /// Sends one logical request, retrying transient failures with exponential backoff and
     /// full jitter. `check` turns a response into a value or an error; it runs inside the
     /// retry loop, so a broken body is retried like a failed connect.
@@ -152,66 +251,152 @@ impl GcsClient {
         &self,
         kind: Kind,
         url: reqwest::Url,
-        headers: &[(&str, String)],
         check: F,
     ) -> Result<T, ClientError>
     where
         F: Fn(reqwest::Response) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
-        let started = Instant::now();
-        let retry = &self.cfg.retry;
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::new(&self.cfg.retry);
         loop {
-            attempt += 1;
-            match kind {
-                Kind::List => &self.stats.list_requests,
-                Kind::Stat => &self.stats.stat_requests,
-                Kind::Get => &self.stats.get_requests,
-            }
-            .fetch_add(1, Ordering::Relaxed);
-            let mut req = self.http.get(url.clone());
-            for (k, v) in headers {
-                req = req.header(*k, v);
-            }
-            if let Some(tok) = self.tokens.token().await? {
-                req = req.bearer_auth(tok);
-            }
-            let mut retry_after = None;
-            let result = match req.send().await {
+            backoff.attempt += 1;
+            self.count(kind);
+            let (result, retry_after) = match self.send_once(&url, &[]).await {
                 Ok(resp) => {
-                    retry_after = resp
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    check(resp).await
+                    let ra = retry_after(&resp);
+                    (check(resp).await, ra)
                 }
-                Err(e) => Err(self.network_error(&e)),
+                Err(e) => (Err(e), None),
             };
             match result {
                 Ok(v) => return Ok(v),
-                Err(e)
-                    if e.is_transient()
-                        && attempt < retry.max_attempts
-                        && started.elapsed() < retry.deadline =>
-                {
-                    let cap = retry
-                        .base_delay
-                        .saturating_mul(1u32 << attempt.min(16))
-                        .min(retry.max_delay);
-                    let mut delay = cap.mul_f64(fastrand::f64());
-                    if let Some(ra) = retry_after {
-                        delay = delay.max(ra.min(retry.max_delay));
-                    }
-                    tracing::debug!(?kind, attempt, error = %e, ?delay, "retrying");
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e),
+                Err(e) => match backoff.next_delay(&e, retry_after) {
+                    Some(delay) => self.pause(kind, backoff.attempt, &e, delay).await,
+                    None => return Err(e),
+                },
             }
         }
+    }
+
+    /// Reads one media answer into `buf`, which holds the bytes `[start, pos)` already
+    /// received, where `pos = start + buf.len()` is what this request asked from. Every byte
+    /// appended is checked to belong to the asked range of the pinned generation; on error,
+    /// `buf` keeps whatever good bytes arrived, so the next attempt resumes after them.
+    async fn read_media(
+        &self,
+        resp: reqwest::Response,
+        what: &str,
+        obj: ObjectVersion<'_>,
+        (start, end): (u64, u64),
+        buf: &mut BytesMut,
+    ) -> Result<(), ClientError> {
+        let pos = start + buf.len() as u64;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(error_from(resp, what).await);
+        }
+        if let Some(g) = resp.headers().get("x-goog-generation") {
+            let g = g.to_str().unwrap_or_default();
+            if g != obj.generation.to_string() {
+                return Err(ClientError::Stale(format!(
+                    "{what}: server sent generation {g}"
+                )));
+            }
+        }
+        if let Some(enc) = resp.headers().get(reqwest::header::CONTENT_ENCODING)
+            && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+            && !enc.as_bytes().eq_ignore_ascii_case(b"gzip")
+        {
+            return Err(ClientError::Malformed(format!(
+                "{what}: unexpected Content-Encoding {enc:?}"
+            )));
+        }
+        // Where in the object does this body start, and how long must it be?
+        let (body_start, body_len) = if status == StatusCode::PARTIAL_CONTENT {
+            let cr = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range)
+                .ok_or_else(|| {
+                    ClientError::Malformed(format!("{what}: 206 without a valid Content-Range"))
+                })?;
+            if cr.0 != pos || cr.1 + 1 != end || cr.2 != obj.size {
+                return Err(ClientError::Malformed(format!(
+                    "{what}: asked bytes {pos}-{} of {}, got {}-{}/{}",
+                    end - 1,
+                    obj.size,
+                    cr.0,
+                    cr.1,
+                    cr.2
+                )));
+            }
+            (pos, end - pos)
+        } else {
+            // 200: the whole object (a server may ignore Range).
+            (0, obj.size)
+        };
+        if let Some(cl) = resp.content_length()
+            && cl != body_len
+        {
+            return Err(ClientError::Malformed(format!(
+                "{what}: Content-Length {cl} but {body_len} bytes expected"
+            )));
+        }
+        // Stream into `buf` (allocated once at the asked size, so the cache's byte count is
+        // the memory used). A 200 for a range: skip what we have, stop after what we need.
+        let mut resp = resp;
+        let mut at = body_start;
+        let body_end = body_start + body_len;
+        loop {
+            let chunk = match tokio::time::timeout(self.cfg.stall_timeout, resp.chunk()).await {
+                Ok(Ok(Some(c))) => c,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    return Err(ClientError::Interrupted(format!(
+                        "body of {what} broke after {} of {} bytes: {}",
+                        buf.len(),
+                        end - start,
+                        self.network_error(&e)
+                    )));
+                }
+                Err(_) => {
+                    return Err(ClientError::Interrupted(format!(
+                        "body of {what} stalled (no bytes for {}) after {} of {} bytes",
+                        humantime::format_duration(self.cfg.stall_timeout),
+                        buf.len(),
+                        end - start
+                    )));
+                }
+            };
+            self.stats
+                .bytes_fetched
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            let (cstart, cend) = (at, at + chunk.len() as u64);
+            at = cend;
+            if cend > body_end {
+                return Err(ClientError::Malformed(format!(
+                    "long body for {what}: more than the {body_len} bytes announced"
+                )));
+            }
+            let next = start + buf.len() as u64;
+            let (a, b) = (cstart.max(next), cend.min(end));
+            if a < b {
+                buf.extend_from_slice(&chunk[(a - cstart) as usize..(b - cstart) as usize]);
+            }
+            if at >= end {
+                // All we asked for is here; the rest of a 200 is not needed.
+                break;
+            }
+        }
+        if (buf.len() as u64) < end - start {
+            return Err(ClientError::Interrupted(format!(
+                "short body for {what}: ended after {} of {} bytes",
+                buf.len(),
+                end - start
+            )));
+        }
+        Ok(())
     }
 
     fn network_error(&self, e: &reqwest::Error) -> ClientError {
@@ -317,7 +502,13 @@ impl ObjectJson {
             .ok_or_else(|| {
                 ClientError::Malformed(format!("object {:?} has no generation", self.name))
             })?
-            .parse("generation", &self.name)? as i64;
+            .parse("generation", &self.name)?;
+        let generation = i64::try_from(generation).map_err(|_| {
+            ClientError::Malformed(format!(
+                "generation of {:?} is out of range: {generation}",
+                self.name
+            ))
+        })?;
         let updated = match &self.updated {
             Some(s) => chrono::DateTime::parse_from_rfc3339(s)
                 .map(SystemTime::from)
@@ -329,28 +520,85 @@ impl ObjectJson {
                 })?,
             None => SystemTime::UNIX_EPOCH,
         };
+        let crc32c = match &self.crc32c {
+            Some(c) => Some(parse_crc32c(c).ok_or_else(|| {
+                ClientError::Malformed(format!(
+                    "crc32c of {:?} is not base64 of 4 bytes: {c:?}",
+                    self.name
+                ))
+            })?),
+            None => None,
+        };
         Ok(ObjectMeta {
             name: self.name,
             size,
             generation,
             updated,
-            crc32c: self.crc32c,
+            crc32c,
         })
     }
 }
 
-/// Parses `bytes a-b/total`.
-fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
+/// Parses one page of an objects listing. Every field is checked; nothing is guessed.
+pub fn parse_list_page(body: &[u8], what: &str) -> Result<ListPage, ClientError> {
+    let json: ObjectsJson = serde_json::from_slice(body)
+        .map_err(|e| ClientError::Malformed(format!("listing of {what} is not valid JSON: {e}")))?;
+    Ok(ListPage {
+        items: json
+            .items
+            .into_iter()
+            .map(ObjectJson::into_meta)
+            .collect::<Result<_, _>>()?,
+        prefixes: json.prefixes,
+        next_page_token: json.next_page_token.filter(|t| !t.is_empty()),
+    })
+}
+
+/// Parses one object's metadata.
+pub fn parse_object(body: &[u8], what: &str) -> Result<ObjectMeta, ClientError> {
+    serde_json::from_slice::<ObjectJson>(body)
+        .map_err(|e| ClientError::Malformed(format!("metadata of {what} is not valid JSON: {e}")))?
+        .into_meta()
+}
+
+/// Parses `bytes a-b/total` (a <= b < total).
+pub fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
     let rest = v.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let (a, b) = range.split_once('-')?;
-    Some((a.parse().ok()?, b.parse().ok()?, total.parse().ok()?))
+    let (a, b, total): (u64, u64, u64) = (a.parse().ok()?, b.parse().ok()?, total.parse().ok()?);
+    (a <= b && b < total).then_some((a, b, total))
 }
 
-async fn read_body(resp: reqwest::Response, what: &str) -> Result<Bytes, ClientError> {
-    resp.bytes()
+/// Largest listing or metadata answer accepted. A full 1,000-item page is about 300 KB;
+/// anything this big is a broken server, and refusing it bounds memory.
+const MAX_JSON_BODY: usize = 32 << 20;
+
+async fn read_body(mut resp: reqwest::Response, what: &str) -> Result<Bytes, ClientError> {
+    let too_big = || {
+        ClientError::Malformed(format!(
+            "answer for {what} is larger than {} MiB",
+            MAX_JSON_BODY >> 20
+        ))
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_JSON_BODY as u64)
+    {
+        return Err(too_big());
+    }
+    let mut out = BytesMut::new();
+    while let Some(chunk) = resp
+        .chunk()
         .await
-        .map_err(|e| ClientError::Malformed(format!("body error reading {what}: {e}")))
+        .map_err(|e| ClientError::Interrupted(format!("body of {what} broke: {e}")))?
+    {
+        if out.len() + chunk.len() > MAX_JSON_BODY {
+            return Err(too_big());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
 }
 
 #[async_trait]
@@ -383,29 +631,16 @@ impl ObjectClient for GcsClient {
         let url = self.url_with(&self.objects_url, &params)?;
         let bucket = &self.cfg.bucket;
         let what = format!("bucket gs://{bucket}");
-        let json: ObjectsJson = self
-            .send(Kind::List, url, &[], |resp| {
-                let what = what.clone();
-                async move {
-                    if !resp.status().is_success() {
-                        return Err(error_from(resp, &what).await);
-                    }
-                    let body = read_body(resp, &what).await?;
-                    serde_json::from_slice(&body).map_err(|e| {
-                        ClientError::Malformed(format!("listing of {what} is not valid JSON: {e}"))
-                    })
+        self.send(Kind::List, url, |resp| {
+            let what = what.clone();
+            async move {
+                if !resp.status().is_success() {
+                    return Err(error_from(resp, &what).await);
                 }
-            })
-            .await?;
-        Ok(ListPage {
-            items: json
-                .items
-                .into_iter()
-                .map(ObjectJson::into_meta)
-                .collect::<Result<_, _>>()?,
-            prefixes: json.prefixes,
-            next_page_token: json.next_page_token.filter(|t| !t.is_empty()),
+                parse_list_page(&read_body(resp, &what).await?, &what)
+            }
         })
+        .await
     }
 
     async fn stat(&self, name: &str) -> Result<ObjectMeta, ClientError> {
@@ -414,136 +649,107 @@ impl ObjectClient for GcsClient {
             &[("fields", "name,size,generation,updated,crc32c".to_string())],
         )?;
         let what = format!("gs://{}/{name}", self.cfg.bucket);
-        let json: ObjectJson = self
-            .send(Kind::Stat, url, &[], |resp| {
-                let what = what.clone();
-                async move {
-                    if !resp.status().is_success() {
-                        return Err(error_from(resp, &what).await);
-                    }
-                    let body = read_body(resp, &what).await?;
-                    serde_json::from_slice(&body)
-                        .map_err(|e| ClientError::Malformed(format!("metadata of {what}: {e}")))
+        self.send(Kind::Stat, url, |resp| {
+            let what = what.clone();
+            async move {
+                if !resp.status().is_success() {
+                    return Err(error_from(resp, &what).await);
                 }
-            })
-            .await?;
-        json.into_meta()
+                parse_object(&read_body(resp, &what).await?, &what)
+            }
+        })
+        .await
     }
 
     async fn get_range(
         &self,
-        name: &str,
-        generation: i64,
-        object_size: u64,
+        obj: ObjectVersion<'_>,
         start: u64,
         end: u64,
     ) -> Result<Bytes, ClientError> {
         if start >= end {
             return Ok(Bytes::new());
         }
-        if end > object_size {
+        let what = format!("gs://{}/{}#{}", self.cfg.bucket, obj.name, obj.generation);
+        if end > obj.size {
             return Err(ClientError::Malformed(format!(
-                "read of gs://{}/{name} asked bytes {start}..{end} of a {object_size}-byte object",
-                self.cfg.bucket
+                "read of {what} asked bytes {start}..{end} of a {}-byte object",
+                obj.size
             )));
         }
         let url = self.url_with(
-            &self.object_url(name),
+            &self.object_url(obj.name),
             &[
                 ("alt", "media".to_string()),
-                ("generation", generation.to_string()),
+                ("generation", obj.generation.to_string()),
             ],
         )?;
-        let whole = start == 0 && end == object_size;
-        let mut headers = Vec::new();
-        if !whole {
-            headers.push(("range", format!("bytes={}-{}", start, end - 1)));
-        }
-        let what = format!("gs://{}/{name}#{generation}", self.cfg.bucket);
-        let stats = self.stats.clone();
-        self.send(Kind::Get, url, &headers, |resp| {
-            let what = what.clone();
-            let stats = stats.clone();
-            async move {
-                let status = resp.status();
-                if !status.is_success() {
-                    return Err(error_from(resp, &what).await);
+        let whole = start == 0 && end == obj.size;
+        let mut buf = BytesMut::with_capacity((end - start) as usize);
+        let mut backoff = Backoff::new(&self.cfg.retry);
+        loop {
+            backoff.attempt += 1;
+            self.count(Kind::Get);
+            let pos = start + buf.len() as u64;
+            // Stored bytes as they are: with `Accept-Encoding: gzip` GCS never decompresses a
+            // gzip-encoded object on the way, so lengths and ranges match the listing.
+            let mut headers = vec![("accept-encoding", "gzip".to_string())];
+            if !(whole && pos == 0) {
+                headers.push(("range", format!("bytes={pos}-{}", end - 1)));
+            }
+            let had = buf.len();
+            let mut retry_after_hint = None;
+            let mut result = match self.send_once(&url, &headers).await {
+                Ok(resp) => {
+                    retry_after_hint = retry_after(&resp);
+                    self.read_media(resp, &what, obj, (start, end), &mut buf)
+                        .await
                 }
-                if let Some(g) = resp.headers().get("x-goog-generation") {
-                    let g = g.to_str().unwrap_or_default();
-                    if g != generation.to_string() {
-                        return Err(ClientError::Stale(format!(
-                            "{what}: server sent generation {g}"
-                        )));
-                    }
-                }
-                // Where in the object does this body start, and how long must it be?
-                let (body_start, expect_len) = if status == StatusCode::PARTIAL_CONTENT {
-                    let cr = resp
-                        .headers()
-                        .get(reqwest::header::CONTENT_RANGE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_content_range)
-                        .ok_or_else(|| {
-                            ClientError::Malformed(format!(
-                                "{what}: 206 without a valid Content-Range"
-                            ))
-                        })?;
-                    if cr.0 != start || cr.1 + 1 != end || cr.2 != object_size {
-                        return Err(ClientError::Malformed(format!(
-                            "{what}: asked bytes {start}-{} of {object_size}, got {}-{}/{}",
-                            end - 1,
-                            cr.0,
-                            cr.1,
-                            cr.2
-                        )));
-                    }
-                    (start, end - start)
-                } else {
-                    // 200: the whole object (a server may ignore Range).
-                    (0, object_size)
-                };
-                // Stream the body into a buffer of exactly the asked size (no over-allocation,
-                // so the cache's byte count is the memory used). A server that ignored the
-                // Range sends the whole object: keep only the asked part and stop early.
-                let mut resp = resp;
-                let want = (end - start) as usize;
-                let mut buf = BytesMut::with_capacity(want);
-                let mut pos = body_start;
-                let body_end = body_start + expect_len;
-                while let Some(chunk) = resp.chunk().await.map_err(|e| {
-                    ClientError::Malformed(format!("body error reading {what}: {e}"))
-                })? {
-                    stats
-                        .bytes_fetched
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    let (cstart, cend) = (pos, pos + chunk.len() as u64);
-                    pos = cend;
-                    if cend > body_end {
-                        return Err(ClientError::Malformed(format!(
-                            "long body for {what}: more than the {expect_len} bytes announced"
-                        )));
-                    }
-                    let (a, b) = (cstart.max(start), cend.min(end));
-                    if a < b {
-                        buf.extend_from_slice(&chunk[(a - cstart) as usize..(b - cstart) as usize]);
-                    }
-                    if pos >= end && body_end > end {
-                        // The rest is beyond what we asked (a 200 for a range): drop it.
-                        break;
-                    }
-                }
-                if buf.len() != want {
-                    return Err(ClientError::Malformed(format!(
-                        "short body for {what}: expected {want} bytes, got {}",
-                        buf.len()
+                Err(e) => Err(e),
+            };
+            if result.is_ok()
+                && whole
+                && let Some(want) = obj.crc32c
+            {
+                let got = crc32c::crc32c(&buf);
+                if got != want {
+                    self.stats
+                        .checksum_mismatches
+                        .fetch_add(1, Ordering::Relaxed);
+                    buf.clear();
+                    result = Err(ClientError::Interrupted(format!(
+                        "{what}: CRC32C of the {} bytes received is {got:08x}, the listing says {want:08x}",
+                        obj.size
                     )));
                 }
-                Ok(buf.freeze())
             }
-        })
-        .await
+            let e = match result {
+                Ok(()) => return Ok(buf.freeze()),
+                Err(e) => e,
+            };
+            if buf.len() > had {
+                backoff.progress();
+            }
+            match backoff.next_delay(&e, retry_after_hint) {
+                Some(delay) => {
+                    if !buf.is_empty() {
+                        self.stats.resumes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.pause(Kind::Get, backoff.attempt, &e, delay).await;
+                }
+                None => return Err(e),
+            }
+        }
     }
+}
+
+/// `Retry-After` in seconds, if the server sent one.
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    resp.headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
 }
 
 #[cfg(test)]
@@ -566,6 +772,7 @@ mod tests {
                 billing_project: Some("proj".into()),
                 retry: RetryConfig::default(),
                 pool_size: 1,
+                stall_timeout: Duration::from_secs(10),
             },
             TokenSource::Anonymous,
         )
@@ -591,5 +798,189 @@ mod tests {
         .unwrap();
         let m = j.into_meta().unwrap();
         assert_eq!((m.size, m.generation), (12, 7));
+    }
+
+    /// Every answer in tests/corpus/gcs is parsed: `*-ok-*` must parse, `*-err-*` must be
+    /// refused with an error (never a panic). New odd answers found in the wild go there.
+    #[test]
+    fn corpus_of_server_answers() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/gcs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            let body = std::fs::read(&path).unwrap();
+            let result = if name.starts_with("list-") {
+                parse_list_page(&body, "corpus").map(|_| ())
+            } else if name.starts_with("object-") {
+                parse_object(&body, "corpus").map(|_| ())
+            } else {
+                panic!("corpus file {name} must start with list- or object-");
+            };
+            match (name.contains("-ok-") || name.ends_with("-ok.json"), result) {
+                (true, Err(e)) => panic!("{name} should parse: {e}"),
+                (false, Ok(())) => panic!("{name} should be refused"),
+                (false, Err(e)) => assert!(matches!(e, ClientError::Malformed(_)), "{name}: {e}"),
+                (true, Ok(())) => {}
+            }
+            n += 1;
+        }
+        assert!(n >= 20, "corpus has only {n} files");
+    }
+
+    #[test]
+    fn corpus_values_are_exact() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/gcs");
+        let page = parse_list_page(
+            &std::fs::read(dir.join("list-ok-full-page.json")).unwrap(),
+            "c",
+        )
+        .unwrap();
+        assert_eq!(page.items.len(), 1);
+        let m = &page.items[0];
+        assert_eq!(m.size, 8_934_656);
+        assert_eq!(m.generation, 1_549_324_386_736_457);
+        assert_eq!(m.crc32c, Some(0xc994_65aa));
+        assert_eq!(page.prefixes, ["files/p10/"]);
+        assert_eq!(
+            page.next_page_token.as_deref(),
+            Some("files/p10/p10000032/s50414267.txt")
+        );
+        let empty = parse_list_page(
+            &std::fs::read(dir.join("list-ok-numbers-as-numbers.json")).unwrap(),
+            "c",
+        )
+        .unwrap();
+        assert_eq!(
+            empty.next_page_token, None,
+            "an empty token ends the listing"
+        );
+    }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// JSON values of any shape, to put where a field is expected.
+        fn any_json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(|f| serde_json::json!(f)),
+                ".{0,24}".prop_map(serde_json::Value::from),
+                "[0-9]{1,25}".prop_map(serde_json::Value::from),
+                "[A-Za-z0-9+/=]{0,12}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(".{0,8}", inner, 0..4)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// An object entry whose fields are each either well-formed or arbitrary.
+        fn object_entry() -> impl Strategy<Value = serde_json::Value> {
+            (
+                prop_oneof![".{0,40}".prop_map(serde_json::Value::from), any_json()],
+                prop_oneof![
+                    any::<u64>().prop_map(|n| serde_json::Value::from(n.to_string())),
+                    any_json()
+                ],
+                prop_oneof![
+                    (1i64..i64::MAX).prop_map(|n| serde_json::Value::from(n.to_string())),
+                    any_json()
+                ],
+                prop_oneof![
+                    Just(serde_json::Value::from("2020-01-02T03:04:05.678Z")),
+                    any_json()
+                ],
+                prop_oneof![
+                    any::<u32>().prop_map(|c| {
+                        use base64::Engine;
+                        serde_json::Value::from(
+                            base64::engine::general_purpose::STANDARD.encode(c.to_be_bytes()),
+                        )
+                    }),
+                    any_json()
+                ],
+                any::<u8>(),
+            )
+                .prop_map(|(name, size, generation, updated, crc, drop)| {
+                    let mut o = serde_json::Map::new();
+                    for (i, (k, v)) in [
+                        ("name", name),
+                        ("size", size),
+                        ("generation", generation),
+                        ("updated", updated),
+                        ("crc32c", crc),
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        if drop & (1 << i) == 0 {
+                            o.insert(k.to_string(), v);
+                        }
+                    }
+                    serde_json::Value::Object(o)
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse_list_page(&body, "fuzz");
+                let _ = parse_object(&body, "fuzz");
+                let _ = parse_content_range(&String::from_utf8_lossy(&body));
+                let _ = crate::client::parse_crc32c(&String::from_utf8_lossy(&body));
+            }
+
+            #[test]
+            fn odd_pages_parse_or_fail_cleanly(
+                items in prop::collection::vec(object_entry(), 0..6),
+                prefixes in prop_oneof![prop::collection::vec(".{0,20}", 0..4).prop_map(serde_json::Value::from), any_json()],
+                token in prop_oneof![".{0,20}".prop_map(serde_json::Value::from), any_json()],
+            ) {
+                let page = serde_json::json!({"items": items, "prefixes": prefixes, "nextPageToken": token});
+                let body = serde_json::to_vec(&page).unwrap();
+                match parse_list_page(&body, "fuzz") {
+                    Ok(p) => {
+                        // What parsed is exactly what was sent.
+                        prop_assert_eq!(p.items.len(), items.len());
+                        for (m, j) in p.items.iter().zip(&items) {
+                            prop_assert_eq!(Some(m.name.as_str()), j["name"].as_str());
+                            let size = match &j["size"] {
+                                serde_json::Value::String(s) => s.parse::<u64>().ok(),
+                                v => v.as_u64(),
+                            };
+                            prop_assert_eq!(Some(m.size), size);
+                        }
+                    }
+                    Err(e) => prop_assert!(matches!(e, ClientError::Malformed(_)), "{e}"),
+                }
+            }
+
+            #[test]
+            fn content_range_round_trips(a in any::<u64>(), len in 1u64..1 << 40, extra in 0u64..1 << 40) {
+                let b = a.saturating_add(len - 1);
+                let total = b.saturating_add(1 + extra);
+                if b < total {
+                    prop_assert_eq!(parse_content_range(&format!("bytes {a}-{b}/{total}")), Some((a, b, total)));
+                }
+                prop_assert_eq!(parse_content_range(&format!("bytes {b}-{a}/{total}")).is_some(), a == b && b < total);
+            }
+
+            #[test]
+            fn crc32c_round_trips(c in any::<u32>()) {
+                use base64::Engine;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(c.to_be_bytes());
+                prop_assert_eq!(crate::client::parse_crc32c(&b64), Some(c));
+            }
+        }
     }
 }

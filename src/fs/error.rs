@@ -33,7 +33,7 @@ impl FsError {
                 // A listed object that is gone, or a version that changed: the handle is stale.
                 ClientError::NotFound(_) | ClientError::Stale(_) => libc::ESTALE,
                 ClientError::Denied { .. } | ClientError::Auth(_) => libc::EACCES,
-                ClientError::Network { .. } => libc::EIO,
+                ClientError::Network { .. } | ClientError::Interrupted(_) => libc::EIO,
                 ClientError::Http { status, .. } if *status == 429 => libc::EIO,
                 ClientError::Http { .. } | ClientError::Malformed(_) => libc::EIO,
             },

@@ -24,6 +24,61 @@ pub struct Knobs {
     pub token_ttl: Option<Duration>,
     /// Abort every storage connection (TCP reset) without answering.
     pub unavailable: bool,
+    /// Fraction of media bodies with one byte flipped (length and headers intact).
+    pub corrupt_rate: f64,
+    /// Extra first-byte latency, uniform in [0, this), on top of `first_byte_latency`.
+    #[serde(serialize_with = "ser_dur")]
+    pub latency_jitter: Duration,
+    /// Every answer of the kind this names is malformed this way (see [`Malformed`]).
+    pub malformed: Option<Malformed>,
+}
+
+/// Ways to break a server answer, for testing clients against malformed responses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Malformed {
+    /// Listing and metadata bodies cut in half (invalid JSON).
+    BadJson,
+    /// Objects in listings and metadata lack `size`.
+    MissingSize,
+    /// `size` is not a number.
+    NonNumericSize,
+    /// `crc32c` is not base64 of 4 bytes.
+    BadCrc,
+    /// Every listing page says `nextPageToken: "loop"`, forever.
+    RepeatToken,
+    /// Listing pages padded past 64 MiB.
+    HugePage,
+    /// 206 answers without Content-Range.
+    NoContentRange,
+    /// 206 answers whose Content-Range starts one byte late.
+    WrongContentRange,
+    /// Media answers carry another x-goog-generation.
+    WrongGeneration,
+    /// Media answers announce 7 more bytes than they send.
+    ShortBody,
+}
+
+impl Malformed {
+    pub fn parse(s: &str) -> Result<Option<Malformed>, String> {
+        if s.is_empty() || s == "none" {
+            return Ok(None);
+        }
+        <Malformed as clap::ValueEnum>::from_str(s, false)
+            .map(Some)
+            .map_err(|_| {
+                let names: Vec<String> = <Malformed as clap::ValueEnum>::value_variants()
+                    .iter()
+                    .filter_map(|v| {
+                        clap::ValueEnum::to_possible_value(v).map(|p| p.get_name().to_string())
+                    })
+                    .collect();
+                format!(
+                    "unknown malformation {s:?} (one of: none, {})",
+                    names.join(", ")
+                )
+            })
+    }
 }
 
 fn ser_dur<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -105,6 +160,10 @@ pub struct KnobsUpdate {
     /// Duration, or 0 / "0s" for no expiry.
     pub token_ttl: Option<DurationValue>,
     pub unavailable: Option<bool>,
+    pub corrupt_rate: Option<f64>,
+    pub latency_jitter: Option<DurationValue>,
+    /// A [`Malformed`] name, or `"none"`.
+    pub malformed: Option<String>,
     /// Forget when each token was first used (restarts their TTL).
     #[serde(default)]
     pub forget_tokens: bool,
@@ -132,6 +191,7 @@ impl KnobsUpdate {
             (self.reset_rate, &mut n.reset_rate),
             (self.truncate_rate, &mut n.truncate_rate),
             (self.stall_rate, &mut n.stall_rate),
+            (self.corrupt_rate, &mut n.corrupt_rate),
         ] {
             if let Some(v) = src {
                 if !(0.0..=1.0).contains(&v) {
@@ -155,6 +215,12 @@ impl KnobsUpdate {
         }
         if let Some(v) = self.unavailable {
             n.unavailable = v;
+        }
+        if let Some(d) = &self.latency_jitter {
+            n.latency_jitter = d.get()?;
+        }
+        if let Some(m) = &self.malformed {
+            n.malformed = Malformed::parse(m)?;
         }
         *k = n;
         Ok(())
@@ -208,5 +274,15 @@ mod tests {
         u.apply(&mut k, &init).unwrap();
         assert!(!k.unavailable);
         assert!(serde_json::from_str::<KnobsUpdate>(r#"{"nope":1}"#).is_err());
+        let u: KnobsUpdate =
+            serde_json::from_str(r#"{"malformed":"bad-json","corrupt_rate":0.25}"#).unwrap();
+        u.apply(&mut k, &init).unwrap();
+        assert_eq!(k.malformed, Some(Malformed::BadJson));
+        assert_eq!(k.corrupt_rate, 0.25);
+        let u: KnobsUpdate = serde_json::from_str(r#"{"malformed":"none"}"#).unwrap();
+        u.apply(&mut k, &init).unwrap();
+        assert_eq!(k.malformed, None);
+        let u: KnobsUpdate = serde_json::from_str(r#"{"malformed":"nonsense"}"#).unwrap();
+        assert!(u.apply(&mut k, &init).unwrap_err().contains("bad-json"));
     }
 }

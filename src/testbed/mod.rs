@@ -120,6 +120,15 @@ pub struct TestbedArgs {
     /// A token is accepted only for this long after its first use (default: forever).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub token_ttl: Option<Duration>,
+    /// Fraction of media bodies with one byte flipped (lengths intact).
+    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
+    pub corrupt_rate: f64,
+    /// Extra first-byte latency, uniform in [0, this).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub latency_jitter: Duration,
+    /// Malform every answer of one kind (for client tests).
+    #[arg(long, value_enum)]
+    pub malformed: Option<knobs::Malformed>,
 }
 
 /// In-process server options (all knobs; `Default` = no faults, port 0 on 127.0.0.1).
@@ -139,6 +148,9 @@ pub struct TestbedOptions {
     pub requester_pays: bool,
     pub require_tokens: Vec<String>,
     pub token_ttl: Option<Duration>,
+    pub corrupt_rate: f64,
+    pub latency_jitter: Duration,
+    pub malformed: Option<knobs::Malformed>,
 }
 
 impl Default for TestbedOptions {
@@ -156,6 +168,9 @@ impl Default for TestbedOptions {
             requester_pays: false,
             require_tokens: Vec::new(),
             token_ttl: None,
+            corrupt_rate: 0.0,
+            latency_jitter: Duration::ZERO,
+            malformed: None,
         }
     }
 }
@@ -174,6 +189,9 @@ impl TestbedOptions {
             require_tokens: self.require_tokens.clone(),
             token_ttl: self.token_ttl,
             unavailable: false,
+            corrupt_rate: self.corrupt_rate,
+            latency_jitter: self.latency_jitter,
+            malformed: self.malformed,
         }
     }
 }
@@ -193,6 +211,9 @@ impl From<&TestbedArgs> for TestbedOptions {
             requester_pays: a.requester_pays,
             require_tokens: a.require_token.clone(),
             token_ttl: a.token_ttl,
+            corrupt_rate: a.corrupt_rate,
+            latency_jitter: a.latency_jitter,
+            malformed: a.malformed,
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::json::{BucketJson, ListJson, ObjectJson, error_body, etag};
-use super::knobs::{Knobs, KnobsUpdate, Rng};
+use super::knobs::{Knobs, KnobsUpdate, Malformed, Rng};
 use super::listing::{self, ListError, ListParams};
 use super::source::{ObjectSource, SourceObject};
 use super::stats::{FaultKind, RequestKind, Stats};
@@ -184,6 +184,8 @@ struct MediaBody {
     stalled: bool,
     /// Reset/truncate to carry out once the sleep (letting hyper flush what was sent) ends.
     finishing: Option<Fault>,
+    /// Body offset of the one byte to flip (`corrupt_rate`).
+    corrupt_at: Option<u64>,
     done: bool,
     shared: Arc<Shared>,
     rst: Arc<AtomicBool>,
@@ -242,6 +244,14 @@ impl Body for TBody {
 
 impl MediaBody {
     fn emit(&mut self, b: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let b = match self.corrupt_at {
+            Some(at) if at >= self.sent && at < self.sent + b.len() as u64 => {
+                let mut v = b.to_vec();
+                v[(at - self.sent) as usize] ^= 0x5A;
+                Bytes::from(v)
+            }
+            _ => b,
+        };
         self.sent += b.len() as u64;
         self.shared.stats.bytes(b.len() as u64);
         Poll::Ready(Some(Ok(Frame::data(b))))
@@ -473,10 +483,161 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Vec<u8>, String> 
 
 // ---------------------------------------------------------------- handling
 
+/// A stand-in for Google's OAuth token endpoint (`token_uri` of a service-account key):
+/// accepts a JWT-bearer grant asking for the read-only storage scope and hands out a fresh
+/// random `tbtok-…` token. Any other scope is refused, so a client that asks for more fails.
+async fn oauth_token(ctx: &ConnCtx, req: Request<Incoming>) -> Resp {
+    use base64::Engine;
+    if req.method() != Method::POST {
+        return err_resp(405, "POST only", "methodNotAllowed");
+    }
+    let body = match read_body(req.into_body(), 1 << 20).await {
+        Ok(b) => b,
+        Err(e) => return err_resp(400, &e, "invalid"),
+    };
+    let form = parse_query(std::str::from_utf8(&body).ok());
+    if form.get("grant_type").map(String::as_str)
+        != Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+    {
+        return json_resp(400, r#"{"error":"unsupported_grant_type"}"#.into());
+    }
+    let claims = form
+        .get("assertion")
+        .and_then(|a| a.split('.').nth(1))
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok());
+    let scope = claims
+        .as_ref()
+        .and_then(|c| c["scope"].as_str())
+        .unwrap_or_default();
+    if scope != crate::client::auth::SCOPE_READ_ONLY {
+        return json_resp(
+            400,
+            format!(
+                r#"{{"error":"invalid_scope","error_description":"testbed grants only the read-only scope, not {scope:?}"}}"#
+            ),
+        );
+    }
+    let token = format!(
+        "tbtok-{:016x}{:016x}",
+        ctx.shared.rng.lock().unwrap().next_u64(),
+        fastrand::u64(..)
+    );
+    json_resp(
+        200,
+        format!(r#"{{"access_token":"{token}","expires_in":3600,"token_type":"Bearer"}}"#),
+    )
+}
+
+/// Breaks a successful answer the way `m` says (when `m` applies to this kind of request).
+async fn malform(resp: Resp, kind: RequestKind, m: Malformed, shared: &Shared) -> Resp {
+    let json_kind = matches!(kind, RequestKind::List | RequestKind::GetMeta);
+    let media = matches!(kind, RequestKind::GetMedia);
+    let applies = match m {
+        Malformed::BadJson
+        | Malformed::MissingSize
+        | Malformed::NonNumericSize
+        | Malformed::BadCrc => json_kind,
+        Malformed::RepeatToken | Malformed::HugePage => matches!(kind, RequestKind::List),
+        Malformed::NoContentRange | Malformed::WrongContentRange => {
+            media && resp.status() == StatusCode::PARTIAL_CONTENT
+        }
+        Malformed::WrongGeneration | Malformed::ShortBody => media,
+    };
+    if !applies {
+        return resp;
+    }
+    shared.stats.fault(FaultKind::Malformed);
+    let (mut parts, body) = resp.into_parts();
+    let h = &mut parts.headers;
+    if media {
+        match m {
+            Malformed::NoContentRange => {
+                h.remove("content-range");
+            }
+            Malformed::WrongContentRange => {
+                let cr = h
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some((a, rest)) = cr.strip_prefix("bytes ").and_then(|r| r.split_once('-'))
+                    && let Ok(a) = a.parse::<u64>()
+                {
+                    let v = format!("bytes {}-{rest}", a + 1);
+                    h.insert("content-range", HeaderValue::from_str(&v).unwrap());
+                }
+            }
+            Malformed::WrongGeneration => {
+                let g: i64 = h
+                    .get("x-goog-generation")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                h.insert("x-goog-generation", HeaderValue::from(g + 1));
+            }
+            _ => {
+                // ShortBody: announce more than is sent; hyper ends the connection short.
+                let n: u64 = h
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                h.insert("content-length", HeaderValue::from(n + 7));
+            }
+        }
+        return Response::from_parts(parts, body);
+    }
+    let BodyKind::Full(Some(bytes)) = body.kind else {
+        return Response::from_parts(parts, body);
+    };
+    let out: Vec<u8> = match m {
+        Malformed::BadJson => bytes[..bytes.len() / 2].to_vec(),
+        _ => {
+            let mut v: serde_json::Value = match serde_json::from_slice(&bytes) {
+                Ok(v) => v,
+                Err(_) => return Response::from_parts(parts, TBody::full(bytes)),
+            };
+            let mut objects: Vec<&mut serde_json::Value> = Vec::new();
+            let single = v.get("items").is_none() && v.get("name").is_some();
+            if single {
+                objects.push(&mut v);
+            } else if let Some(items) = v.get_mut("items").and_then(|i| i.as_array_mut()) {
+                objects.extend(items.iter_mut());
+            }
+            for o in objects {
+                match m {
+                    Malformed::MissingSize => {
+                        o.as_object_mut().map(|o| o.remove("size"));
+                    }
+                    Malformed::NonNumericSize => o["size"] = "12 bytes".into(),
+                    Malformed::BadCrc => o["crc32c"] = "not-base64!".into(),
+                    _ => {}
+                }
+            }
+            match m {
+                Malformed::RepeatToken => v["nextPageToken"] = "loop".into(),
+                Malformed::HugePage => v["padding"] = "x".repeat(65 << 20).into(),
+                _ => {}
+            }
+            serde_json::to_vec(&v).unwrap()
+        }
+    };
+    parts.headers.remove("content-length");
+    Response::from_parts(parts, TBody::full(out))
+}
+
 async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Resp, Abort> {
     let path = req.uri().path().to_string();
     if path.starts_with("/_testbed/") {
         return Ok(control(&ctx, req, &path).await);
+    }
+    if path == "/token" {
+        return Ok(oauth_token(&ctx, req).await);
     }
     let shared = &ctx.shared;
     let query = parse_query(req.uri().query());
@@ -499,11 +660,17 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Resp, Abort
         ctx.rst.store(true, Ordering::Relaxed);
         return Err(Abort);
     }
-    if !knobs.first_byte_latency.is_zero() {
-        tokio::time::sleep(knobs.first_byte_latency).await;
+    let latency = knobs.first_byte_latency + knobs.latency_jitter.mul_f64(shared.unit());
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
     }
 
-    let resp = respond(&ctx, req, r, kind, &query, &knobs).await;
+    let mut resp = respond(&ctx, req, r, kind, &query, &knobs).await;
+    if let Some(m) = knobs.malformed
+        && resp.status().is_success()
+    {
+        resp = malform(resp, kind, m, shared).await;
+    }
     shared.stats.status(resp.status().as_u16());
     if let BodyKind::Full(Some(b)) = &resp.body().kind {
         shared.stats.bytes(b.len() as u64);
@@ -812,6 +979,11 @@ async fn object(
         None => (200, 0, size),
     };
 
+    let corrupt_at = (len > 0 && knobs.corrupt_rate > 0.0 && shared.unit() < knobs.corrupt_rate)
+        .then(|| {
+            shared.stats.fault(FaultKind::Corrupt);
+            ((len as f64 * shared.unit()) as u64).min(len - 1)
+        });
     let fault = if len > 0 {
         let u = shared.unit();
         let cut = |u: f64| -> u64 {
@@ -864,6 +1036,7 @@ async fn object(
                 done: false,
                 shared: shared.clone(),
                 rst: ctx.rst.clone(),
+                corrupt_at,
             })),
         }
     };

@@ -21,11 +21,13 @@ pub enum FaultKind {
     Reset,
     Truncate,
     Stall,
+    Corrupt,
+    Malformed,
 }
 
 pub(crate) struct Stats {
     req: [AtomicU64; 5],
-    faults: [AtomicU64; 5],
+    faults: [AtomicU64; 7],
     bytes_sent: AtomicU64,
     status: Box<[AtomicU64]>,
 }
@@ -85,6 +87,8 @@ impl Stats {
                 reset: f(FaultKind::Reset),
                 truncate: f(FaultKind::Truncate),
                 stall: f(FaultKind::Stall),
+                corrupt: f(FaultKind::Corrupt),
+                malformed: f(FaultKind::Malformed),
             },
             responses: self
                 .status
@@ -115,6 +119,10 @@ pub struct FaultCounts {
     pub reset: u64,
     pub truncate: u64,
     pub stall: u64,
+    #[serde(default)]
+    pub corrupt: u64,
+    #[serde(default)]
+    pub malformed: u64,
 }
 
 /// What `GET /_testbed/stats` returns. `responses` maps status code (as a string) to count.
