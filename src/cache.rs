@@ -33,6 +33,9 @@ pub trait BlockCache: Send + Sync + 'static {
     /// Whether the block is cached right now.
     fn contains(&self, key: &BlockKey) -> bool;
 
+    /// Drops one block (its bytes turned out wrong).
+    async fn remove(&self, key: &BlockKey);
+
     /// Bytes currently held.
     fn weighted_size(&self) -> u64;
 
@@ -94,6 +97,10 @@ impl BlockCache for MemoryCache {
 
     fn contains(&self, key: &BlockKey) -> bool {
         self.inner.contains_key(key)
+    }
+
+    async fn remove(&self, key: &BlockKey) {
+        self.inner.invalidate(key).await;
     }
 
     fn weighted_size(&self) -> u64 {

@@ -92,7 +92,7 @@ pub struct MountArgs {
     /// Attempts per request, the first included, before a read fails with EIO. Throttling
     /// (429), server errors (5xx), timeouts and broken connections are retried with
     /// exponential backoff and full jitter; Retry-After is honoured.
-    #[arg(long, default_value_t = 10, value_name = "N", help_heading = "Network")]
+    #[arg(long, default_value_t = 20, value_name = "N", help_heading = "Network")]
     pub retries: u32,
 
     /// Give up retrying a request after this long without progress (e.g. 60s, 5m).

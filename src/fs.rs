@@ -6,6 +6,7 @@
 
 pub mod bulk;
 pub mod error;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,10 +21,11 @@ use futures::future::{BoxFuture, Shared};
 type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, crate::client::ClientError>>>;
 
 use crate::cache::{BlockCache, BlockKey};
-use crate::client::{ListRequest, ObjectClient, ObjectVersion, list_all};
+use crate::client::{ClientError, ListRequest, ObjectClient, ObjectVersion, list_all};
 use crate::inode::{FileInfo, Ino, InodeTable, Kind, Lookup, NodeView, ROOT};
 use crate::prefetch::Readahead;
 pub use error::FsError;
+use verify::{Verdict, Verifier};
 
 /// Settings of the core, with defaults that suit an immutable dataset.
 #[derive(Clone, Debug)]
@@ -115,13 +117,23 @@ pub struct StatFs {
 pub struct FsStats {
     pub read_bytes: AtomicU64,
     pub prefetch_bytes: AtomicU64,
+    /// Handles that served a whole object whose bytes matched its CRC32C.
+    pub objects_verified: AtomicU64,
+    /// Whole objects served in pieces whose CRC32C did not match (the read failed with EIO).
+    pub verify_failures: AtomicU64,
 }
 
 /// An open file: the object version it reads, fixed at open.
 struct Handle {
+    ino: Ino,
     object: Arc<str>,
     info: FileInfo,
     readahead: Mutex<Readahead>,
+    /// Checks the bytes this handle serves against the object's CRC32C (None without one).
+    verifier: Mutex<Option<Verifier>>,
+    /// Bytes served through this handle failed the CRC32C: every later read fails too (the
+    /// kernel may retry a failed read-ahead page with a plain read, which must not succeed).
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 impl Handle {
@@ -152,6 +164,8 @@ pub struct Fs {
     /// read-ahead) cause one request.
     inflight: Arc<Mutex<HashMap<BlockKey, SharedFetch>>>,
     stats: FsStats,
+    /// Files whose served bytes failed their CRC32C: their next open drops the page cache.
+    suspect: Mutex<std::collections::HashSet<Ino>>,
     /// While a bulk load runs, lookups in directories it has not finished are answered by a
     /// targeted request instead of a listing of the whole parent.
     bulk_loading: std::sync::atomic::AtomicBool,
@@ -177,6 +191,7 @@ impl Fs {
             prefetch_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
             inflight: Arc::default(),
             stats: FsStats::default(),
+            suspect: Mutex::default(),
             bulk_loading: Default::default(),
             on_change: Mutex::default(),
         }
@@ -476,6 +491,9 @@ impl Fs {
         self.handles.lock().unwrap().insert(
             fh,
             Arc::new(Handle {
+                ino,
+                verifier: Mutex::new(info.crc32c.map(|c| Verifier::new(c, info.size))),
+                poisoned: Default::default(),
                 object,
                 info,
                 readahead: Mutex::new(Readahead::new(
@@ -500,6 +518,12 @@ impl Fs {
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
+        if h.poisoned.load(Ordering::Relaxed) {
+            return Err(FsError::Client(ClientError::Interrupted(format!(
+                "{}: bytes served through this handle failed their CRC32C; reopen the file",
+                h.object
+            ))));
+        }
         let file_size = h.info.size;
         if offset >= file_size || size == 0 {
             return Ok(Bytes::new());
@@ -536,21 +560,78 @@ impl Fs {
         }
         let (first, last) = (offset / bs, (end - 1) / bs);
         // (`blocks` starts at block `first` in both cases: a whole-object fetch has offset 0.)
+        let data = if first == last {
+            let start = (offset - first * bs) as usize;
+            blocks[0].slice(start..start + (end - offset) as usize)
+        } else {
+            let mut out = BytesMut::with_capacity((end - offset) as usize);
+            for (i, b) in (first..=last).zip(blocks) {
+                let bstart = i * bs;
+                let from = offset.max(bstart) - bstart;
+                let to = end.min(bstart + b.len() as u64) - bstart;
+                out.extend_from_slice(&b[from as usize..to as usize]);
+            }
+            out.freeze()
+        };
+        self.verify(&h, offset, &data).await?;
         self.stats
             .read_bytes
             .fetch_add(end - offset, Ordering::Relaxed);
-        if first == last {
-            let start = (offset - first * bs) as usize;
-            return Ok(blocks[0].slice(start..start + (end - offset) as usize));
+        Ok(data)
+    }
+
+    /// Feeds served bytes to the handle's CRC32C check. A mismatch fails this read and every
+    /// later one on the handle with EIO, and drops the object's cached blocks and its kernel
+    /// page cache (at the next open), so a new open fetches and checks the file afresh.
+    async fn verify(&self, h: &Arc<Handle>, offset: u64, data: &[u8]) -> Result<(), FsError> {
+        let verdict = {
+            let mut v = h.verifier.lock().unwrap();
+            match v.as_mut() {
+                Some(v) => v.feed(offset, data),
+                None => return Ok(()),
+            }
+        };
+        match verdict {
+            Verdict::Verified => {
+                self.stats.objects_verified.fetch_add(1, Ordering::Relaxed);
+                // Count each handle once.
+                *h.verifier.lock().unwrap() = None;
+                Ok(())
+            }
+            Verdict::Mismatch(got) => {
+                self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                let want = h.info.crc32c.unwrap_or_default();
+                tracing::error!(
+                    object = %h.object,
+                    generation = h.info.generation,
+                    "CRC32C of the {} bytes served is {got:08x}, the listing says {want:08x}: \
+                     read fails with EIO and the cached copy is dropped",
+                    h.info.size
+                );
+                for index in 0..h.info.size.div_ceil(self.cfg.block_size) {
+                    self.cache
+                        .remove(&BlockKey {
+                            object: h.object.clone(),
+                            generation: h.info.generation,
+                            index,
+                        })
+                        .await;
+                }
+                self.suspect.lock().unwrap().insert(h.ino);
+                h.poisoned.store(true, Ordering::Relaxed);
+                Err(FsError::Client(ClientError::Interrupted(format!(
+                    "{}: CRC32C mismatch over the whole object",
+                    h.object
+                ))))
+            }
+            Verdict::Pending | Verdict::GaveUp => Ok(()),
         }
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
-        for (i, b) in (first..=last).zip(blocks) {
-            let bstart = i * bs;
-            let from = offset.max(bstart) - bstart;
-            let to = end.min(bstart + b.len() as u64) - bstart;
-            out.extend_from_slice(&b[from as usize..to as usize]);
-        }
-        Ok(out.freeze())
+    }
+
+    /// Whether the kernel may keep its page cache for `ino` across opens: yes, unless bytes
+    /// of it failed their checksum since (then this open drops the kernel's copy, once).
+    pub fn keep_cache(&self, ino: Ino) -> bool {
+        !self.suspect.lock().unwrap().remove(&ino)
     }
 
     /// Fetches blocks `first..=last` ahead of the reader within the read-ahead budget.

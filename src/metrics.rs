@@ -65,6 +65,18 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         n(&client.bytes_fetched),
     );
     metric(
+        "objects_verified_total",
+        "counter",
+        "Handles that served a whole object whose bytes matched its CRC32C.",
+        n(&f.objects_verified),
+    );
+    metric(
+        "verify_failures_total",
+        "counter",
+        "Whole objects served in pieces whose CRC32C did not match (that read failed with EIO).",
+        n(&f.verify_failures),
+    );
+    metric(
         "read_bytes_total",
         "counter",
         "Bytes returned to readers.",

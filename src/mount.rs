@@ -162,6 +162,8 @@ impl Mounted {
             .with_context(|| format!("cannot resolve {}", mp.display()))?;
 
         let client = Arc::new(GcsClient::new(plan.gcs.clone(), plan.tokens.clone())?);
+        // Access checks before mounting fail fast; reads later get the full retry budget.
+        let probe_client = client.with_retry(RetryConfig::startup().min(&plan.gcs.retry));
         let cache = Arc::new(MemoryCache::new(
             plan.cache_size
                 .saturating_sub(plan.fs.prefetch_budget)
@@ -232,7 +234,7 @@ impl Mounted {
                 .get(ino)
                 .and_then(|v| v.file)
                 .map(|f| f.generation);
-            match client.stat(&name).await {
+            match probe_client.stat(&name).await {
                 Ok(m) if Some(m.generation) == want => {}
                 Ok(_) | Err(ClientError::NotFound(_)) => {
                     tracing::warn!(
@@ -254,7 +256,7 @@ impl Mounted {
                 max_results: Some(1),
                 ..Default::default()
             };
-            let page = client
+            let page = probe_client
                 .list_page(&probe)
                 .await
                 .map_err(|e| probe_error(&e, &plan.gcs, &plan.fs.prefix))?;
@@ -418,6 +420,8 @@ impl Mounted {
             cache_misses = c.misses.load(Ordering::Relaxed),
             read_bytes = self.fs.stats().read_bytes.load(Ordering::Relaxed),
             prefetch_bytes = self.fs.stats().prefetch_bytes.load(Ordering::Relaxed),
+            objects_verified = self.fs.stats().objects_verified.load(Ordering::Relaxed),
+            verify_failures = self.fs.stats().verify_failures.load(Ordering::Relaxed),
             "unmounted {}",
             self.mountpoint.display()
         );

@@ -41,12 +41,35 @@ pub struct RetryConfig {
     pub deadline: Duration,
 }
 
+impl RetryConfig {
+    /// For the checks at mount time: a wrong endpoint or a dead network is reported within
+    /// seconds, not after the full read-time budget.
+    pub fn startup() -> Self {
+        RetryConfig {
+            max_attempts: 4,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+            deadline: Duration::from_secs(15),
+        }
+    }
+
+    /// The stricter of two policies, field by field.
+    pub fn min(&self, other: &RetryConfig) -> RetryConfig {
+        RetryConfig {
+            max_attempts: self.max_attempts.min(other.max_attempts),
+            base_delay: self.base_delay.min(other.base_delay),
+            max_delay: self.max_delay.min(other.max_delay),
+            deadline: self.deadline.min(other.deadline),
+        }
+    }
+}
+
 impl Default for RetryConfig {
     fn default() -> Self {
         // Enough to ride out a short throttling burst or a server restart, short enough that a
         // reader blocked on a dead network hears EIO within a minute.
         RetryConfig {
-            max_attempts: 10,
+            max_attempts: 20,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(8),
             deadline: Duration::from_secs(60),
@@ -172,6 +195,20 @@ impl GcsClient {
             objects_url,
             stats: Arc::default(),
         })
+    }
+
+    /// The same client (connections, credentials, counters) with another retry policy.
+    pub fn with_retry(&self, retry: RetryConfig) -> GcsClient {
+        GcsClient {
+            http: self.http.clone(),
+            cfg: GcsConfig {
+                retry,
+                ..self.cfg.clone()
+            },
+            tokens: self.tokens.clone(),
+            objects_url: self.objects_url.clone(),
+            stats: self.stats.clone(),
+        }
     }
 
     pub fn endpoint(&self) -> &str {

@@ -12,6 +12,9 @@ use super::source::{ObjectSource, SourceObject, gcs_hashes};
 
 const PRNG_TABLE: usize = 1 << 20;
 
+/// Pseudo-random objects up to this size are hashed when inserted.
+pub const PRNG_HASH_LIMIT: u64 = 256 << 20;
+
 #[derive(Clone)]
 enum Content {
     Bytes(Bytes),
@@ -107,7 +110,9 @@ impl MemSource {
         obj
     }
 
-    /// Insert an object of `size` pseudo-random bytes (content determined by `seed` and offset; no hashes).
+    /// Insert an object of `size` pseudo-random bytes (content determined by `seed` and offset).
+    /// Objects up to [`PRNG_HASH_LIMIT`] get crc32c/md5Hash like any GCS object; bigger ones
+    /// are listed without (hashing them would cost startup time for nothing).
     pub fn insert_prng(&mut self, bucket: &str, name: &str, size: u64, seed: u64) -> SourceObject {
         if self.table.is_none() {
             let mut st = 0x5EED_u64;
@@ -133,6 +138,21 @@ impl MemSource {
                 hashes: None,
             },
         );
+        if size <= PRNG_HASH_LIMIT {
+            let mut h = super::source::GcsHasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0;
+            while off < size {
+                let n = (size - off).min(buf.len() as u64) as usize;
+                self.fill_prng(seed, off, &mut buf[..n]);
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            let (crc, md5) = h.finish();
+            if let Some(e) = self.buckets.get_mut(bucket).and_then(|b| b.get_mut(name)) {
+                e.hashes = Some((crc, Some(md5)));
+            }
+        }
         obj
     }
 

@@ -1,19 +1,48 @@
 //! Serves dataset models (`crate::model`) through the testbed: one bucket per model.
 //! Synthetic objects (`--synthetic`) are layered over them by `overlay::Overlay`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use super::overlay::{Overlay, synthetic_source};
+use super::source::gcs_hashes;
 use super::{ModelKind as CliKind, ObjectSource, SourceObject, TestbedArgs};
 use crate::model::{DatasetModel, ModelConfig, ModelKind, ModelObject};
 
+/// crc32c and md5Hash, base64, as GCS lists them.
+type Hashes = (String, Option<String>);
+
 pub struct ModelSource {
     models: Vec<Arc<DatasetModel>>,
+    /// Per model: whether listings carry crc32c/md5Hash (see [`HASH_LIMIT_BYTES`]).
+    hashed: Vec<bool>,
+    /// Hashes computed so far, by (bucket, name).
+    memo: Mutex<HashMap<(String, String), Hashes>>,
 }
+
+/// Real GCS lists every object with its crc32c and md5Hash. The model's content is generated,
+/// so hashing means generating each object once; that is done (and remembered) for models up
+/// to this many bytes in all, and skipped for bigger ones (the full-scale model, benchmarks).
+pub const HASH_LIMIT_BYTES: u64 = 1 << 30;
 
 impl ModelSource {
     pub fn new(models: Vec<Arc<DatasetModel>>) -> Self {
-        ModelSource { models }
+        let hashed = models
+            .iter()
+            .map(|m| {
+                m.object_count() <= 100_000
+                    && m.list_from("", usize::MAX)
+                        .iter()
+                        .map(|o| o.size)
+                        .sum::<u64>()
+                        <= HASH_LIMIT_BYTES
+            })
+            .collect();
+        ModelSource {
+            models,
+            hashed,
+            memo: Mutex::new(HashMap::new()),
+        }
     }
 
     /// What the testbed's `--model/--add-model/--patients/--seed/--size-scale` describe, with
@@ -69,6 +98,13 @@ impl ModelSource {
             .find(|m| m.bucket() == bucket)
             .map(|m| &**m)
     }
+
+    fn is_hashed(&self, bucket: &str) -> bool {
+        self.models
+            .iter()
+            .zip(&self.hashed)
+            .any(|(m, h)| *h && m.bucket() == bucket)
+    }
 }
 
 fn to_source(o: ModelObject) -> SourceObject {
@@ -115,6 +151,24 @@ impl ObjectSource for ModelSource {
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"))?;
         m.read_at(&mo, offset, buf);
         Ok(())
+    }
+
+    fn hashes(&self, bucket: &str, obj: &SourceObject) -> Option<(String, Option<String>)> {
+        if !self.is_hashed(bucket) {
+            return None;
+        }
+        let key = (bucket.to_string(), obj.name.clone());
+        if let Some(h) = self.memo.lock().unwrap().get(&key) {
+            return Some(h.clone());
+        }
+        let m = self.model(bucket)?;
+        let mo = m.stat(&obj.name)?;
+        let mut buf = vec![0u8; mo.size as usize];
+        m.read_at(&mo, 0, &mut buf);
+        let (crc, md5) = gcs_hashes(&buf);
+        let h = (crc, Some(md5));
+        self.memo.lock().unwrap().insert(key, h.clone());
+        Some(h)
     }
 }
 

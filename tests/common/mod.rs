@@ -1315,6 +1315,29 @@ pub fn http_get(url: &str, headers: &[(&str, &str)]) -> HttpResponse {
     })
 }
 
+/// POST `body` (JSON) to `url`. Panics on a transport error.
+pub fn http_post(url: &str, body: &str) -> HttpResponse {
+    block_on(async {
+        let t0 = Instant::now();
+        let r = http_client()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.bytes().await.unwrap().to_vec();
+        HttpResponse {
+            status,
+            headers,
+            body,
+            elapsed: t0.elapsed(),
+        }
+    })
+}
+
 /// Runs `python SCRIPT ARGS...` with the test venv's python (cwd = repo root, time limit);
 /// panics with its output unless it exits 0. Returns stdout.
 pub fn run_python_ok(script: &Path, args: &[&OsStr], timeout: Duration) -> String {
