@@ -329,6 +329,10 @@ impl Fs {
     }
 
     pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Attr, FsError> {
+        if name.len() > 255 {
+            // No such name can be shown (objects with one are skipped): say why, not ENOENT.
+            return Err(FsError::NameTooLong);
+        }
         let mut asked = false;
         loop {
             match self.inodes.lookup(parent, name) {

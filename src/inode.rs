@@ -330,7 +330,11 @@ impl InodeTable {
             Some(i) => (&rel[..i], &rel[i + 1..]),
             None => ("", rel),
         };
-        if let Some(why) = invalid_component(leaf) {
+        if let Some(why) = invalid_component(leaf).or_else(|| {
+            (!dir.is_empty())
+                .then(|| dir.split('/').find_map(invalid_component))
+                .flatten()
+        }) {
             return Err(why.to_string());
         }
         let mut nodes = self.inner.write().unwrap();
@@ -396,10 +400,13 @@ fn ensure_dirs(nodes: &mut Vec<Node>, rel: &str) -> Result<Ino, String> {
     if rel.is_empty() {
         return Ok(cur);
     }
+    // Check every component before creating any: a skipped name leaves no directories behind.
+    if let Some(why) = rel.split('/').find_map(invalid_component) {
+        return Err(why.to_string());
+    }
+    let mut end = 0;
     for comp in rel.split('/') {
-        if let Some(why) = invalid_component(comp) {
-            return Err(why.to_string());
-        }
+        end += comp.len();
         let NodeData::Dir { children, .. } = &nodes[cur as usize].data else {
             unreachable!("cur is always a directory")
         };
@@ -408,11 +415,15 @@ fn ensure_dirs(nodes: &mut Vec<Node>, rel: &str) -> Result<Ino, String> {
             Some(_) => {
                 // A file of this name was listed first: the directory wins. The file node is
                 // unlinked (a new inode is made so no cached handle sees its kind change).
-                tracing::warn!(name = %comp, "an object and a directory share this name; showing the directory");
+                tracing::warn!(
+                    object = %&rel[..end],
+                    "skipping object: an object and a directory share this name; the directory is shown"
+                );
                 add_child(nodes, cur, comp, new_dir())
             }
             None => add_child(nodes, cur, comp, new_dir()),
         };
+        end += 1;
     }
     Ok(cur)
 }

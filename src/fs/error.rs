@@ -16,6 +16,8 @@ pub enum FsError {
     ReadOnly,
     #[error("bad file handle")]
     BadHandle,
+    #[error("file name too long")]
+    NameTooLong,
     #[error("{0}")]
     Client(#[from] ClientError),
 }
@@ -29,6 +31,7 @@ impl FsError {
             FsError::IsDir => libc::EISDIR,
             FsError::ReadOnly => libc::EROFS,
             FsError::BadHandle => libc::EBADF,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::Client(c) => match c {
                 // A listed object that is gone, or a version that changed: the handle is stale.
                 ClientError::NotFound(_) | ClientError::Stale(_) => libc::ESTALE,
@@ -51,6 +54,7 @@ mod tests {
         assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
         assert_eq!(FsError::IsDir.errno(), libc::EISDIR);
         assert_eq!(FsError::NotDir.errno(), libc::ENOTDIR);
+        assert_eq!(FsError::NameTooLong.errno(), libc::ENAMETOOLONG);
         let c = |e| FsError::Client(e).errno();
         assert_eq!(c(ClientError::NotFound("x".into())), libc::ESTALE);
         assert_eq!(c(ClientError::Stale("x".into())), libc::ESTALE);
