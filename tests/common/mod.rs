@@ -655,12 +655,27 @@ impl FakeGcs {
 
     /// Uploads an object (the only way to make a placeholder `dir/`).
     pub fn upload(&self, bucket: &str, name: &str, data: &[u8]) -> ObjectInfo {
-        let url = format!(
+        self.upload_encoded(bucket, name, data, None)
+    }
+
+    /// Uploads `data` as stored bytes with `Content-Encoding: ENCODING` metadata (e.g. gzip:
+    /// the emulator then decompresses on download unless the client accepts gzip, like GCS).
+    pub fn upload_encoded(
+        &self,
+        bucket: &str,
+        name: &str,
+        data: &[u8],
+        encoding: Option<&str>,
+    ) -> ObjectInfo {
+        let mut url = format!(
             "{}/upload/storage/v1/b/{}/o?uploadType=media&name={}",
             self.endpoint(),
             enc(bucket),
             enc(name)
         );
+        if let Some(e) = encoding {
+            url += &format!("&contentEncoding={}", enc(e));
+        }
         let data = data.to_vec();
         block_on(async {
             let r = http_client()
