@@ -24,11 +24,60 @@ pub struct CacheStats {
     pub misses: AtomicU64,
 }
 
+/// One cached block: a window into the buffer of the GET that fetched it. Blocks fetched by
+/// one request share that buffer, so a read spanning several of them is served as one slice
+/// of it, without copying.
+#[derive(Clone, Debug)]
+pub struct Block {
+    span: Bytes,
+    start: usize,
+    len: usize,
+}
+
+impl Block {
+    /// Bytes `start..start + len` of `span`.
+    pub fn new(span: Bytes, start: usize, len: usize) -> Block {
+        assert!(start + len <= span.len(), "block outside its span");
+        Block { span, start, len }
+    }
+
+    /// A block that is its own buffer.
+    pub fn whole(b: Bytes) -> Block {
+        let len = b.len();
+        Block::new(b, 0, len)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.span[self.start..self.start + self.len]
+    }
+
+    /// `next` starts right where this block ends, in the same buffer.
+    pub fn followed_by(&self, next: &Block) -> bool {
+        self.span.as_ptr() == next.span.as_ptr()
+            && self.span.len() == next.span.len()
+            && self.start + self.len == next.start
+    }
+
+    /// Bytes `from..to` counted from this block's start, reaching into the following blocks
+    /// of the same buffer (the caller checked `followed_by`).
+    pub fn slice_on(&self, from: usize, to: usize) -> Bytes {
+        self.span.slice(self.start + from..self.start + to)
+    }
+}
+
 #[async_trait]
 pub trait BlockCache: Send + Sync + 'static {
-    async fn get(&self, key: &BlockKey) -> Option<Bytes>;
+    async fn get(&self, key: &BlockKey) -> Option<Block>;
 
-    async fn insert(&self, key: BlockKey, block: Bytes);
+    async fn insert(&self, key: BlockKey, block: Block);
 
     /// Whether the block is cached right now.
     fn contains(&self, key: &BlockKey) -> bool;
@@ -43,7 +92,7 @@ pub trait BlockCache: Send + Sync + 'static {
 }
 
 pub struct MemoryCache {
-    inner: moka::future::Cache<BlockKey, Bytes>,
+    inner: moka::future::Cache<BlockKey, Block>,
     capacity: u64,
     /// Bytes inserted since eviction last ran: moka evicts in batches, so without a nudge a
     /// fast reader could overshoot the bound by whatever arrives between batches.
@@ -60,7 +109,7 @@ impl MemoryCache {
             // less often than old ones, which for a streaming reader means read-ahead blocks
             // are dropped on arrival and fetched again.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .weigher(|_k: &BlockKey, v: &Bytes| -> u32 {
+            .weigher(|_k: &BlockKey, v: &Block| -> u32 {
                 // Key and bookkeeping overhead is small next to a block; count the payload.
                 (v.len() as u64 + 64).min(u32::MAX as u64) as u32
             })
@@ -76,7 +125,7 @@ impl MemoryCache {
 
 #[async_trait]
 impl BlockCache for MemoryCache {
-    async fn get(&self, key: &BlockKey) -> Option<Bytes> {
+    async fn get(&self, key: &BlockKey) -> Option<Block> {
         let r = self.inner.get(key).await;
         match r {
             Some(_) => &self.stats.hits,
@@ -86,7 +135,7 @@ impl BlockCache for MemoryCache {
         r
     }
 
-    async fn insert(&self, key: BlockKey, block: Bytes) {
+    async fn insert(&self, key: BlockKey, block: Block) {
         let n = block.len() as u64;
         self.inner.insert(key, block).await;
         if self.since_maintenance.fetch_add(n, Ordering::Relaxed) + n > self.capacity / 16 {
@@ -129,12 +178,12 @@ mod tests {
         // Old blocks read twice must not keep new blocks out (TinyLFU would).
         let c = MemoryCache::new(8 << 20);
         for i in 0..8 {
-            c.insert(key(i), Bytes::from(vec![0u8; 1 << 20])).await;
+            c.insert(key(i), Block::whole(Bytes::from(vec![0u8; 1 << 20]))).await;
             c.get(&key(i)).await;
             c.get(&key(i)).await;
         }
         for i in 100..104 {
-            c.insert(key(i), Bytes::from(vec![1u8; 1 << 20])).await;
+            c.insert(key(i), Block::whole(Bytes::from(vec![1u8; 1 << 20]))).await;
         }
         c.inner.run_pending_tasks().await;
         for i in 100..104 {
@@ -146,13 +195,13 @@ mod tests {
     async fn bounded_by_bytes() {
         let c = MemoryCache::new(4 << 20);
         for i in 0..64 {
-            c.insert(key(i), Bytes::from(vec![0u8; 1 << 20])).await;
+            c.insert(key(i), Block::whole(Bytes::from(vec![0u8; 1 << 20]))).await;
             assert!(c.weighted_size() <= 5 << 20, "{}", c.weighted_size());
         }
         c.inner.run_pending_tasks().await;
         assert!(c.weighted_size() <= 4 << 20, "{}", c.weighted_size());
-        c.insert(key(1000), Bytes::from_static(b"x")).await;
-        assert_eq!(&c.get(&key(1000)).await.unwrap()[..], b"x");
+        c.insert(key(1000), Block::whole(Bytes::from_static(b"x"))).await;
+        assert_eq!(c.get(&key(1000)).await.unwrap().as_slice(), b"x");
         assert!(c.get(&key(1001)).await.is_none());
         assert_eq!(c.stats().hits.load(Ordering::Relaxed), 1);
         assert_eq!(c.stats().misses.load(Ordering::Relaxed), 1);

@@ -18,9 +18,9 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
 /// A block being fetched; clones await the same request.
-type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, crate::client::ClientError>>>;
+type SharedFetch = Shared<BoxFuture<'static, Result<Block, crate::client::ClientError>>>;
 
-use crate::cache::{BlockCache, BlockKey};
+use crate::cache::{Block, BlockCache, BlockKey};
 use crate::client::{ClientError, ListRequest, ObjectClient, ObjectVersion, list_all};
 use crate::inode::{FileInfo, Ino, InodeTable, Kind, Lookup, NodeView, ROOT};
 use crate::prefetch::Readahead;
@@ -564,16 +564,18 @@ impl Fs {
         }
         let (first, last) = (offset / bs, (end - 1) / bs);
         // (`blocks` starts at block `first` in both cases: a whole-object fetch has offset 0.)
-        let data = if first == last {
-            let start = (offset - first * bs) as usize;
-            blocks[0].slice(start..start + (end - offset) as usize)
+        let start = (offset - first * bs) as usize;
+        let len = (end - offset) as usize;
+        let data = if blocks.windows(2).all(|w| w[0].followed_by(&w[1])) {
+            // All from one GET's buffer (the usual case): one slice of it, no copy.
+            blocks[0].slice_on(start, start + len)
         } else {
             let mut out = BytesMut::with_capacity((end - offset) as usize);
             for (i, b) in (first..=last).zip(blocks) {
                 let bstart = i * bs;
                 let from = offset.max(bstart) - bstart;
                 let to = end.min(bstart + b.len() as u64) - bstart;
-                out.extend_from_slice(&b[from as usize..to as usize]);
+                out.extend_from_slice(&b.as_slice()[from as usize..to as usize]);
             }
             out.freeze()
         };
@@ -704,7 +706,10 @@ impl Fs {
                                 Some(b) => Ok(b),
                                 None => {
                                     let s = k2.index * bs;
-                                    client.get_range(obj.version(), s, (s + bs).min(size)).await
+                                    client
+                                        .get_range(obj.version(), s, (s + bs).min(size))
+                                        .await
+                                        .map(Block::whole)
                                 }
                             }
                         };
@@ -757,13 +762,16 @@ impl Fs {
         };
         let key2 = key.clone();
         let h2 = h.clone();
-        let span: SharedFetch = async move {
+        let block = move |data: &Bytes, i: u64| {
+            let from = ((i - a) * bs) as usize;
+            let to = (from + bs as usize).min(data.len());
+            Block::new(data.clone(), from, to - from)
+        };
+        let span = async move {
             let r = client.get_range(h2.version(), start, end).await;
             if let Ok(data) = &r {
                 for i in a..=b {
-                    let from = ((i - a) * bs) as usize;
-                    let to = (from + bs as usize).min(data.len());
-                    cache.insert(key2(i), data.slice(from..to)).await;
+                    cache.insert(key2(i), block(data, i)).await;
                 }
             }
             let mut m = registry.lock().unwrap();
@@ -776,15 +784,9 @@ impl Fs {
         .shared();
         (a..=b)
             .map(|i| {
-                let from = ((i - a) * bs) as usize;
                 let f: SharedFetch = span
                     .clone()
-                    .map(move |r| {
-                        r.map(|d| {
-                            let to = (from + bs as usize).min(d.len());
-                            d.slice(from..to)
-                        })
-                    })
+                    .map(move |r| r.map(|d| block(&d, i)))
                     .boxed()
                     .shared();
                 inflight.insert(key(i), f.clone());
