@@ -178,12 +178,14 @@ mod tests {
         // Old blocks read twice must not keep new blocks out (TinyLFU would).
         let c = MemoryCache::new(8 << 20);
         for i in 0..8 {
-            c.insert(key(i), Block::whole(Bytes::from(vec![0u8; 1 << 20]))).await;
+            c.insert(key(i), Block::whole(Bytes::from(vec![0u8; 1 << 20])))
+                .await;
             c.get(&key(i)).await;
             c.get(&key(i)).await;
         }
         for i in 100..104 {
-            c.insert(key(i), Block::whole(Bytes::from(vec![1u8; 1 << 20]))).await;
+            c.insert(key(i), Block::whole(Bytes::from(vec![1u8; 1 << 20])))
+                .await;
         }
         c.inner.run_pending_tasks().await;
         for i in 100..104 {
@@ -195,12 +197,14 @@ mod tests {
     async fn bounded_by_bytes() {
         let c = MemoryCache::new(4 << 20);
         for i in 0..64 {
-            c.insert(key(i), Block::whole(Bytes::from(vec![0u8; 1 << 20]))).await;
+            c.insert(key(i), Block::whole(Bytes::from(vec![0u8; 1 << 20])))
+                .await;
             assert!(c.weighted_size() <= 5 << 20, "{}", c.weighted_size());
         }
         c.inner.run_pending_tasks().await;
         assert!(c.weighted_size() <= 4 << 20, "{}", c.weighted_size());
-        c.insert(key(1000), Block::whole(Bytes::from_static(b"x"))).await;
+        c.insert(key(1000), Block::whole(Bytes::from_static(b"x")))
+            .await;
         assert_eq!(c.get(&key(1000)).await.unwrap().as_slice(), b"x");
         assert!(c.get(&key(1001)).await.is_none());
         assert_eq!(c.stats().hits.load(Ordering::Relaxed), 1);

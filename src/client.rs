@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 pub mod fake;
 pub mod gcs;
+pub mod pool;
 
 use std::time::SystemTime;
 
@@ -17,6 +18,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use error::ClientError;
+
+/// The largest ranged GET the filesystem makes (a run of missing blocks is split at this
+/// size); receive buffers of exactly this size are recycled (see [`pool`]).
+pub const FULL_REQUEST: u64 = 4 << 20;
 
 /// What a listing or a metadata call tells us about one object version.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -73,7 +73,7 @@ impl Default for FsConfig {
             block_size: 32 << 10,
             readahead_min: 1 << 20,
             readahead_max: 32 << 20,
-            max_request: 4 << 20,
+            max_request: crate::client::FULL_REQUEST,
             small_object: 4 << 20,
             prefetch_budget: 64 << 20,
             metadata_ttl: None,

@@ -16,6 +16,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 
 use super::auth::TokenSource;
+use super::pool::{BufferPool, PoolBuf};
 use super::{
     ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta, ObjectVersion, parse_crc32c,
 };
@@ -158,6 +159,8 @@ pub struct GcsClient {
     tokens: TokenSource,
     objects_url: String,
     pub stats: Arc<ClientStats>,
+    /// Recycled receive buffers for full-size media requests.
+    pool: Arc<BufferPool>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -194,6 +197,8 @@ impl GcsClient {
             tokens,
             objects_url,
             stats: Arc::default(),
+            // 8 x 4 MiB waiting at most: 32 MiB, within the memory slack `--cache-size` allows.
+            pool: BufferPool::new(super::FULL_REQUEST as usize, 8),
         })
     }
 
@@ -208,6 +213,7 @@ impl GcsClient {
             tokens: self.tokens.clone(),
             objects_url: self.objects_url.clone(),
             stats: self.stats.clone(),
+            pool: self.pool.clone(),
         }
     }
 
@@ -325,7 +331,7 @@ impl GcsClient {
         what: &str,
         obj: ObjectVersion<'_>,
         (start, end): (u64, u64),
-        buf: &mut BytesMut,
+        buf: &mut PoolBuf,
     ) -> Result<(), ClientError> {
         let pos = start + buf.len() as u64;
         let status = resp.status();
@@ -722,7 +728,7 @@ impl ObjectClient for GcsClient {
             ],
         )?;
         let whole = start == 0 && end == obj.size;
-        let mut buf = BytesMut::with_capacity((end - start) as usize);
+        let mut buf = self.pool.take((end - start) as usize);
         let mut backoff = Backoff::new(&self.cfg.retry);
         loop {
             backoff.attempt += 1;
@@ -748,7 +754,7 @@ impl ObjectClient for GcsClient {
                 && whole
                 && let Some(want) = obj.crc32c
             {
-                let got = crc32c::crc32c(&buf);
+                let got = crc32c::crc32c(buf.as_slice());
                 if got != want {
                     self.stats
                         .checksum_mismatches
