@@ -153,6 +153,9 @@ pub struct Fs {
     /// While a bulk load runs, lookups in directories it has not finished are answered by a
     /// targeted request instead of a listing of the whole parent.
     bulk_loading: std::sync::atomic::AtomicBool,
+    /// Signalled after each page of the bulk load (and at its end), for readdirs waiting for
+    /// the load to reach their directory.
+    bulk_progress: tokio::sync::Notify,
     /// Called when an object is seen to have changed under the mount (snapshot invalidation).
     #[allow(clippy::type_complexity)]
     on_change: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
@@ -176,6 +179,7 @@ impl Fs {
             inflight: Arc::default(),
             stats: FsStats::default(),
             bulk_loading: Default::default(),
+            bulk_progress: Default::default(),
             on_change: Mutex::default(),
         }
     }
@@ -193,9 +197,9 @@ impl Fs {
         &self.client
     }
 
-    /// Adds one listed object to the inode table. Returns its path relative to the mount
-    /// root, or None when it is outside the prefix or cannot be shown.
-    fn insert_meta(&self, m: &crate::client::ObjectMeta) -> Option<String> {
+    /// Adds one listed object to the inode table. Returns its inode and its path relative to
+    /// the mount root, or None when it is outside the prefix or cannot be shown.
+    fn insert_meta<'a>(&self, m: &'a crate::client::ObjectMeta) -> Option<(Ino, &'a str)> {
         let rel = m.name.strip_prefix(&self.cfg.prefix)?;
         if rel.is_empty() {
             return None;
@@ -206,7 +210,7 @@ impl Fs {
             generation: m.generation,
         };
         match self.inodes.insert_object(rel, info) {
-            Ok(_) => Some(rel.to_string()),
+            Ok(ino) => Some((ino, rel)),
             Err(why) => {
                 tracing::warn!(object = %m.name, "skipping object: {why}");
                 None
@@ -299,8 +303,8 @@ impl Fs {
                 // The placeholder object of this very directory.
                 continue;
             }
-            if let Some(rel) = self.insert_meta(m) {
-                present.insert(leaf_name(&rel).to_string());
+            if let Some((_, rel)) = self.insert_meta(m) {
+                present.insert(leaf_name(rel).to_string());
             }
         }
         let present: std::collections::HashSet<&str> = present.iter().map(|s| s.as_str()).collect();
@@ -391,6 +395,7 @@ impl Fs {
         if v.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
+        self.await_bulk_load(ino).await;
         self.ensure_listed(ino).await?;
         self.entries_listed(ino).ok_or(FsError::NotDir)
     }
