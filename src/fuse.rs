@@ -379,6 +379,10 @@ impl Filesystem for FuseAdapter {
         }
     }
 
+    // Objects have no extended attributes. ENOSYS (not ENODATA) tells the kernel so once and
+    // for all: it then answers every later getxattr/listxattr itself (EOPNOTSUPP), and
+    // `ls -l`, which asks for ACLs and SELinux labels of each entry, costs no round trips
+    // (~20,000 per `ls -l` of a 6,500-entry directory otherwise).
     fn getxattr(
         &self,
         _req: &Request,
@@ -387,15 +391,11 @@ impl Filesystem for FuseAdapter {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::NO_XATTR);
+        reply.error(Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     // ---- everything that would change the bucket: EROFS ----
