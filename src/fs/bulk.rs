@@ -394,6 +394,60 @@ mod tests {
         assert_eq!(c.requests(), before);
     }
 
+    #[test]
+    fn a_range_marks_only_directories_wholly_inside_it() {
+        let fs = Fs::new(
+            FsConfig::default(),
+            Arc::new(FakeClient::new("b")),
+            Arc::new(MemoryCache::new(1 << 20)),
+        );
+        let names = [
+            "files/p10/p1000002/s1/a.dcm",
+            "files/p10/p1000002/s1/b.dcm",
+            "files/p10/p1000002/s2.txt",
+            "files/p10/p1000003/s3/a.dcm",
+            "files/p10/p1000004/empty/",
+            "files/p10/p1000005/s5/a.dcm",
+        ];
+        // The range starts inside p10 (p10/ and files/ began in the previous range) and ends
+        // inside p1000005/ (which the next range continues).
+        let mut closer = DirCloser::new("files/p10/p1000002/", Some("files/p10/p1000005/s5/b"));
+        for n in names {
+            let ino = fs
+                .inodes
+                .insert_object(
+                    n,
+                    crate::inode::FileInfo {
+                        size: 1,
+                        mtime: std::time::UNIX_EPOCH,
+                        generation: 1,
+                    },
+                )
+                .unwrap();
+            closer.seen(&fs, ino);
+        }
+        closer.finish(&fs);
+        let listed = |d: &str| fs.inodes.is_listed(fs.inodes.find_dir(d).unwrap());
+        for d in [
+            "files/p10/p1000002",
+            "files/p10/p1000002/s1",
+            "files/p10/p1000003",
+            "files/p10/p1000003/s3",
+            "files/p10/p1000004",
+            "files/p10/p1000004/empty",
+        ] {
+            assert!(listed(d), "{d} is wholly inside the range");
+        }
+        for d in [
+            "files",
+            "files/p10",
+            "files/p10/p1000005",
+            "files/p10/p1000005/s5",
+        ] {
+            assert!(!listed(d), "{d} continues outside the range");
+        }
+    }
+
     #[tokio::test]
     async fn prefix_mount_and_cap() {
         let c = Arc::new(FakeClient::new("b").with_page_cap(20));
