@@ -104,6 +104,15 @@ pub struct DirEntry {
     pub attr: Attr,
 }
 
+/// A directory entry borrowed from the inode table while a reply is filled.
+#[derive(Debug)]
+pub struct EntryRef<'a> {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub name: &'a str,
+    pub attr: Attr,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct StatFs {
     pub blocks: u64,
@@ -169,6 +178,9 @@ pub struct Fs {
     /// While a bulk load runs, lookups in directories it has not finished are answered by a
     /// targeted request instead of a listing of the whole parent.
     bulk_loading: std::sync::atomic::AtomicBool,
+    /// Signalled after each page of the bulk load (and at its end), for readdirs waiting for
+    /// the load to reach their directory.
+    bulk_progress: tokio::sync::Notify,
     /// Called when an object is seen to have changed under the mount (snapshot invalidation).
     #[allow(clippy::type_complexity)]
     on_change: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
@@ -193,6 +205,7 @@ impl Fs {
             stats: FsStats::default(),
             suspect: Mutex::default(),
             bulk_loading: Default::default(),
+            bulk_progress: Default::default(),
             on_change: Mutex::default(),
         }
     }
@@ -210,9 +223,9 @@ impl Fs {
         &self.client
     }
 
-    /// Adds one listed object to the inode table. Returns its path relative to the mount
-    /// root, or None when it is outside the prefix or cannot be shown.
-    fn insert_meta(&self, m: &crate::client::ObjectMeta) -> Option<String> {
+    /// Adds one listed object to the inode table. Returns its inode and its path relative to
+    /// the mount root, or None when it is outside the prefix or cannot be shown.
+    fn insert_meta<'a>(&self, m: &'a crate::client::ObjectMeta) -> Option<(Ino, &'a str)> {
         let rel = m.name.strip_prefix(&self.cfg.prefix)?;
         if rel.is_empty() {
             return None;
@@ -224,7 +237,7 @@ impl Fs {
             crc32c: m.crc32c,
         };
         match self.inodes.insert_object(rel, info) {
-            Ok(_) => Some(rel.to_string()),
+            Ok(ino) => Some((ino, rel)),
             Err(why) => {
                 tracing::warn!(object = %m.name, "skipping object: {why}");
                 None
@@ -317,8 +330,8 @@ impl Fs {
                 // The placeholder object of this very directory.
                 continue;
             }
-            if let Some(rel) = self.insert_meta(m) {
-                present.insert(leaf_name(&rel).to_string());
+            if let Some((_, rel)) = self.insert_meta(m) {
+                present.insert(leaf_name(rel).to_string());
             }
         }
         let present: std::collections::HashSet<&str> = present.iter().map(|s| s.as_str()).collect();
@@ -335,12 +348,10 @@ impl Fs {
         }
         let mut asked = false;
         loop {
-            match self.inodes.lookup(parent, name) {
-                Lookup::Found(v) => return Ok(self.attr_of(&v)),
-                Lookup::Absent => return Err(FsError::NotFound),
-                Lookup::NotDir => return Err(FsError::NotDir),
-                Lookup::Unknown if asked => return Err(FsError::NotFound),
-                Lookup::Unknown => {
+            match self.lookup_cached(parent, name) {
+                Some(r) => return r,
+                None if asked => return Err(FsError::NotFound),
+                None => {
                     if self.bulk_loading.load(Ordering::Relaxed) {
                         self.targeted_lookup(parent, name).await?;
                     } else {
@@ -349,6 +360,17 @@ impl Fs {
                     asked = true;
                 }
             }
+        }
+    }
+
+    /// `lookup` answered from memory; None when the answer needs a request (the parent is
+    /// not listed and does not hold the name).
+    pub fn lookup_cached(&self, parent: Ino, name: &str) -> Option<Result<Attr, FsError>> {
+        match self.inodes.lookup(parent, name) {
+            Lookup::Found(v) => Some(Ok(self.attr_of(&v))),
+            Lookup::Absent => Some(Err(FsError::NotFound)),
+            Lookup::NotDir => Some(Err(FsError::NotDir)),
+            Lookup::Unknown => None,
         }
     }
 
@@ -404,6 +426,7 @@ impl Fs {
         if v.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
+        self.await_bulk_load(ino).await;
         self.ensure_listed(ino).await?;
         self.entries_listed(ino).ok_or(FsError::NotDir)
     }
@@ -442,6 +465,58 @@ impl Fs {
             });
         }
         Some(entries)
+    }
+
+    /// Calls `add(next_offset, entry)` for the entries of a listed directory from index
+    /// `offset` on (`.`, `..`, then children in name order) until it returns true (the reply
+    /// is full). Answers from the inode table without copying the directory, which matters
+    /// when a tree walk reads ~300,000 directories. None when the directory needs a listing
+    /// first (or is not a directory).
+    pub fn entries_from(
+        &self,
+        ino: Ino,
+        offset: u64,
+        mut add: impl FnMut(u64, EntryRef<'_>) -> bool,
+    ) -> Option<()> {
+        if !self.inodes.is_listed(ino) {
+            return None;
+        }
+        let v = self.inodes.get(ino)?;
+        if v.kind != Kind::Dir {
+            return None;
+        }
+        let dots = [
+            (".", self.attr_of(&v)),
+            (
+                "..",
+                self.getattr(if ino == ROOT { ROOT } else { v.parent })
+                    .ok()?,
+            ),
+        ];
+        let mut next = offset;
+        for (name, attr) in dots.into_iter().skip(offset as usize) {
+            next += 1;
+            let e = EntryRef {
+                ino: attr.ino,
+                kind: Kind::Dir,
+                name,
+                attr,
+            };
+            if add(next, e) {
+                return Some(());
+            }
+        }
+        let skip = offset.saturating_sub(2) as usize;
+        self.inodes.visit_children(ino, skip, &mut |name, child| {
+            next += 1;
+            let e = EntryRef {
+                ino: child.ino,
+                kind: child.kind,
+                name,
+                attr: self.attr_of(&child),
+            };
+            add(next, e)
+        })
     }
 
     /// Opens a directory: lists it if needed and snapshots its entries, so readdir offsets
@@ -898,6 +973,46 @@ mod tests {
         // placeholder object is a directory
         assert_eq!(path(&fs, "dir/placeholder").await.unwrap().kind, Kind::Dir);
         assert!(matches!(path(&fs, "top.txt/x").await, Err(FsError::NotDir)));
+    }
+
+    #[tokio::test]
+    async fn entries_from_pages_by_offset_without_io() {
+        let (c, fs) = setup("");
+        let many = path(&fs, "dir/many").await.unwrap();
+        let all: Vec<String> = fs
+            .entries(many.ino)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.name.to_string())
+            .collect();
+        let before = c.requests();
+        // Pages of 5, each resumed at the offset the previous page handed out.
+        let (mut got, mut offset) = (Vec::new(), 0);
+        loop {
+            let mut page = Vec::new();
+            fs.entries_from(many.ino, offset, |next, e| {
+                if page.len() == 5 {
+                    return true;
+                }
+                page.push(e.name.to_string());
+                offset = next;
+                false
+            })
+            .unwrap();
+            if page.is_empty() {
+                break;
+            }
+            got.extend(page);
+        }
+        assert_eq!(got, all);
+        assert_eq!(&got[..3], [".", "..", "f000"]);
+        assert_eq!(c.requests(), before);
+        // A directory not listed yet needs a listing: None.
+        let sub = path(&fs, "dir").await.unwrap();
+        let d = fs.lookup(sub.ino, "sub").await.unwrap();
+        assert!(fs.entries_from(d.ino, 0, |_, _| false).is_none());
+        assert!(fs.lookup_cached(d.ino, "x").is_none());
     }
 
     #[tokio::test]

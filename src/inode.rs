@@ -297,6 +297,27 @@ impl InodeTable {
         }
     }
 
+    /// Calls `f(name, child)` for the children of `dir` in name order, skipping the first
+    /// `skip`, until it returns true. Holds the read lock throughout, so `f` must be quick.
+    /// None when `dir` is not a directory.
+    pub fn visit_children(
+        &self,
+        dir: Ino,
+        skip: usize,
+        f: &mut dyn FnMut(&str, NodeView) -> bool,
+    ) -> Option<()> {
+        let nodes = self.inner.read().unwrap();
+        let NodeData::Dir { children, .. } = &nodes.get(dir as usize)?.data else {
+            return None;
+        };
+        for (name, &ino) in children.iter().skip(skip) {
+            if f(name, view(ino, &nodes[ino as usize])) {
+                break;
+            }
+        }
+        Some(())
+    }
+
     /// The node's path relative to the mount root: `a/b` for a file, `a/b/` for a directory,
     /// `` for the root. Prepend the mount prefix to get the object name or listing prefix.
     pub fn rel_path(&self, ino: Ino) -> String {

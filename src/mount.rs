@@ -293,7 +293,10 @@ impl Mounted {
         } else {
             fuser::SessionACL::Owner
         };
-        config.n_threads = Some(2);
+        // One FUSE thread: it never waits on the network (reads are answered by tokio tasks,
+        // metadata from memory), and a tree walk, one request at a time, ran 20-30% faster
+        // with one thread than with two (fewer cross-CPU wakeups on a 2-core VM).
+        config.n_threads = Some(1);
         config.clone_fd = true;
 
         let mp2 = mountpoint.clone();

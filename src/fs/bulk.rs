@@ -5,6 +5,12 @@
 //! depth, so the whole tree costs about one request per 1,000 objects. To go fast the key
 //! space is cut into contiguous ranges (`startOffset`/`endOffset`) at the first levels of
 //! prefixes (for MIMIC-CXR: `files/p10/` … `files/p19/`), listed in parallel.
+//!
+//! A flat listing returns names in order, so a directory is complete as soon as its range's
+//! listing has moved past it: it is marked listed then, not at the end of the whole load, and
+//! a tree walk that starts right after mounting follows the load instead of listing each
+//! directory itself. A readdir of a directory the load has not reached waits for it a little
+//! (see [`BULK_WAIT`]) before listing the directory on its own.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,10 +52,79 @@ pub struct BulkStats {
     pub complete: bool,
 }
 
+/// How long a readdir waits for the bulk load to reach its directory before listing it on
+/// its own: a whole load takes seconds, but the range front passes a directory within a page
+/// or two once a walk has caught up with it.
+pub const BULK_WAIT: Duration = Duration::from_secs(1);
+
 struct LoadingFlag<'a>(&'a Fs);
 impl Drop for LoadingFlag<'_> {
     fn drop(&mut self) {
         self.0.bulk_loading.store(false, Ordering::Relaxed);
+        self.0.bulk_progress.notify_waiters();
+    }
+}
+
+/// Follows one key range's flat listing and marks each directory listed once the listing has
+/// moved past it. `open` holds the directories containing the last name seen, from the top,
+/// each with its full prefix when the directory lies wholly at or after the range start
+/// (only such a directory can be complete from this range alone).
+struct DirCloser {
+    start: String,
+    end: Option<String>,
+    open: Vec<(u64, Option<String>)>,
+}
+
+impl DirCloser {
+    fn new(start: &str, end: Option<&str>) -> Self {
+        DirCloser {
+            start: start.to_string(),
+            end: end.map(str::to_string),
+            open: Vec::new(),
+        }
+    }
+
+    /// A name was listed and inserted as inode `ino`: directories not containing it are done.
+    fn seen(&mut self, fs: &Fs, ino: u64) {
+        let Some(v) = fs.inodes.get(ino) else { return };
+        let mut chain = Vec::new();
+        let mut cur = if v.kind == Kind::Dir { ino } else { v.parent };
+        while cur != ROOT && cur != 0 {
+            chain.push(cur);
+            cur = fs.inodes.get(cur).map_or(0, |n| n.parent);
+        }
+        chain.reverse();
+        let keep = self
+            .open
+            .iter()
+            .zip(&chain)
+            .take_while(|((a, _), b)| a == *b)
+            .count();
+        for (dir, prefix) in self.open.drain(keep..) {
+            if prefix.is_some() {
+                fs.inodes.mark_listed(dir);
+            }
+        }
+        for &dir in &chain[keep..] {
+            let prefix = format!("{}{}", fs.cfg.prefix, fs.inodes.rel_path(dir));
+            let whole = prefix.as_str() >= self.start.as_str();
+            self.open.push((dir, whole.then_some(prefix)));
+        }
+    }
+
+    /// The range is listed to its end: directories still open are done if they end within it.
+    fn finish(self, fs: &Fs) {
+        for (dir, prefix) in self.open {
+            let Some(p) = prefix else { continue };
+            let inside = match (&self.end, prefix_end(&p)) {
+                (None, _) => true,
+                (Some(end), Some(pe)) => pe <= *end,
+                (Some(_), None) => false,
+            };
+            if inside {
+                fs.inodes.mark_listed(dir);
+            }
+        }
     }
 }
 
@@ -134,6 +209,7 @@ impl Fs {
                 ..Default::default()
             };
             let mut tokens = std::collections::HashSet::new();
+            let mut closer = DirCloser::new(start, end.as_deref());
             loop {
                 if objects.load(Ordering::Relaxed) > opts.max_objects {
                     return Ok::<bool, FsError>(false);
@@ -141,7 +217,9 @@ impl Fs {
                 requests.fetch_add(1, Ordering::Relaxed);
                 let page = self.client.list_page(&req).await?;
                 for m in &page.items {
-                    self.insert_meta(m);
+                    if let Some((ino, _)) = self.insert_meta(m) {
+                        closer.seen(self, ino);
+                    }
                 }
                 objects.fetch_add(page.items.len() as u64, Ordering::Relaxed);
                 match page.next_page_token {
@@ -151,8 +229,13 @@ impl Fs {
                             "flat listing repeated a nextPageToken".into(),
                         )));
                     }
-                    None => return Ok(true),
+                    None => {
+                        closer.finish(self);
+                        self.bulk_progress.notify_waiters();
+                        return Ok(true);
+                    }
                 }
+                self.bulk_progress.notify_waiters();
             }
         }))
         .await;
@@ -175,6 +258,23 @@ impl Fs {
             elapsed: started.elapsed(),
             complete,
         })
+    }
+
+    /// While a bulk load runs and has not reached directory `dir`, waits for it (at most
+    /// [`BULK_WAIT`]), so a readdir costs no listing of its own.
+    pub(super) async fn await_bulk_load(&self, dir: u64) {
+        let deadline = tokio::time::Instant::now() + BULK_WAIT;
+        loop {
+            let progress = self.bulk_progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if !self.bulk_loading.load(Ordering::Relaxed) || self.inodes.is_listed(dir) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, progress).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Child directories of `dir` as (inode, path relative to the mount root with a trailing `/`).
@@ -251,6 +351,101 @@ mod tests {
             Err(FsError::NotFound)
         ));
         assert_eq!(c.requests(), before);
+    }
+
+    #[tokio::test]
+    async fn directories_are_listed_as_the_listing_passes_them() {
+        let c = Arc::new(FakeClient::new("b").with_page_cap(20));
+        mimic_like(&c);
+        let fs = Arc::new(Fs::new(
+            FsConfig::default(),
+            c.clone(),
+            Arc::new(MemoryCache::new(1 << 20)),
+        ));
+        // Stopped early: one page per range, nothing marked by the end of the whole load.
+        let st = fs
+            .bulk_load(&BulkOptions {
+                max_objects: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(!st.complete);
+        let t = fs.inodes();
+        // The first range's first page: the 3 top-level names, then 17 of files/p10/ (3 per
+        // subject): subjects 0..5 are complete, the one it stopped in and p10 itself are not.
+        for s in 0..5 {
+            let subj = t.find_dir(&format!("files/p10/p10{s:06}")).unwrap();
+            assert!(t.is_listed(subj), "subject {s}");
+            assert!(
+                t.is_listed(
+                    t.find_dir(&format!("files/p10/p10{s:06}/s5{s:07}"))
+                        .unwrap()
+                )
+            );
+        }
+        assert!(!t.is_listed(t.find_dir("files/p10/p10000005").unwrap()));
+        assert!(!t.is_listed(t.find_dir("files/p10").unwrap()));
+        // A listed directory answers from memory, misses included.
+        let before = c.requests();
+        let subj = t.find_dir("files/p10/p10000002").unwrap();
+        assert!(fs.lookup_cached(subj, "nope").is_some());
+        assert_eq!(fs.entries(subj).await.unwrap().len(), 4);
+        assert_eq!(c.requests(), before);
+    }
+
+    #[test]
+    fn a_range_marks_only_directories_wholly_inside_it() {
+        let fs = Fs::new(
+            FsConfig::default(),
+            Arc::new(FakeClient::new("b")),
+            Arc::new(MemoryCache::new(1 << 20)),
+        );
+        let names = [
+            "files/p10/p1000002/s1/a.dcm",
+            "files/p10/p1000002/s1/b.dcm",
+            "files/p10/p1000002/s2.txt",
+            "files/p10/p1000003/s3/a.dcm",
+            "files/p10/p1000004/empty/",
+            "files/p10/p1000005/s5/a.dcm",
+        ];
+        // The range starts inside p10 (p10/ and files/ began in the previous range) and ends
+        // inside p1000005/ (which the next range continues).
+        let mut closer = DirCloser::new("files/p10/p1000002/", Some("files/p10/p1000005/s5/b"));
+        for n in names {
+            let ino = fs
+                .inodes
+                .insert_object(
+                    n,
+                    crate::inode::FileInfo {
+                        size: 1,
+                        mtime: std::time::UNIX_EPOCH,
+                        generation: 1,
+                    },
+                )
+                .unwrap();
+            closer.seen(&fs, ino);
+        }
+        closer.finish(&fs);
+        let listed = |d: &str| fs.inodes.is_listed(fs.inodes.find_dir(d).unwrap());
+        for d in [
+            "files/p10/p1000002",
+            "files/p10/p1000002/s1",
+            "files/p10/p1000003",
+            "files/p10/p1000003/s3",
+            "files/p10/p1000004",
+            "files/p10/p1000004/empty",
+        ] {
+            assert!(listed(d), "{d} is wholly inside the range");
+        }
+        for d in [
+            "files",
+            "files/p10",
+            "files/p10/p1000005",
+            "files/p10/p1000005/s5",
+        ] {
+            assert!(!listed(d), "{d} continues outside the range");
+        }
     }
 
     #[tokio::test]
