@@ -342,10 +342,6 @@ impl Fs {
     }
 
     pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Attr, FsError> {
-        if name.len() > 255 {
-            // No such name can be shown (objects with one are skipped): say why, not ENOENT.
-            return Err(FsError::NameTooLong);
-        }
         let mut asked = false;
         loop {
             match self.lookup_cached(parent, name) {
@@ -366,6 +362,10 @@ impl Fs {
     /// `lookup` answered from memory; None when the answer needs a request (the parent is
     /// not listed and does not hold the name).
     pub fn lookup_cached(&self, parent: Ino, name: &str) -> Option<Result<Attr, FsError>> {
+        if name.len() > 255 {
+            // No such name can be shown (objects with one are skipped): say why, not ENOENT.
+            return Some(Err(FsError::NameTooLong));
+        }
         match self.inodes.lookup(parent, name) {
             Lookup::Found(v) => Some(Ok(self.attr_of(&v))),
             Lookup::Absent => Some(Err(FsError::NotFound)),

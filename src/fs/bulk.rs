@@ -421,6 +421,7 @@ mod tests {
                         size: 1,
                         mtime: std::time::UNIX_EPOCH,
                         generation: 1,
+                        crc32c: None,
                     },
                 )
                 .unwrap();
