@@ -127,6 +127,25 @@ fn fault_total(s: &serde_json::Value) -> u64 {
         .sum()
 }
 
+/// A mount of the JPG bucket for the fault tests: no snapshot, a 1 s stall timeout (the
+/// testbed's stalls last 60 s, so only the timeout can rescue a read), metrics on. Returns the
+/// mount and its metrics address.
+fn fault_mount(tb: &TestbedProc) -> (Mount, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let args = tb.mount_args(
+        JPG,
+        &[
+            "--metadata-cache",
+            "off",
+            "--stall-timeout",
+            "1s",
+            "--metrics-addr",
+            &addr,
+        ],
+    );
+    (Mount::start_with(&args, &[]), addr)
+}
+
 /// The soak test of #6: 5% 503/429, 2% resets mid-body, 1% truncated bodies, 1% stalls and
 /// random latency, 8 parallel readers over 1,000 files plus big ranged objects: every SHA-256
 /// matches, no read fails.
@@ -160,21 +179,7 @@ fn soak_with_faults_every_byte_right() {
         sums.push((direct_sha(&tb, JPG, b), b.clone()));
     }
 
-    let addr = format!("127.0.0.1:{}", free_port());
-    let m = Mount::start_with(
-        &tb.mount_args(
-            JPG,
-            &[
-                "--metadata-cache",
-                "off",
-                "--stall-timeout",
-                "1s",
-                "--metrics-addr",
-                &addr,
-            ],
-        ),
-        &[],
-    );
+    let (m, addr) = fault_mount(&tb);
     knobs(
         &tb,
         r#"{"fail_rate":0.05,"reset_rate":0.02,"truncate_rate":0.01,"stall_rate":0.01,
@@ -262,21 +267,7 @@ fn each_fault_alone() {
         .collect();
     let per = jpgs.len() / rounds.len();
     assert!(per >= 30, "{} JPGs for {} rounds", jpgs.len(), rounds.len());
-    let addr = format!("127.0.0.1:{}", free_port());
-    let m = Mount::start_with(
-        &tb.mount_args(
-            JPG,
-            &[
-                "--metadata-cache",
-                "off",
-                "--stall-timeout",
-                "1s",
-                "--metrics-addr",
-                &addr,
-            ],
-        ),
-        &[],
-    );
+    let (m, addr) = fault_mount(&tb);
     for (i, (name, knob, counter)) in rounds.iter().enumerate() {
         let big = format!("big/{i}.bin");
         let mut sums = jpgs[i * per..(i + 1) * per].to_vec();
