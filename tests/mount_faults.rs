@@ -17,27 +17,6 @@ use common::*;
 
 const JPG: &str = "mimic-cxr-jpg-2.1.0.physionet.org";
 
-/// POSTs `body` (JSON) to the testbed's fault knobs.
-fn knobs(tb: &TestbedProc, body: &str) {
-    let r = http_post(&format!("{}/_testbed/faults", tb.endpoint), body);
-    assert_eq!(r.status, 200, "POST /_testbed/faults {body}: {}", r.text());
-}
-
-fn tb_stats(tb: &TestbedProc) -> serde_json::Value {
-    http_get(&format!("{}/_testbed/stats", tb.endpoint), &[]).json()
-}
-
-/// One physiofs counter from its Prometheus endpoint.
-fn metric(addr: &str, name: &str) -> u64 {
-    let text = http_get(&format!("http://{addr}/metrics"), &[]).text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("physiofs_{name} ")))
-        .unwrap_or_else(|| panic!("no physiofs_{name} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// `(sha256, name)` of every model file, from SHA256SUMS.txt fetched directly.
 fn model_sums(tb: &TestbedProc, bucket: &str) -> Vec<(String, String)> {
     let r = http_get(
@@ -48,12 +27,7 @@ fn model_sums(tb: &TestbedProc, bucket: &str) -> Vec<(String, String)> {
         &[],
     );
     assert_eq!(r.status, 200);
-    let sums: Vec<(String, String)> = r
-        .text()
-        .lines()
-        .filter_map(|l| l.split_once("  "))
-        .map(|(h, n)| (h.to_string(), n.to_string()))
-        .collect();
+    let sums = parse_sums(&r.text());
     assert!(sums.len() > 100, "SHA256SUMS.txt has {} lines", sums.len());
     sums
 }
@@ -180,16 +154,15 @@ fn soak_with_faults_every_byte_right() {
     }
 
     let (m, addr) = fault_mount(&tb);
-    knobs(
-        &tb,
+    tb.set_faults(
         r#"{"fail_rate":0.05,"reset_rate":0.02,"truncate_rate":0.01,"stall_rate":0.01,
             "stall_duration":"60s","latency_jitter":"20ms","first_byte_latency":"2ms"}"#,
     );
     let t0 = Instant::now();
     let bad = check_sums(&m.path, &sums, 8);
     let took = t0.elapsed();
-    knobs(&tb, r#"{"reset":true}"#);
-    let s = tb_stats(&tb);
+    tb.set_faults(r#"{"reset":true}"#);
+    let s = tb.stats();
     let injected = fault_total(&s);
     eprintln!(
         "SOAK: {} files read by 8 readers in {took:.1?}; faults injected {} ({}); \
@@ -197,9 +170,9 @@ fn soak_with_faults_every_byte_right() {
         sums.len(),
         injected,
         s["faults"],
-        metric(&addr, "retries_total"),
-        metric(&addr, "resumes_total"),
-        metric(&addr, "checksum_mismatches_total"),
+        prometheus_metric(&addr, "retries_total"),
+        prometheus_metric(&addr, "resumes_total"),
+        prometheus_metric(&addr, "checksum_mismatches_total"),
     );
     assert!(
         bad.is_empty(),
@@ -211,7 +184,10 @@ fn soak_with_faults_every_byte_right() {
     for k in ["fail_429", "fail_503", "reset", "truncate", "stall"] {
         assert!(s["faults"][k].as_u64().unwrap() > 0, "no {k} injected: {s}");
     }
-    assert!(metric(&addr, "resumes_total") > 0, "no body was resumed");
+    assert!(
+        prometheus_metric(&addr, "resumes_total") > 0,
+        "no body was resumed"
+    );
     assert!(
         !fs::read_to_string(m.stderr_path()).unwrap().contains("EIO"),
         "{}",
@@ -277,13 +253,13 @@ fn each_fault_alone() {
         if *name != "corrupt" {
             sums.push((direct_sha(&tb, JPG, &big), big));
         }
-        let before_tb = fault_total(&tb_stats(&tb));
-        let before = metric(&addr, counter);
-        knobs(&tb, knob);
+        let before_tb = fault_total(&tb.stats());
+        let before = prometheus_metric(&addr, counter);
+        tb.set_faults(knob);
         let bad = check_sums(&m.path, &sums, 4);
-        knobs(&tb, r#"{"reset":true}"#);
-        let injected = fault_total(&tb_stats(&tb)) - before_tb;
-        let after = metric(&addr, counter);
+        tb.set_faults(r#"{"reset":true}"#);
+        let injected = fault_total(&tb.stats()) - before_tb;
+        let after = prometheus_metric(&addr, counter);
         eprintln!(
             "FAULT {name}: {} files, {injected} faults injected, {counter} {before} -> {after}",
             sums.len()
@@ -321,7 +297,7 @@ fn corrupt_big_object_is_never_read_silently() {
         &[],
     );
     let path = m.join("big/c.bin");
-    knobs(&tb, r#"{"corrupt_rate":1.0}"#);
+    tb.set_faults(r#"{"corrupt_rate":1.0}"#);
     let err = mount_sha(&path).expect_err("a corrupted object was read without an error");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     // `cat` (a real client) sees the error too, and exits non-zero.
@@ -334,20 +310,20 @@ fn corrupt_big_object_is_never_read_silently() {
         !out.status.success(),
         "cat read a corrupted object to the end"
     );
-    assert!(metric(&addr, "verify_failures_total") >= 2);
+    assert!(prometheus_metric(&addr, "verify_failures_total") >= 2);
     let log = fs::read_to_string(m.stderr_path()).unwrap();
     assert!(
         log.lines()
             .any(|l| l.contains("CRC32C") && l.contains("big/c.bin")),
         "{log}"
     );
-    knobs(&tb, r#"{"corrupt_rate":0.0}"#);
+    tb.set_faults(r#"{"corrupt_rate":0.0}"#);
     assert_eq!(
         mount_sha(&path).unwrap(),
         want,
         "after the server recovered"
     );
-    assert!(metric(&addr, "objects_verified_total") >= 1);
+    assert!(prometheus_metric(&addr, "objects_verified_total") >= 1);
     // A second, warm read (kernel page cache) is still right.
     assert_eq!(mount_sha(&path).unwrap(), want);
     m.unmount();
@@ -400,7 +376,7 @@ fn malformed_answers_fail_cleanly_and_recover() {
     );
     for (i, (kind, errno)) in media.iter().enumerate() {
         let path = m.join(format!("big/{i}.bin"));
-        knobs(&tb, &format!(r#"{{"malformed":"{kind}"}}"#));
+        tb.set_faults(&format!(r#"{{"malformed":"{kind}"}}"#));
         // A ranged read in the middle (a 206 answer), then the whole file.
         let mut f = fs::File::open(&path).unwrap();
         let mut buf = vec![0u8; 65536];
@@ -410,7 +386,7 @@ fn malformed_answers_fail_cleanly_and_recover() {
         let err = f.read_to_end(&mut Vec::new()).expect_err(kind);
         assert_eq!(err.raw_os_error(), Some(*errno), "{kind}: {err}");
         drop(f);
-        knobs(&tb, r#"{"malformed":"none"}"#);
+        tb.set_faults(r#"{"malformed":"none"}"#);
         if *kind == "wrong-generation" {
             // The object "changed": the entry is refreshed; a new open reads the live version.
             std::thread::sleep(Duration::from_millis(200));
@@ -446,21 +422,21 @@ fn malformed_answers_fail_cleanly_and_recover() {
     assert!(dirs.len() >= listing.len());
     for (kind, d) in listing.iter().zip(&dirs) {
         let dir = m.join(format!("files/{d}"));
-        knobs(&tb, &format!(r#"{{"malformed":"{kind}"}}"#));
+        tb.set_faults(&format!(r#"{{"malformed":"{kind}"}}"#));
         let err = fs::read_dir(&dir)
             .and_then(|rd| rd.collect::<Result<Vec<_>, _>>())
             .expect_err(&format!("{kind}: listing succeeded"));
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{kind}: {err}");
-        knobs(&tb, r#"{"malformed":"none"}"#);
+        tb.set_faults(r#"{"malformed":"none"}"#);
         let n = fs::read_dir(&dir).unwrap().count();
         assert!(n > 0, "{kind}: empty after recovery");
     }
-    let s = tb_stats(&tb);
+    let s = tb.stats();
     assert!(s["faults"]["malformed"].as_u64().unwrap() >= 10, "{s}");
     m.unmount();
 
     // At mount time, a broken listing stops the mount with a message naming the cause.
-    knobs(&tb, r#"{"malformed":"bad-json"}"#);
+    tb.set_faults(r#"{"malformed":"bad-json"}"#);
     let (_d, mnt) = mountpoint_dir();
     let out = run_timeout(
         &mut physiofs_command(&tb.mount_args(bucket, &["--metadata-cache", "off"]), &mnt),
@@ -626,10 +602,10 @@ fn tokens_never_logged() {
         "trace".into(),
     ];
     let mut m = Mount::start_with(&args, &[]);
-    let sums: Vec<_> = model_sums_via(&m);
+    let sums: Vec<_> = parse_sums(&fs::read_to_string(m.join("SHA256SUMS.txt")).unwrap());
     let bad = check_sums(&m.path, &sums, 2);
     assert!(bad.is_empty(), "{}", bad.join("\n"));
-    let s = tb_stats(&tb);
+    let s = tb.stats();
     assert_eq!(
         s["responses"]["401"].as_u64().unwrap_or(0),
         0,
@@ -656,14 +632,4 @@ fn tokens_never_logged() {
     let key_line = private_key.lines().nth(3).unwrap();
     assert!(!log.contains(key_line), "the private key is in the log");
     assert!(!log.contains("assertion="), "the signed JWT is in the log");
-}
-
-/// SHA256SUMS.txt read through the mount itself.
-fn model_sums_via(m: &Mount) -> Vec<(String, String)> {
-    fs::read_to_string(m.join("SHA256SUMS.txt"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once("  "))
-        .map(|(h, n)| (h.to_string(), n.to_string()))
-        .collect()
 }

@@ -16,28 +16,6 @@ use physiofs::model::{DatasetModel, ModelConfig, ModelKind};
 const BUCKET: &str = "mimic-cxr-2.0.0.physionet.org";
 const PATIENTS: u32 = 400;
 
-fn stats(tb: &TestbedProc) -> serde_json::Value {
-    let r = http_get(&format!("{}/_testbed/stats", tb.endpoint), &[]);
-    serde_json::from_slice(&r.body).unwrap()
-}
-
-fn reset(tb: &TestbedProc) {
-    use std::io::Write;
-    let addr = tb.endpoint.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST /_testbed/stats/reset HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(
-        resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"),
-        "{resp}"
-    );
-}
-
 fn count(v: &serde_json::Value, kind: &str) -> u64 {
     v["requests"][kind].as_u64().unwrap()
 }
@@ -98,7 +76,7 @@ fn bulk_listing_snapshot_remount_and_zero_request_browsing() {
     let m = Mount::start_with(&tb.mount_args(BUCKET, &["--metadata-cache", snap]), &[]);
     let line = wait_loaded(&m);
     eprintln!("METADATA: {line}");
-    let listed = count(&stats(&tb), "list");
+    let listed = count(&tb.stats(), "list");
     // 1 probe + root + files/ + one range per pNN (each < 1,000 objects here) + pages.
     let budget = objects / 1000 + 1 + 2 + 10 + 2;
     assert!(
@@ -108,7 +86,7 @@ fn bulk_listing_snapshot_remount_and_zero_request_browsing() {
     assert_eq!(find_files(&m.path) as u64, objects);
 
     // Browsing the loaded tree costs no requests at all: find, ls -l, stat, misses.
-    reset(&tb);
+    tb.reset_stats();
     assert_eq!(find_files(&m.path) as u64, objects);
     let ls = Command::new("ls")
         .arg("-l")
@@ -118,7 +96,7 @@ fn bulk_listing_snapshot_remount_and_zero_request_browsing() {
     assert!(ls.status.success());
     assert!(!m.join("files/p10/p00000000").exists());
     assert!(!m.join("no-such-file.txt").exists());
-    let s = stats(&tb);
+    let s = tb.stats();
     assert_eq!(
         count(&s, "list") + count(&s, "get_meta") + count(&s, "get_media"),
         0,
@@ -129,10 +107,10 @@ fn bulk_listing_snapshot_remount_and_zero_request_browsing() {
     // Remount: the snapshot makes it ready with zero listings (one metadata GET proves access).
     let snaps: Vec<_> = fs::read_dir(snapdir.path()).unwrap().flatten().collect();
     assert_eq!(snaps.len(), 1, "one snapshot file");
-    reset(&tb);
+    tb.reset_stats();
     let m = Mount::start_with(&tb.mount_args(BUCKET, &["--metadata-cache", snap]), &[]);
     assert_eq!(find_files(&m.path) as u64, objects);
-    let s = stats(&tb);
+    let s = tb.stats();
     assert_eq!(count(&s, "list"), 0, "remount listed: {s}");
     assert!(count(&s, "get_meta") <= 1, "{s}");
     m.unmount();
@@ -141,11 +119,11 @@ fn bulk_listing_snapshot_remount_and_zero_request_browsing() {
     let path = snaps[0].path();
     let bytes = fs::read(&path).unwrap();
     fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    reset(&tb);
+    tb.reset_stats();
     let m = Mount::start_with(&tb.mount_args(BUCKET, &["--metadata-cache", snap]), &[]);
     wait_loaded(&m);
     assert_eq!(find_files(&m.path) as u64, objects);
-    assert!(count(&stats(&tb), "list") > 0);
+    assert!(count(&tb.stats(), "list") > 0);
     let log = fs::read_to_string(m.stderr_path()).unwrap();
     assert!(log.contains("ignoring metadata snapshot"), "{log}");
     m.unmount();
@@ -171,10 +149,10 @@ fn lazy_mode_lists_per_directory() {
         &tb.mount_args(BUCKET, &["--metadata", "lazy", "--metadata-cache", "off"]),
         &[],
     );
-    reset(&tb);
+    tb.reset_stats();
     let names: Vec<_> = fs::read_dir(m.join("files")).unwrap().flatten().collect();
     assert_eq!(names.len(), 10, "p10..p19");
-    let s = stats(&tb);
+    let s = tb.stats();
     assert!(count(&s, "list") <= 2, "lazy listing of one directory: {s}");
 }
 
@@ -213,7 +191,7 @@ fn header_reads_cost_one_request_and_metrics_are_served() {
     for o in &dicoms {
         assert!(m.join(&o.name).exists());
     }
-    reset(&tb);
+    tb.reset_stats();
     for o in &dicoms {
         let f = File::open(m.join(&o.name)).unwrap();
         let mut buf = vec![0u8; 16384];
@@ -222,7 +200,7 @@ fn header_reads_cost_one_request_and_metrics_are_served() {
         model.read_at(o, 0, &mut want);
         assert_eq!(buf, want, "{}", o.name);
     }
-    let s = stats(&tb);
+    let s = tb.stats();
     assert_eq!(
         count(&s, "get_media"),
         dicoms.len() as u64,
@@ -235,7 +213,7 @@ fn header_reads_cost_one_request_and_metrics_are_served() {
     );
 
     // A whole file read sequentially: exact bytes, few large requests.
-    reset(&tb);
+    tb.reset_stats();
     let o = &dicoms[0];
     let mut all = Vec::new();
     File::open(m.join(&o.name))
@@ -243,17 +221,11 @@ fn header_reads_cost_one_request_and_metrics_are_served() {
         .read_to_end(&mut all)
         .unwrap();
     assert_eq!(all, model.read_all(o));
-    let gets = count(&stats(&tb), "get_media");
+    let gets = count(&tb.stats(), "get_media");
     assert!(gets <= 12, "{gets} GETs for a {} byte file", o.size);
 
     let body = String::from_utf8(http_get(&format!("http://{addr}/metrics"), &[]).body).unwrap();
-    let metric = |name: &str| -> u64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("physiofs_{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
-            .parse()
-            .unwrap()
-    };
+    let metric = |name: &str| prometheus_metric(&addr, name);
     assert!(metric("get_requests_total") > dicoms.len() as u64);
     assert!(metric("read_bytes_total") >= o.size + 16384 * dicoms.len() as u64);
     assert!(metric("bytes_fetched_total") >= o.size);

@@ -1256,6 +1256,23 @@ impl TestbedProc {
         self.proc.pid()
     }
 
+    /// The testbed's counters (`GET /_testbed/stats`).
+    pub fn stats(&self) -> serde_json::Value {
+        http_get(&format!("{}/_testbed/stats", self.endpoint), &[]).json()
+    }
+
+    /// Zeroes the counters.
+    pub fn reset_stats(&self) {
+        let r = http_post(&format!("{}/_testbed/stats/reset", self.endpoint), "");
+        assert_eq!(r.status, 200, "stats reset: {}", r.text());
+    }
+
+    /// Changes fault knobs at runtime (`POST /_testbed/faults` with a JSON body).
+    pub fn set_faults(&self, json: &str) {
+        let r = http_post(&format!("{}/_testbed/faults", self.endpoint), json);
+        assert_eq!(r.status, 200, "POST /_testbed/faults {json}: {}", r.text());
+    }
+
     /// `--endpoint E --anonymous --billing-project test-project --bucket B EXTRA...` for
     /// `Mount::start_with`.
     pub fn mount_args(&self, bucket: &str, extra: &[&str]) -> Vec<OsString> {
@@ -1328,6 +1345,25 @@ pub fn http_get(url: &str, headers: &[(&str, &str)]) -> HttpResponse {
             elapsed: t0.elapsed(),
         }
     })
+}
+
+/// One counter (`physiofs_NAME`) from a mount's Prometheus endpoint at `addr`.
+pub fn prometheus_metric(addr: &str, name: &str) -> u64 {
+    let text = http_get(&format!("http://{addr}/metrics"), &[]).text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("physiofs_{name} ")))
+        .unwrap_or_else(|| panic!("no physiofs_{name} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `(sha256, name)` pairs of a `SHA256SUMS.txt` text.
+pub fn parse_sums(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(h, n)| (h.to_string(), n.to_string()))
+        .collect()
 }
 
 /// POST `body` (JSON) to `url`. Panics on a transport error.
