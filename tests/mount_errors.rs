@@ -59,6 +59,13 @@ fn unreachable_endpoint_fails_naming_it() {
         stderr.contains(&format!("127.0.0.1:{port}")),
         "stderr should name the endpoint {endpoint}:\n{stderr}"
     );
+    // The checks at mount time have their own small retry budget (4 attempts within 15 s);
+    // the read-time budget (20 attempts within 60 s) would keep the user waiting a minute.
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "gave up only after {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]
