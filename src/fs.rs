@@ -72,7 +72,7 @@ impl Default for FsConfig {
             attr_ttl: Duration::from_secs(24 * 3600),
             block_size: 32 << 10,
             readahead_min: 1 << 20,
-            readahead_max: 32 << 20,
+            readahead_max: 64 << 20,
             max_request: crate::client::FULL_REQUEST,
             small_object: 4 << 20,
             prefetch_budget: 64 << 20,
@@ -575,10 +575,10 @@ impl Fs {
                 poisoned: Default::default(),
                 object,
                 info,
-                readahead: Mutex::new(Readahead::new(
-                    self.cfg.readahead_min,
-                    self.cfg.readahead_max,
-                )),
+                readahead: Mutex::new(
+                    Readahead::new(self.cfg.readahead_min, self.cfg.readahead_max)
+                        .aligned(self.cfg.max_request),
+                ),
             }),
         );
         Ok(fh)
@@ -661,6 +661,32 @@ impl Fs {
         Ok(data)
     }
 
+    /// The reply to a buffered read of `[offset, offset + len)` through `fh` was delivered, so
+    /// the kernel's page cache now holds those bytes (objects are immutable per generation and
+    /// opened with FOPEN_KEEP_CACHE, so it keeps them across opens). The blocks the range
+    /// covers whole are dropped from our cache: keeping a second copy would only double the
+    /// memory a streaming reader uses, and dropping it lets the receive buffer it came in be
+    /// reused at once (`client::pool`) instead of faulting in fresh memory for every request.
+    /// Blocks read only in part stay, for the read that wants the rest.
+    pub async fn served(&self, fh: u64, offset: u64, len: u64) {
+        let Some(h) = self.handles.lock().unwrap().get(&fh).cloned() else {
+            return;
+        };
+        let bs = self.cfg.block_size;
+        let end = (offset + len).min(h.info.size);
+        let mut index = offset.div_ceil(bs);
+        while index * bs < end && ((index + 1) * bs).min(h.info.size) <= end {
+            self.cache
+                .remove(&BlockKey {
+                    object: h.object.clone(),
+                    generation: h.info.generation,
+                    index,
+                })
+                .await;
+            index += 1;
+        }
+    }
+
     /// Feeds served bytes to the handle's CRC32C check. A mismatch fails this read and every
     /// later one on the handle with EIO, and drops the object's cached blocks and its kernel
     /// page cache (at the next open), so a new open fetches and checks the file afresh.
@@ -716,12 +742,17 @@ impl Fs {
     }
 
     /// Fetches blocks `first..=last` ahead of the reader within the read-ahead budget.
+    ///
+    /// Requests are cut at multiples of `max_request` in the object, and read-ahead windows
+    /// end on such a multiple: a streaming reader then fetches the object in identical
+    /// full-size pieces, whose receive buffers are recycled (`client::pool`) instead of being
+    /// mapped, faulted in and zeroed afresh for every request.
     fn prefetch(&self, h: &Arc<Handle>, first: u64, last: u64) {
         let bs = self.cfg.block_size;
         let per_request = (self.cfg.max_request / bs).max(1);
         let mut start = first;
         while start <= last {
-            let stop = (start + per_request - 1).min(last);
+            let stop = ((start / per_request + 1) * per_request - 1).min(last);
             let n = (stop - start + 1) as u32;
             let Ok(permit) = self.prefetch_permits.clone().try_acquire_many_owned(n) else {
                 return; // over budget: the reader will fetch on demand
@@ -1044,6 +1075,52 @@ mod tests {
         assert!(matches!(fs.open(e.ino, true), Err(FsError::ReadOnly)));
         let d = path(&fs, "dir").await.unwrap();
         assert!(matches!(fs.open(d.ino, false), Err(FsError::IsDir)));
+    }
+
+    #[tokio::test]
+    async fn served_blocks_leave_the_cache_partial_ones_stay() {
+        // 1 MiB blocks; big.bin is 5 MiB + 123 bytes.
+        let (c, fs) = setup("");
+        let a = path(&fs, "big.bin").await.unwrap();
+        let fh = fs.open(a.ino, false).unwrap();
+        let key = |index| BlockKey {
+            object: Arc::from("big.bin"),
+            generation: fs.handles.lock().unwrap()[&fh].info.generation,
+            index,
+        };
+        let m = 1u64 << 20;
+        let got = fs.read(fh, m / 2, (2 * m) as u32).await.unwrap();
+        assert_eq!(got.len() as u64, 2 * m);
+        for i in 0..=2 {
+            assert!(
+                fs.cache.contains(&key(i)),
+                "block {i} cached after the read"
+            );
+        }
+        // The kernel got bytes 0.5..2.5 MiB: only block 1 was covered whole.
+        fs.served(fh, m / 2, 2 * m).await;
+        assert!(fs.cache.contains(&key(0)));
+        assert!(
+            !fs.cache.contains(&key(1)),
+            "a block served whole is dropped"
+        );
+        assert!(fs.cache.contains(&key(2)));
+        // The tail block counts as whole when served up to the end of the object.
+        let before = c.requests();
+        let tail = fs.read(fh, 5 * m, 4096).await.unwrap();
+        assert_eq!(tail.len(), 123);
+        fs.served(fh, 5 * m, 123).await;
+        assert!(!fs.cache.contains(&key(5)));
+        // A dropped block read again (O_DIRECT, or after the kernel evicted it) is fetched
+        // again, with the right bytes.
+        let again = fs.read(fh, m, m as u32).await.unwrap();
+        assert_eq!(
+            &again[..],
+            &data(5 * 1024 * 1024 + 123, 1)[m as usize..2 * m as usize]
+        );
+        assert!(c.requests() > before);
+        // An unknown handle is ignored.
+        fs.served(fh + 100, 0, m).await;
     }
 
     #[tokio::test]

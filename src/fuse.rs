@@ -270,14 +270,21 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         let fs = self.fs.clone();
+        // A buffered read lands in the kernel's page cache; an O_DIRECT one does not.
+        let buffered = flags.0 & libc::O_DIRECT == 0;
         self.rt.spawn(async move {
             match fs.read(fh.0, offset, size).await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => {
+                    reply.data(&data);
+                    if buffered {
+                        fs.served(fh.0, offset, data.len() as u64).await;
+                    }
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });

@@ -1,15 +1,20 @@
 //! Read-ahead decisions for one open file, as a pure state machine.
 //!
 //! A reader whose reads keep landing near the furthest byte read so far is sequential (the
-//! kernel issues read-ahead requests concurrently, so they may arrive slightly out of order).
-//! The window of bytes fetched ahead starts at `min_window` on the second sequential read and
-//! quadruples while that holds, up to `max_window`. Any jump resets it, so random readers and
-//! header scans fetch only what they ask for.
+//! kernel issues read-ahead requests concurrently, so they arrive out of order, some MiB
+//! apart). The window of bytes fetched ahead starts at `min_window` on the second sequential
+//! read and quadruples while that holds, up to `max_window`; once it spans whole requests it
+//! ends on a request boundary (`aligned`), so a stream is fetched in identical pieces. Any
+//! jump resets it, so random readers and header scans fetch only what they ask for.
 
 use std::ops::Range;
 
 /// How far from the furthest byte read a read may start and still count as sequential.
 const SLACK: u64 = 2 << 20;
+
+/// How far behind the furthest byte read a read may start and still count as sequential
+/// (the kernel's read-ahead requests, several MiB each, overtake each other).
+const BEHIND: u64 = 16 << 20;
 
 #[derive(Clone, Debug)]
 pub struct Readahead {
@@ -22,6 +27,8 @@ pub struct Readahead {
     ahead_until: u64,
     min_window: u64,
     max_window: u64,
+    /// Windows end on a multiple of this (1 = anywhere).
+    align: u64,
 }
 
 impl Readahead {
@@ -33,7 +40,15 @@ impl Readahead {
             ahead_until: 0,
             min_window: min_window.min(max_window),
             max_window,
+            align: 1,
         }
+    }
+
+    /// Windows end on a multiple of `align` bytes (the request size), so that a stream is
+    /// fetched in identical, aligned requests whose buffers can be recycled.
+    pub fn aligned(mut self, align: u64) -> Self {
+        self.align = align.max(1);
+        self
     }
 
     /// Records a read of `[offset, end)` of a `size`-byte file and returns the byte range to
@@ -42,7 +57,15 @@ impl Readahead {
     pub fn on_read(&mut self, offset: u64, end: u64, size: u64) -> Range<u64> {
         let first = self.reads == 0;
         self.reads += 1;
-        let near = offset + SLACK >= self.pos && offset <= self.pos + SLACK;
+        // Near the furthest read, or inside what was already fetched ahead. The kernel's own
+        // read-ahead runs several requests at once, which arrive out of order: one may start
+        // far into the window, another some MiB behind a later one already answered.
+        let near = if offset < self.pos {
+            let behind = if self.window > 0 { BEHIND } else { SLACK };
+            offset + behind >= self.pos
+        } else {
+            offset <= (self.pos + SLACK).max(self.ahead_until)
+        };
         if first || !near || self.max_window == 0 {
             // A first read (maybe a header scan) or a jump: fetch only what is asked.
             self.window = 0;
@@ -57,7 +80,15 @@ impl Readahead {
             (self.window * 4).min(self.max_window)
         };
         let from = self.ahead_until.max(self.pos);
-        let to = (self.pos + self.window).min(size);
+        // Aligned once the window spans whole requests: a reader that has only just turned
+        // sequential (or a random reader that happened to read twice in a row) gets no more
+        // than its window.
+        let to = if self.window >= self.align {
+            (self.pos + self.window).next_multiple_of(self.align)
+        } else {
+            self.pos + self.window
+        }
+        .min(size);
         // Refill only once half the window is used up, so each refill is one big request
         // rather than a trickle of small ones (the end of the file is always fetched).
         if from >= to || (to < size && to - from < self.window / 2) {
@@ -80,6 +111,8 @@ mod tests {
         assert_eq!(r.on_read(0, 16384, 100 * M), 0..0);
         assert_eq!(r.on_read(50 * M, 50 * M + 65536, 100 * M), 0..0);
         assert_eq!(r.on_read(10 * M, 10 * M + 65536, 100 * M), 0..0);
+        // a few MiB behind the last read is a jump too for a reader with no window yet
+        assert_eq!(r.on_read(4 * M, 4 * M + 65536, 100 * M), 0..0);
     }
 
     #[test]
@@ -113,5 +146,35 @@ mod tests {
         let mut r = Readahead::new(M, 4 * M);
         let _ = r.on_read(0, k, 2 * k);
         assert_eq!(r.on_read(k, 2 * k, 2 * k), 0..0);
+    }
+
+    #[test]
+    fn aligned_windows_end_on_request_boundaries() {
+        let k = 128 * 1024;
+        let mut r = Readahead::new(M, 32 * M).aligned(4 * M);
+        let size = 1000 * M + 5;
+        assert_eq!(r.on_read(0, k, size), 0..0);
+        let mut last_end = 0;
+        let mut off = k;
+        let mut refills = 0;
+        while off < size {
+            let a = r.on_read(off, (off + M).min(size), size);
+            if !a.is_empty() {
+                refills += 1;
+                // The first window (1 MiB) is what it is; from 4 MiB on, windows are aligned.
+                assert!(
+                    refills == 1 || a.end.is_multiple_of(4 * M) || a.end == size,
+                    "{a:?} is not aligned"
+                );
+                if last_end != 0 {
+                    assert_eq!(a.start, last_end, "refills are contiguous");
+                    assert!(a.end - a.start >= 3 * M || a.end == size, "{a:?}");
+                }
+                last_end = a.end;
+            }
+            off += M;
+        }
+        assert_eq!(last_end, size, "read ahead to the end of the file");
+        assert!(refills > 10);
     }
 }

@@ -88,3 +88,79 @@ fn rss_stays_bounded_by_cache_size() {
     );
     m.unmount();
 }
+
+/// Bytes handed to the kernel's page cache are not kept a second time in the block cache: a
+/// streamed file leaves the cache empty (each block fetched once), the next read is served by
+/// the kernel with no request, and an O_DIRECT reader (which bypasses the page cache) still
+/// gets exact bytes and keeps its blocks cached.
+#[test]
+fn served_bytes_live_in_the_page_cache_not_twice() {
+    const SIZE: usize = 48 * MIB;
+    let seed = tempfile::tempdir().unwrap();
+    let data = random_bytes(4242, SIZE);
+    let want = sha256_hex(&data);
+    seed_file(seed.path(), BUCKET, "stream.bin", &data);
+    let gcs = FakeGcs::start(seed.path());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let m = Mount::start(&gcs, BUCKET, &["--metrics-addr", &addr]);
+    let metric = |name| prometheus_metric(&addr, name);
+    let file = m.join("stream.bin");
+
+    assert_eq!(sha256_file(&file), want, "{}", m.diag());
+    let fetched = metric("bytes_fetched_total");
+    assert_eq!(
+        fetched,
+        SIZE as u64,
+        "every byte fetched once\n{}",
+        m.diag()
+    );
+    let cached = metric("cache_bytes");
+    assert!(
+        cached < 4 * MIB as u64,
+        "{cached} bytes still cached after the kernel got them all\n{}",
+        m.diag()
+    );
+    let gets = metric("get_requests_total");
+    assert_eq!(sha256_file(&file), want);
+    assert_eq!(
+        metric("get_requests_total"),
+        gets,
+        "second read from the page cache"
+    );
+
+    // O_DIRECT: no page cache, so the blocks are fetched again and stay in our cache.
+    let direct = || {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "dd if='{}' iflag=direct bs=1M status=none | sha256sum",
+                file.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(direct(), want, "O_DIRECT read\n{}", m.diag());
+    assert!(metric("bytes_fetched_total") > fetched);
+    assert!(
+        metric("cache_bytes") >= SIZE as u64,
+        "O_DIRECT reads keep their blocks"
+    );
+    let gets = metric("get_requests_total");
+    assert_eq!(direct(), want);
+    assert_eq!(
+        metric("get_requests_total"),
+        gets,
+        "second O_DIRECT read from the cache"
+    );
+    m.unmount();
+}
