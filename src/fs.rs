@@ -133,6 +133,13 @@ pub struct FsStats {
 }
 
 /// An open file: the object version it reads, fixed at open.
+/// What a read returned, for `Fs::served`.
+pub struct Served {
+    handle: Arc<Handle>,
+    offset: u64,
+    end: u64,
+}
+
 struct Handle {
     ino: Ino,
     object: Arc<str>,
@@ -590,6 +597,18 @@ impl Fs {
 
     /// Reads up to `size` bytes at `offset`. Returns fewer only at end of file.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        Ok(self.read_for_kernel(fh, offset, size).await?.0)
+    }
+
+    /// `read`, plus a token for `served` once the bytes are delivered. The token keeps the
+    /// handle's identity: the kernel may release the handle before `served` runs (a reader
+    /// that got the end of a file closes it at once).
+    pub async fn read_for_kernel(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<(Bytes, Served), FsError> {
         let h = self
             .handles
             .lock()
@@ -605,7 +624,12 @@ impl Fs {
         }
         let file_size = h.info.size;
         if offset >= file_size || size == 0 {
-            return Ok(Bytes::new());
+            let served = Served {
+                handle: h,
+                offset,
+                end: offset,
+            };
+            return Ok((Bytes::new(), served));
         }
         let end = (offset + size as u64).min(file_size);
         let bs = self.cfg.block_size;
@@ -658,24 +682,25 @@ impl Fs {
         self.stats
             .read_bytes
             .fetch_add(end - offset, Ordering::Relaxed);
-        Ok(data)
+        let served = Served {
+            handle: h,
+            offset,
+            end,
+        };
+        Ok((data, served))
     }
 
-    /// The reply to a buffered read of `[offset, offset + len)` through `fh` was delivered, so
-    /// the kernel's page cache now holds those bytes (objects are immutable per generation and
-    /// opened with FOPEN_KEEP_CACHE, so it keeps them across opens). The blocks the range
-    /// covers whole are dropped from our cache: keeping a second copy would only double the
-    /// memory a streaming reader uses, and dropping it lets the receive buffer it came in be
-    /// reused at once (`client::pool`) instead of faulting in fresh memory for every request.
-    /// Blocks read only in part stay, for the read that wants the rest.
-    pub async fn served(&self, fh: u64, offset: u64, len: u64) {
-        let Some(h) = self.handles.lock().unwrap().get(&fh).cloned() else {
-            return;
-        };
-        let bs = self.cfg.block_size;
-        let end = (offset + len).min(h.info.size);
-        let mut index = offset.div_ceil(bs);
-        while index * bs < end && ((index + 1) * bs).min(h.info.size) <= end {
+    /// The reply to a buffered read was delivered, so the kernel's page cache now holds its
+    /// bytes (objects are immutable per generation and opened with FOPEN_KEEP_CACHE, so it
+    /// keeps them across opens). The blocks the read covered whole are dropped from our cache:
+    /// keeping a second copy would only double the memory a streaming reader uses, and
+    /// dropping it lets the receive buffer it came in be reused at once (`client::pool`)
+    /// instead of faulting in fresh memory for every request. Blocks read only in part stay,
+    /// for the read that wants the rest. (O_DIRECT reads skip this: they bypass the page cache.)
+    pub async fn served(&self, s: Served) {
+        let (h, bs) = (&s.handle, self.cfg.block_size);
+        let mut index = s.offset.div_ceil(bs);
+        while index * bs < s.end && ((index + 1) * bs).min(h.info.size) <= s.end {
             self.cache
                 .remove(&BlockKey {
                     object: h.object.clone(),
@@ -1083,13 +1108,14 @@ mod tests {
         let (c, fs) = setup("");
         let a = path(&fs, "big.bin").await.unwrap();
         let fh = fs.open(a.ino, false).unwrap();
+        let generation = fs.handles.lock().unwrap()[&fh].info.generation;
         let key = |index| BlockKey {
             object: Arc::from("big.bin"),
-            generation: fs.handles.lock().unwrap()[&fh].info.generation,
+            generation,
             index,
         };
         let m = 1u64 << 20;
-        let got = fs.read(fh, m / 2, (2 * m) as u32).await.unwrap();
+        let (got, served) = fs.read_for_kernel(fh, m / 2, (2 * m) as u32).await.unwrap();
         assert_eq!(got.len() as u64, 2 * m);
         for i in 0..=2 {
             assert!(
@@ -1098,7 +1124,7 @@ mod tests {
             );
         }
         // The kernel got bytes 0.5..2.5 MiB: only block 1 was covered whole.
-        fs.served(fh, m / 2, 2 * m).await;
+        fs.served(served).await;
         assert!(fs.cache.contains(&key(0)));
         assert!(
             !fs.cache.contains(&key(1)),
@@ -1107,20 +1133,21 @@ mod tests {
         assert!(fs.cache.contains(&key(2)));
         // The tail block counts as whole when served up to the end of the object.
         let before = c.requests();
-        let tail = fs.read(fh, 5 * m, 4096).await.unwrap();
+        let (tail, served) = fs.read_for_kernel(fh, 5 * m, 4096).await.unwrap();
         assert_eq!(tail.len(), 123);
-        fs.served(fh, 5 * m, 123).await;
+        // ... even when the handle was released first (the reader closed the file).
+        fs.release(fh);
+        fs.served(served).await;
         assert!(!fs.cache.contains(&key(5)));
         // A dropped block read again (O_DIRECT, or after the kernel evicted it) is fetched
         // again, with the right bytes.
+        let fh = fs.open(a.ino, false).unwrap();
         let again = fs.read(fh, m, m as u32).await.unwrap();
         assert_eq!(
             &again[..],
             &data(5 * 1024 * 1024 + 123, 1)[m as usize..2 * m as usize]
         );
         assert!(c.requests() > before);
-        // An unknown handle is ignored.
-        fs.served(fh + 100, 0, m).await;
     }
 
     #[tokio::test]

@@ -278,11 +278,11 @@ impl Filesystem for FuseAdapter {
         // A buffered read lands in the kernel's page cache; an O_DIRECT one does not.
         let buffered = flags.0 & libc::O_DIRECT == 0;
         self.rt.spawn(async move {
-            match fs.read(fh.0, offset, size).await {
-                Ok(data) => {
+            match fs.read_for_kernel(fh.0, offset, size).await {
+                Ok((data, served)) => {
                     reply.data(&data);
                     if buffered {
-                        fs.served(fh.0, offset, data.len() as u64).await;
+                        fs.served(served).await;
                     }
                 }
                 Err(e) => reply.error(errno(&e)),
