@@ -92,7 +92,7 @@ pub trait BlockCache: Send + Sync + 'static {
 }
 
 pub struct MemoryCache {
-    inner: moka::future::Cache<BlockKey, Block>,
+    inner: moka::future::Cache<BlockKey, Block, foldhash::fast::RandomState>,
     capacity: u64,
     /// Bytes inserted since eviction last ran: moka evicts in batches, so without a nudge a
     /// fast reader could overshoot the bound by whatever arrives between batches.
@@ -113,7 +113,8 @@ impl MemoryCache {
                 // Key and bookkeeping overhead is small next to a block; count the payload.
                 (v.len() as u64 + 64).min(u32::MAX as u64) as u32
             })
-            .build();
+            // Keys are hashed on every block lookup (32 per MiB read): a fast hasher, not SipHash.
+            .build_with_hasher(foldhash::fast::RandomState::default());
         MemoryCache {
             inner,
             capacity,

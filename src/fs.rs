@@ -133,6 +133,9 @@ pub struct FsStats {
 }
 
 /// An open file: the object version it reads, fixed at open.
+/// Fetches in flight, by block (hashed on every block a read touches: foldhash, not SipHash).
+type InflightMap = HashMap<BlockKey, SharedFetch, foldhash::fast::RandomState>;
+
 /// What a read returned, for `Fs::served`.
 pub struct Served {
     handle: Arc<Handle>,
@@ -178,7 +181,7 @@ pub struct Fs {
     prefetch_permits: Arc<tokio::sync::Semaphore>,
     /// Blocks being fetched now, each a shared future, so concurrent readers of a block (and
     /// read-ahead) cause one request.
-    inflight: Arc<Mutex<HashMap<BlockKey, SharedFetch>>>,
+    inflight: Arc<Mutex<InflightMap>>,
     stats: FsStats,
     /// Files whose served bytes failed their CRC32C: their next open drops the page cache.
     suspect: Mutex<std::collections::HashSet<Ino>>,
@@ -875,7 +878,7 @@ impl Fs {
         h: &Arc<Handle>,
         a: u64,
         b: u64,
-        inflight: &mut HashMap<BlockKey, SharedFetch>,
+        inflight: &mut InflightMap,
     ) -> Vec<(u64, SharedFetch)> {
         let bs = self.cfg.block_size;
         let size = h.info.size;
