@@ -89,6 +89,12 @@ pub struct MountArgs {
     #[arg(long, default_value = "1GiB", value_parser = parse_size, help_heading = "Cache")]
     pub cache_size: u64,
 
+    /// When whole files are read one after another in key order (a sorted walk, e.g.
+    /// `for f in sorted(glob(...))`), fetch the next N before they are opened (a JPG whole, the
+    /// first 4 MiB of a DICOM). Shuffled readers and header scans never trigger it. 0 = off.
+    #[arg(long, default_value_t = 8, value_name = "N", help_heading = "Cache")]
+    pub prefetch_files: usize,
+
     /// Attempts per request, the first included, before a read fails with EIO. Throttling
     /// (429), server errors (5xx), timeouts and broken connections are retried with
     /// exponential backoff and full jitter; Retry-After is honoured.

@@ -59,6 +59,9 @@ pub struct FsConfig {
     /// How long a directory listing is trusted; None = for the life of the mount (the
     /// PhysioNet buckets are immutable releases).
     pub metadata_ttl: Option<Duration>,
+    /// Files fetched ahead of a reader that reads whole files one after another in key order
+    /// (their first `max_request` bytes: all of a JPG); 0 = never.
+    pub next_files: usize,
 }
 
 impl Default for FsConfig {
@@ -77,6 +80,7 @@ impl Default for FsConfig {
             small_object: 4 << 20,
             prefetch_budget: 64 << 20,
             metadata_ttl: None,
+            next_files: 8,
         }
     }
 }
@@ -130,9 +134,10 @@ pub struct FsStats {
     pub objects_verified: AtomicU64,
     /// Whole objects served in pieces whose CRC32C did not match (the read failed with EIO).
     pub verify_failures: AtomicU64,
+    /// Files fetched before they were opened (`FsConfig::next_files`).
+    pub files_prefetched: AtomicU64,
 }
 
-/// An open file: the object version it reads, fixed at open.
 /// Fetches in flight, by block (hashed on every block a read touches: foldhash, not SipHash).
 type InflightMap = HashMap<BlockKey, SharedFetch, foldhash::fast::RandomState>;
 
@@ -143,6 +148,7 @@ pub struct Served {
     end: u64,
 }
 
+/// An open file: the object version it reads, fixed at open.
 struct Handle {
     ino: Ino,
     object: Arc<str>,
@@ -194,7 +200,28 @@ pub struct Fs {
     /// Called when an object is seen to have changed under the mount (snapshot invalidation).
     #[allow(clippy::type_complexity)]
     on_change: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// Which files readers are expected to read next (see `file_finished`).
+    walk: Mutex<Walk>,
 }
+
+/// Readers going through files in key order. A file read to its end that one of the last
+/// `RECENT` finished files predicted (it is among their next `next_files + 8` files) scores a
+/// hit, any other a miss; once hits outweigh misses (a score of 3: the fourth file in a row),
+/// the files after each finished one are fetched before they are opened. Parallel readers
+/// that finish files a little out of order still score, while a shuffled epoch (a DataLoader)
+/// hits only by chance, at most `RECENT * window / files` of the time, and a header scan never
+/// reads to the end at all.
+#[derive(Default)]
+struct Walk {
+    /// Successors of the last `RECENT` finished files, oldest first.
+    recent: std::collections::VecDeque<Vec<Ino>>,
+    /// The last files read to their end: never fetched ahead again (the reader may be done
+    /// with a file before the note that the previous one finished is taken).
+    done: std::collections::VecDeque<Ino>,
+    score: u32,
+}
+
+const RECENT: usize = 8;
 
 impl Fs {
     pub fn new(cfg: FsConfig, client: Arc<dyn ObjectClient>, cache: Arc<dyn BlockCache>) -> Self {
@@ -217,6 +244,7 @@ impl Fs {
             bulk_loading: Default::default(),
             bulk_progress: Default::default(),
             on_change: Mutex::default(),
+            walk: Mutex::default(),
         }
     }
 
@@ -574,24 +602,81 @@ impl Fs {
             return Err(FsError::ReadOnly);
         }
         let info = v.file.expect("a file node has file info");
-        let object: Arc<str> =
-            Arc::from(format!("{}{}", self.cfg.prefix, self.inodes.rel_path(ino)));
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap().insert(
-            fh,
-            Arc::new(Handle {
-                ino,
-                verifier: Mutex::new(info.crc32c.map(|c| Verifier::new(c, info.size))),
-                poisoned: Default::default(),
-                object,
-                info,
-                readahead: Mutex::new(
-                    Readahead::new(self.cfg.readahead_min, self.cfg.readahead_max)
-                        .aligned(self.cfg.max_request),
-                ),
-            }),
-        );
+        let h = Arc::new(self.new_handle(ino, info));
+        self.handles.lock().unwrap().insert(fh, h);
         Ok(fh)
+    }
+
+    fn new_handle(&self, ino: Ino, info: FileInfo) -> Handle {
+        Handle {
+            ino,
+            verifier: Mutex::new(info.crc32c.map(|c| Verifier::new(c, info.size))),
+            poisoned: Default::default(),
+            object: Arc::from(format!("{}{}", self.cfg.prefix, self.inodes.rel_path(ino))),
+            info,
+            readahead: Mutex::new(
+                Readahead::new(self.cfg.readahead_min, self.cfg.readahead_max)
+                    .aligned(self.cfg.max_request),
+            ),
+        }
+    }
+
+    /// File `ino` was read to its end: note it, and when readers are going through files in
+    /// key order, fetch the next ones (see `Walk`).
+    fn file_finished(&self, ino: Ino) {
+        let n = self.cfg.next_files;
+        if n == 0 {
+            return;
+        }
+        let next = self.inodes.next_files(ino, n + 8);
+        let go = {
+            let mut w = self.walk.lock().unwrap();
+            let hit = w.recent.iter().any(|succ| succ.contains(&ino));
+            w.score = if hit {
+                (w.score + 1).min(8)
+            } else {
+                w.score.saturating_sub(2)
+            };
+            if w.recent.len() == RECENT {
+                w.recent.pop_front();
+            }
+            w.recent.push_back(next.clone());
+            if w.done.len() == 64 {
+                w.done.pop_front();
+            }
+            w.done.push_back(ino);
+            w.score >= 3
+        };
+        if !go {
+            return;
+        }
+        let open: std::collections::HashSet<Ino> = self
+            .handles
+            .lock()
+            .unwrap()
+            .values()
+            .map(|h| h.ino)
+            .collect();
+        for &f in next.iter().take(n) {
+            if open.contains(&f) || self.walk.lock().unwrap().done.contains(&f) {
+                continue; // being read, or read already
+            }
+            let Some(info) = self.inodes.get(f).and_then(|v| v.file) else {
+                continue;
+            };
+            if info.size == 0 {
+                continue;
+            }
+            let bs = self.cfg.block_size;
+            // The first request's worth: a JPG whole (one CRC-checked GET), a DICOM's start.
+            let last = (info.size - 1) / bs;
+            let h = Arc::new(self.new_handle(f, info));
+            let last = last.min(self.cfg.max_request / bs - 1);
+            if self.prefetch(&h, 0, last) > 0 {
+                self.stats.files_prefetched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn release(&self, fh: u64) {
@@ -685,6 +770,11 @@ impl Fs {
         self.stats
             .read_bytes
             .fetch_add(end - offset, Ordering::Relaxed);
+        if end == file_size {
+            // Noted before the reader gets the bytes, so it cannot have opened the next file
+            // yet (and read it, which read-ahead would then fetch a second time).
+            self.file_finished(h.ino);
+        }
         let served = Served {
             handle: h,
             offset,
@@ -775,17 +865,20 @@ impl Fs {
     /// end on such a multiple: a streaming reader then fetches the object in identical
     /// full-size pieces, whose receive buffers are recycled (`client::pool`) instead of being
     /// mapped, faulted in and zeroed afresh for every request.
-    fn prefetch(&self, h: &Arc<Handle>, first: u64, last: u64) {
+    /// Returns how many blocks it asked for (cached and in-flight ones are skipped).
+    fn prefetch(&self, h: &Arc<Handle>, first: u64, last: u64) -> u64 {
         let bs = self.cfg.block_size;
         let per_request = (self.cfg.max_request / bs).max(1);
         let mut start = first;
+        let mut asked = 0;
         while start <= last {
             let stop = ((start / per_request + 1) * per_request - 1).min(last);
             let n = (stop - start + 1) as u32;
             let Ok(permit) = self.prefetch_permits.clone().try_acquire_many_owned(n) else {
-                return; // over budget: the reader will fetch on demand
+                return asked; // over budget: the reader will fetch on demand
             };
             let waits = self.fetch_blocks(h, start, stop, false);
+            asked += waits.len() as u64;
             self.stats
                 .prefetch_bytes
                 .fetch_add(waits.len() as u64 * bs, Ordering::Relaxed);
@@ -798,6 +891,7 @@ impl Fs {
             });
             start = stop + 1;
         }
+        asked
     }
 
     /// Futures for blocks `first..=last`: cached ones resolve at once, blocks being fetched
@@ -1103,6 +1197,149 @@ mod tests {
         assert!(matches!(fs.open(e.ino, true), Err(FsError::ReadOnly)));
         let d = path(&fs, "dir").await.unwrap();
         assert!(matches!(fs.open(d.ino, false), Err(FsError::IsDir)));
+    }
+
+    /// Reads `rel` whole through the kernel path (`read_for_kernel` + `served`), in 1 MiB reads.
+    async fn read_whole(fs: &Fs, rel: &str) -> Vec<u8> {
+        let a = path(fs, rel).await.unwrap();
+        let fh = fs.open(a.ino, false).unwrap();
+        let mut out = Vec::new();
+        loop {
+            let (d, s) = fs
+                .read_for_kernel(fh, out.len() as u64, 1 << 20)
+                .await
+                .unwrap();
+            fs.served(s).await;
+            if d.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&d);
+        }
+        fs.release(fh);
+        out
+    }
+
+    /// The tree loaded up front, as a mount's eager load does (the walk follows loaded
+    /// directories only).
+    async fn loaded(fs: Fs) -> Arc<Fs> {
+        let fs = Arc::new(fs);
+        fs.bulk_load(&super::bulk::BulkOptions::default())
+            .await
+            .unwrap();
+        fs
+    }
+
+    /// Settles spawned read-ahead tasks.
+    async fn settle(fs: &Fs) {
+        for _ in 0..100 {
+            if fs.inflight.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn files_read_in_key_order_are_fetched_before_they_are_opened() {
+        let c = Arc::new(FakeClient::new("b"));
+        let names: Vec<String> = (0..20)
+            .map(|i| format!("walk/p1{}/s{i:02}/img.jpg", i / 10))
+            .collect();
+        for (i, n) in names.iter().enumerate() {
+            c.put(n, data(100_000 + i, i as u8));
+            c.put(&format!("walk/p1{}/s{i:02}.txt", i / 10), "report");
+        }
+        // A bigger set for the shuffled epoch: a window of successors covers little of it.
+        let many: Vec<String> = (0..2000)
+            .map(|i| format!("many/p{}/s{i:04}/img.jpg", i / 100))
+            .collect();
+        for n in &many {
+            c.put(n, "x".repeat(100));
+        }
+        let cfg = FsConfig {
+            next_files: 3,
+            ..Default::default()
+        };
+        let fs = loaded(Fs::new(
+            cfg,
+            c.clone(),
+            Arc::new(MemoryCache::new(64 << 20)),
+        ))
+        .await;
+        let gets = || c.get_calls.load(Ordering::Relaxed);
+        // Four files in order build the streak; from then on each next file was fetched
+        // before its open, so reading it costs no request.
+        for (i, n) in names.iter().enumerate().take(4) {
+            assert_eq!(read_whole(&fs, n).await, data(100_000 + i, i as u8));
+        }
+        settle(&fs).await;
+        assert_eq!(
+            fs.stats().files_prefetched.load(Ordering::Relaxed),
+            3,
+            "files 5-7"
+        );
+        for (i, n) in names.iter().enumerate().skip(4) {
+            let before = gets();
+            assert_eq!(read_whole(&fs, n).await, data(100_000 + i, i as u8), "{n}");
+            assert_eq!(
+                gets(),
+                before,
+                "{n} was fetched ahead (across directories too)"
+            );
+            settle(&fs).await;
+        }
+        // Each file was fetched once: no report (.txt) and nothing twice.
+        assert_eq!(gets(), 20);
+
+        // Out of order (a shuffled epoch): no streak, nothing fetched ahead.
+        let fs = loaded(Fs::new(
+            FsConfig::default(),
+            c.clone(),
+            Arc::new(MemoryCache::new(64 << 20)),
+        ))
+        .await;
+        let mut x = 7u64;
+        for _ in 0..60 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            read_whole(&fs, &many[(x >> 33) as usize % many.len()]).await;
+        }
+        settle(&fs).await;
+        assert_eq!(fs.stats().files_prefetched.load(Ordering::Relaxed), 0);
+
+        // A header scan (first bytes of each file, in order) never reads to the end.
+        let fs = loaded(Fs::new(
+            FsConfig::default(),
+            c.clone(),
+            Arc::new(MemoryCache::new(64 << 20)),
+        ))
+        .await;
+        for n in &names {
+            let a = path(&fs, n).await.unwrap();
+            let fh = fs.open(a.ino, false).unwrap();
+            let (_, s) = fs.read_for_kernel(fh, 0, 16384).await.unwrap();
+            fs.served(s).await;
+            fs.release(fh);
+        }
+        settle(&fs).await;
+        assert_eq!(fs.stats().files_prefetched.load(Ordering::Relaxed), 0);
+
+        // --prefetch-files 0: never.
+        let fs = loaded(Fs::new(
+            FsConfig {
+                next_files: 0,
+                ..Default::default()
+            },
+            c.clone(),
+            Arc::new(MemoryCache::new(64 << 20)),
+        ))
+        .await;
+        for n in &names {
+            read_whole(&fs, n).await;
+        }
+        settle(&fs).await;
+        assert_eq!(fs.stats().files_prefetched.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

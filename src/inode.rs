@@ -318,6 +318,67 @@ impl InodeTable {
         Some(())
     }
 
+    /// Up to `n` files that follow file `ino` in key order (a depth-first walk in name order,
+    /// as a sorted listing or `sorted(glob(...))` meets them), keeping only names with the same
+    /// extension as `ino`'s (`.dcm` after `.dcm`, skipping the `.txt` reports beside them).
+    /// Visits at most `64 * n` nodes, so a tree of empty directories cannot make it slow.
+    pub fn next_files(&self, ino: Ino, n: usize) -> Vec<Ino> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let nodes = self.inner.read().unwrap();
+        let mut out = Vec::new();
+        let Some(node) = nodes.get(ino as usize) else {
+            return out;
+        };
+        if !matches!(node.data, NodeData::File(_)) || ino == ROOT {
+            return out;
+        }
+        let ext = |name: &str| name.rfind('.').map(|i| name[i..].to_owned());
+        let want = ext(&node.name);
+        let mut budget = 64 * n.max(1);
+        // A stack of (directory, resume after this name); a file's siblings come first.
+        let mut stack: Vec<(Ino, Option<Arc<str>>)> = Vec::new();
+        let mut cur = node.parent;
+        // The ancestors, innermost last, so the walk climbs once a directory is done.
+        let mut chain = Vec::new();
+        while cur != ROOT && cur != 0 {
+            chain.push((nodes[cur as usize].parent, nodes[cur as usize].name.clone()));
+            cur = nodes[cur as usize].parent;
+        }
+        for (dir, after) in chain.into_iter().rev() {
+            stack.push((dir, Some(after)));
+        }
+        stack.push((node.parent, Some(node.name.clone())));
+        while let Some((dir, after)) = stack.pop() {
+            let NodeData::Dir { children, .. } = &nodes[dir as usize].data else {
+                continue;
+            };
+            let range = match &after {
+                Some(a) => children.range::<str, _>((Excluded(&**a), Unbounded)),
+                None => children.range::<str, _>((Unbounded, Unbounded)),
+            };
+            for (child_name, &child) in range {
+                if budget == 0 || out.len() >= n {
+                    return out;
+                }
+                budget -= 1;
+                match &nodes[child as usize].data {
+                    NodeData::File(_) => {
+                        if ext(child_name) == want {
+                            out.push(child);
+                        }
+                    }
+                    NodeData::Dir { .. } => {
+                        // Finish this directory's later names after the subdirectory.
+                        stack.push((dir, Some(child_name.clone())));
+                        stack.push((child, None));
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The node's path relative to the mount root: `a/b` for a file, `a/b/` for a directory,
     /// `` for the root. Prepend the mount prefix to get the object name or listing prefix.
     pub fn rel_path(&self, ino: Ino) -> String {
@@ -467,6 +528,64 @@ mod tests {
             generation: 1,
             crc32c: None,
         }
+    }
+
+    #[test]
+    fn next_files_walk_key_order_with_the_same_extension() {
+        let t = InodeTable::new(None);
+        let names = [
+            "files/p10/p1/s1.txt",
+            "files/p10/p1/s1/a.dcm",
+            "files/p10/p1/s1/b.dcm",
+            "files/p10/p1/s2.txt",
+            "files/p10/p1/s2/c.dcm",
+            "files/p10/p2/s3/d.dcm",
+            "files/p10/p2/s3/e.jpg",
+            "files/p11/p3/s4/f.dcm",
+            "files/p11/p3/s5/",
+            "files/p11/p3/s6/g.dcm",
+            "z.dcm",
+        ];
+        let ino: std::collections::HashMap<&str, Ino> = names
+            .iter()
+            .map(|n| (*n, t.insert_object(n, info(1)).unwrap()))
+            .collect();
+        let rel = |v: Vec<Ino>| v.iter().map(|&i| t.rel_path(i)).collect::<Vec<_>>();
+        assert_eq!(
+            rel(t.next_files(ino["files/p10/p1/s1/a.dcm"], 10)),
+            [
+                "files/p10/p1/s1/b.dcm",
+                "files/p10/p1/s2/c.dcm",
+                "files/p10/p2/s3/d.dcm",
+                "files/p11/p3/s4/f.dcm",
+                "files/p11/p3/s6/g.dcm",
+                "z.dcm"
+            ]
+        );
+        assert_eq!(
+            rel(t.next_files(ino["files/p10/p1/s2/c.dcm"], 2)),
+            ["files/p10/p2/s3/d.dcm", "files/p11/p3/s4/f.dcm"]
+        );
+        assert_eq!(
+            rel(t.next_files(ino["files/p10/p1/s1.txt"], 5)),
+            ["files/p10/p1/s2.txt"]
+        );
+        assert!(t.next_files(ino["z.dcm"], 5).is_empty());
+        assert!(t.next_files(ino["files/p10/p2/s3/e.jpg"], 5).is_empty());
+        let files = t.find_dir("files").unwrap();
+        assert!(
+            t.next_files(files, 5).is_empty(),
+            "a directory has no next file"
+        );
+        // The walk is bounded: 64 nodes per file asked for.
+        let t = InodeTable::new(None);
+        let first = t.insert_object("a/0.dcm", info(1)).unwrap();
+        for i in 0..200 {
+            t.insert_dir(&format!("a/e{i:03}/")).unwrap();
+        }
+        t.insert_object("a/z.dcm", info(1)).unwrap();
+        assert!(t.next_files(first, 1).is_empty());
+        assert_eq!(t.next_files(first, 4).len(), 1);
     }
 
     #[test]

@@ -77,6 +77,12 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         n(&f.verify_failures),
     );
     metric(
+        "files_prefetched_total",
+        "counter",
+        "Files fetched before they were opened, for readers walking files in key order.",
+        n(&f.files_prefetched),
+    );
+    metric(
         "read_bytes_total",
         "counter",
         "Bytes returned to readers.",

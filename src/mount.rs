@@ -75,6 +75,7 @@ impl MountPlan {
             file_mode: args.file_mode,
             dir_mode: args.dir_mode,
             metadata_ttl: args.metadata_ttl,
+            next_files: args.prefetch_files,
             ..FsConfig::default()
         };
         if let Some(ttl) = args.metadata_ttl {
@@ -423,6 +424,7 @@ impl Mounted {
             cache_misses = c.misses.load(Ordering::Relaxed),
             read_bytes = self.fs.stats().read_bytes.load(Ordering::Relaxed),
             prefetch_bytes = self.fs.stats().prefetch_bytes.load(Ordering::Relaxed),
+            files_prefetched = self.fs.stats().files_prefetched.load(Ordering::Relaxed),
             objects_verified = self.fs.stats().objects_verified.load(Ordering::Relaxed),
             verify_failures = self.fs.stats().verify_failures.load(Ordering::Relaxed),
             "unmounted {}",

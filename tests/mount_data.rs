@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 
 const BUCKET: &str = "data";
 
@@ -421,4 +421,61 @@ fn gzip_encoded_objects_read_as_stored() {
     assert!(out.status.success());
     assert_eq!(out.stdout, text.as_bytes());
     m.unmount();
+}
+
+/// One reader going through files in sorted order (`cat` over a sorted list, as a Python or
+/// R loop over `sorted(glob(...))` does): the files after the first few are fetched before
+/// they are opened (`files_prefetched_total`), every byte right and each fetched once; files
+/// of a bigger set read in shuffled order are not fetched ahead.
+#[test]
+fn sorted_walk_fetches_next_files_ahead_shuffled_does_not() {
+    let seed = tempfile::tempdir().unwrap();
+    let mut walk = Vec::new();
+    for i in 0..40u64 {
+        let name = format!("walk/p1{}/s{i:03}/{i:03}.jpg", i / 20);
+        let data = random_bytes(700 + i, 200_000 + i as usize * 1000);
+        seed_file(seed.path(), BUCKET, &name, &data);
+        seed_file(
+            seed.path(),
+            BUCKET,
+            &format!("walk/p1{}/s{i:03}.txt", i / 20),
+            b"r",
+        );
+        walk.push((name, sha256_hex(&data), data.len() as u64));
+    }
+    let mut many = Vec::new();
+    for i in 0..3000u64 {
+        let name = format!("many/p{}/s{i:04}/{i:04}.jpg", i / 300);
+        let data = random_bytes(9000 + i, 2000);
+        seed_file(seed.path(), BUCKET, &name, &data);
+        many.push((name, sha256_hex(&data), data.len() as u64));
+    }
+    let gcs = FakeGcs::start(seed.path());
+    let run = |files: &[&(String, String, u64)]| {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let m = Mount::start(&gcs, BUCKET, &["--metrics-addr", &addr]);
+        for (name, sha, _) in files {
+            assert_eq!(&sha256_file(&m.join(name)), sha, "{name}\n{}", m.diag());
+        }
+        let got = (
+            prometheus_metric(&addr, "files_prefetched_total"),
+            prometheus_metric(&addr, "bytes_fetched_total"),
+        );
+        m.unmount();
+        got
+    };
+    let sorted: Vec<_> = walk.iter().collect();
+    let (prefetched, fetched) = run(&sorted);
+    assert!(
+        prefetched >= 28,
+        "only {prefetched} of 40 files fetched ahead of a sorted walk"
+    );
+    let total: u64 = walk.iter().map(|f| f.2).sum();
+    assert_eq!(fetched, total, "each file fetched once, no report fetched");
+    let mut shuffled: Vec<_> = many.iter().collect();
+    shuffled.shuffle(&mut StdRng::seed_from_u64(5));
+    shuffled.truncate(60);
+    let (prefetched, fetched) = run(&shuffled);
+    assert_eq!(prefetched, 0, "a shuffled epoch is not a walk");
+    assert_eq!(fetched, shuffled.iter().map(|f| f.2).sum::<u64>());
 }
