@@ -162,6 +162,15 @@ struct Handle {
 }
 
 impl Handle {
+    /// The cache key of block `index` of this handle's object version.
+    fn key(&self, index: u64) -> BlockKey {
+        BlockKey {
+            object: self.object.clone(),
+            generation: self.info.generation,
+            index,
+        }
+    }
+
     fn version(&self) -> ObjectVersion<'_> {
         ObjectVersion {
             name: &self.object,
@@ -630,7 +639,7 @@ impl Fs {
             return;
         }
         let next = self.inodes.next_files(ino, n + 8);
-        let go = {
+        let ahead: Vec<Ino> = {
             let mut w = self.walk.lock().unwrap();
             let hit = w.recent.iter().any(|succ| succ.contains(&ino));
             w.score = if hit {
@@ -646,11 +655,17 @@ impl Fs {
                 w.done.pop_front();
             }
             w.done.push_back(ino);
-            w.score >= 3
+            if w.score < 3 {
+                return;
+            }
+            // Not the ones read already.
+            let done = &w.done;
+            next.iter()
+                .take(n)
+                .copied()
+                .filter(|f| !done.contains(f))
+                .collect()
         };
-        if !go {
-            return;
-        }
         let open: std::collections::HashSet<Ino> = self
             .handles
             .lock()
@@ -658,9 +673,9 @@ impl Fs {
             .values()
             .map(|h| h.ino)
             .collect();
-        for &f in next.iter().take(n) {
-            if open.contains(&f) || self.walk.lock().unwrap().done.contains(&f) {
-                continue; // being read, or read already
+        for f in ahead {
+            if open.contains(&f) {
+                continue; // being read now
             }
             let Some(info) = self.inodes.get(f).and_then(|v| v.file) else {
                 continue;
@@ -791,17 +806,22 @@ impl Fs {
     /// instead of faulting in fresh memory for every request. Blocks read only in part stay,
     /// for the read that wants the rest. (O_DIRECT reads skip this: they bypass the page cache.)
     pub async fn served(&self, s: Served) {
-        let (h, bs) = (&s.handle, self.cfg.block_size);
-        let mut index = s.offset.div_ceil(bs);
-        while index * bs < s.end && ((index + 1) * bs).min(h.info.size) <= s.end {
-            self.cache
-                .remove(&BlockKey {
-                    object: h.object.clone(),
-                    generation: h.info.generation,
-                    index,
-                })
-                .await;
-            index += 1;
+        let (size, bs) = (s.handle.info.size, self.cfg.block_size);
+        // Whole blocks: from the first starting in the range to the last ending in it (the
+        // tail block ends at the end of the object).
+        let end = if s.end == size {
+            size.div_ceil(bs)
+        } else {
+            s.end / bs
+        };
+        self.drop_blocks(&s.handle, s.offset.div_ceil(bs)..end)
+            .await;
+    }
+
+    /// Removes blocks `blocks` of `h`'s object version from the cache.
+    async fn drop_blocks(&self, h: &Handle, blocks: std::ops::Range<u64>) {
+        for index in blocks {
+            self.cache.remove(&h.key(index)).await;
         }
     }
 
@@ -833,15 +853,8 @@ impl Fs {
                      read fails with EIO and the cached copy is dropped",
                     h.info.size
                 );
-                for index in 0..h.info.size.div_ceil(self.cfg.block_size) {
-                    self.cache
-                        .remove(&BlockKey {
-                            object: h.object.clone(),
-                            generation: h.info.generation,
-                            index,
-                        })
-                        .await;
-                }
+                self.drop_blocks(h, 0..h.info.size.div_ceil(self.cfg.block_size))
+                    .await;
                 self.suspect.lock().unwrap().insert(h.ino);
                 h.poisoned.store(true, Ordering::Relaxed);
                 Err(FsError::Client(ClientError::Interrupted(format!(
@@ -904,11 +917,7 @@ impl Fs {
         last: u64,
         demand: bool,
     ) -> Vec<SharedFetch> {
-        let key = |index| BlockKey {
-            object: h.object.clone(),
-            generation: h.info.generation,
-            index,
-        };
+        let key = |index| h.key(index);
         let bs = self.cfg.block_size;
         let per_request = (self.cfg.max_request / bs).max(1);
         let mut out = Vec::new();
@@ -977,18 +986,11 @@ impl Fs {
         let bs = self.cfg.block_size;
         let size = h.info.size;
         let (start, end) = (a * bs, ((b + 1) * bs).min(size));
-        let (client, cache, registry, handle) = (
+        let (client, cache, registry) = (
             self.client.clone(),
             self.cache.clone(),
             self.inflight.clone(),
-            h.clone(),
         );
-        let key = move |index| BlockKey {
-            object: handle.object.clone(),
-            generation: handle.info.generation,
-            index,
-        };
-        let key2 = key.clone();
         let h2 = h.clone();
         let block = move |data: &Bytes, i: u64| {
             let from = ((i - a) * bs) as usize;
@@ -999,12 +1001,12 @@ impl Fs {
             let r = client.get_range(h2.version(), start, end).await;
             if let Ok(data) = &r {
                 for i in a..=b {
-                    cache.insert(key2(i), block(data, i)).await;
+                    cache.insert(h2.key(i), block(data, i)).await;
                 }
             }
             let mut m = registry.lock().unwrap();
             for i in a..=b {
-                m.remove(&key2(i));
+                m.remove(&h2.key(i));
             }
             r
         }
@@ -1017,7 +1019,7 @@ impl Fs {
                     .map(move |r| r.map(|d| block(&d, i)))
                     .boxed()
                     .shared();
-                inflight.insert(key(i), f.clone());
+                inflight.insert(h.key(i), f.clone());
                 (i, f)
             })
             .collect()

@@ -290,6 +290,27 @@ impl GcsClient {
     /// Sends one logical request, retrying transient failures with exponential backoff and
     /// full jitter. `check` turns a response into a value or an error; it runs inside the
     /// retry loop, so a broken body is retried like a failed connect.
+    /// A JSON request through `send`: an error status becomes its `ClientError`, a body is
+    /// read (bounded) and handed to `parse`.
+    async fn get_json<T>(
+        &self,
+        kind: Kind,
+        url: reqwest::Url,
+        what: String,
+        parse: fn(&[u8], &str) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        self.send(kind, url, |resp| {
+            let what = what.clone();
+            async move {
+                if !resp.status().is_success() {
+                    return Err(error_from(resp, &what).await);
+                }
+                parse(&read_body(resp, &what).await?, &what)
+            }
+        })
+        .await
+    }
+
     async fn send<T, F, Fut>(
         &self,
         kind: Kind,
@@ -674,16 +695,7 @@ impl ObjectClient for GcsClient {
         let url = self.url_with(&self.objects_url, &params)?;
         let bucket = &self.cfg.bucket;
         let what = format!("bucket gs://{bucket}");
-        self.send(Kind::List, url, |resp| {
-            let what = what.clone();
-            async move {
-                if !resp.status().is_success() {
-                    return Err(error_from(resp, &what).await);
-                }
-                parse_list_page(&read_body(resp, &what).await?, &what)
-            }
-        })
-        .await
+        self.get_json(Kind::List, url, what, parse_list_page).await
     }
 
     async fn stat(&self, name: &str) -> Result<ObjectMeta, ClientError> {
@@ -692,16 +704,7 @@ impl ObjectClient for GcsClient {
             &[("fields", "name,size,generation,updated,crc32c".to_string())],
         )?;
         let what = format!("gs://{}/{name}", self.cfg.bucket);
-        self.send(Kind::Stat, url, |resp| {
-            let what = what.clone();
-            async move {
-                if !resp.status().is_success() {
-                    return Err(error_from(resp, &what).await);
-                }
-                parse_object(&read_body(resp, &what).await?, &what)
-            }
-        })
-        .await
+        self.get_json(Kind::Stat, url, what, parse_object).await
     }
 
     async fn get_range(

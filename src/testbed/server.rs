@@ -573,20 +573,12 @@ async fn malform(resp: Resp, kind: RequestKind, m: Malformed, shared: &Shared) -
                 }
             }
             Malformed::WrongGeneration => {
-                let g: i64 = h
-                    .get("x-goog-generation")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                let g = header_number(h, "x-goog-generation");
                 h.insert("x-goog-generation", HeaderValue::from(g + 1));
             }
             _ => {
                 // ShortBody: announce more than is sent; hyper ends the connection short.
-                let n: u64 = h
-                    .get("content-length")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                let n = header_number(h, "content-length");
                 h.insert("content-length", HeaderValue::from(n + 7));
             }
         }
@@ -1154,6 +1146,14 @@ async fn control(ctx: &ConnCtx, req: Request<Incoming>, path: &str) -> Resp {
         }
         _ => err_resp(404, "Not Found", "notFound"),
     }
+}
+
+/// A numeric response header, 0 when absent or not a number.
+fn header_number(h: &hyper::HeaderMap, name: &str) -> i64 {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
