@@ -149,6 +149,34 @@ mod tests {
     }
 
     #[test]
+    fn kernel_reads_arriving_out_of_order_keep_the_window() {
+        // A stream whose window is open: the kernel's read-ahead requests overtake each other,
+        // so a read may arrive several MiB behind the furthest one. It must not reset the
+        // window (which would fetch again what was already fetched and served).
+        let mut r = Readahead::new(M, 64 * M).aligned(4 * M);
+        let size = 1000 * M;
+        let _ = r.on_read(0, M, size);
+        let mut fetched_to = 0;
+        for i in 1..12 {
+            let a = r.on_read(i * M, (i + 1) * M, size);
+            fetched_to = fetched_to.max(a.end);
+        }
+        assert!(fetched_to >= 64 * M, "window opened: {fetched_to}");
+        let a = r.on_read(5 * M, 6 * M, size); // 6 MiB behind the furthest read
+        assert!(a.is_empty() || a.start >= fetched_to, "{a:?} refetches");
+        for i in 12..80 {
+            let a = r.on_read(i * M, (i + 1) * M, size);
+            if !a.is_empty() {
+                assert!(a.start >= fetched_to, "read at {i} MiB: {a:?} refetches");
+                fetched_to = a.end;
+            }
+        }
+        assert!(fetched_to >= 80 * M, "the window stayed open: {fetched_to}");
+        // ... while a jump far behind is a jump.
+        assert_eq!(r.on_read(500 * M, 501 * M, size), 0..0);
+    }
+
+    #[test]
     fn aligned_windows_end_on_request_boundaries() {
         let k = 128 * 1024;
         let mut r = Readahead::new(M, 32 * M).aligned(4 * M);
