@@ -222,7 +222,19 @@ fn header_reads_cost_one_request_and_metrics_are_served() {
         .unwrap();
     assert_eq!(all, model.read_all(o));
     let gets = count(&tb.stats(), "get_media");
-    assert!(gets <= 12, "{gets} GETs for a {} byte file", o.size);
+    // Read-ahead fetched most of it, in requests bigger than the kernel's 1 MiB reads (how
+    // many exactly depends on how the kernel's concurrent reads interleave: 7-11 here).
+    let ahead = prometheus_metric(&addr, "prefetch_bytes_total");
+    assert!(
+        ahead >= o.size / 2,
+        "read-ahead fetched {ahead} of {} bytes",
+        o.size
+    );
+    assert!(
+        gets <= o.size.div_ceil(1 << 20),
+        "{gets} GETs for a {} byte file",
+        o.size
+    );
 
     let body = String::from_utf8(http_get(&format!("http://{addr}/metrics"), &[]).body).unwrap();
     let metric = |name: &str| prometheus_metric(&addr, name);
