@@ -131,9 +131,20 @@ pub struct MountArgs {
     #[arg(long, help_heading = "Mount")]
     pub allow_other: bool,
 
-    /// Stay in the foreground (physiofs currently always does; daemon mode comes later).
-    #[arg(long, short = 'f', help_heading = "Mount")]
+    /// Stay in the foreground until unmounted (the default; Ctrl-C unmounts).
+    #[arg(
+        long,
+        short = 'f',
+        help_heading = "Mount",
+        conflicts_with = "background"
+    )]
     pub foreground: bool,
+
+    /// Detach and run in the background; return once the mount is ready (exit 0) or has
+    /// failed (exit 1, with the error). Logs go to --log-file, by default
+    /// ~/.cache/physiofs/logs/<mountpoint>.log. Stop it with `umount MOUNTPOINT`.
+    #[arg(long, alias = "daemon", help_heading = "Mount")]
+    pub background: bool,
 
     /// Serve counters (requests, bytes, cache hits) in Prometheus format at this address,
     /// e.g. `127.0.0.1:9464`.
@@ -147,6 +158,10 @@ pub struct MountArgs {
     /// Log filter, e.g. `info`, `debug`, `physiofs=trace` (overrides -v; RUST_LOG also works).
     #[arg(long, value_name = "LEVEL", help_heading = "Logging")]
     pub log_level: Option<String>,
+
+    /// Append log lines to this file instead of stderr.
+    #[arg(long, value_name = "FILE", help_heading = "Logging")]
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

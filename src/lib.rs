@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod daemon;
 pub mod demo;
 pub mod fs;
 pub mod fuse;

@@ -5,7 +5,8 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-pub fn init(verbose: u8, level: Option<&str>) {
+/// Starts logging to stderr, or to `file` (appending) when given.
+pub fn init(verbose: u8, level: Option<&str>, file: Option<std::fs::File>) {
     let filter = if let Some(l) = level {
         EnvFilter::new(l)
     } else if let Ok(env) = std::env::var("RUST_LOG") {
@@ -18,10 +19,17 @@ pub fn init(verbose: u8, level: Option<&str>) {
         })
     };
     let _ = tracing_log::LogTracer::init();
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_target(false);
+    let _ = match file {
+        Some(f) => builder
+            .with_writer(std::sync::Mutex::new(f))
+            .with_ansi(false)
+            .try_init(),
+        None => builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }

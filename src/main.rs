@@ -16,13 +16,30 @@ fn main() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
     }
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // `mount --background` forks here, before any thread exists; the parent exits in there
+    // once the child reports the mount ready or failed.
+    let mut notify = None;
+    let mut log_file = None;
+    if let Command::Mount(a) = &mut cli.command {
+        if a.background {
+            match physiofs::daemon::detach(a) {
+                Ok(n) => notify = Some(n),
+                Err(e) => fail(&e),
+            }
+        } else if let Some(path) = &a.log_file {
+            match physiofs::daemon::open_log(path) {
+                Ok(f) => log_file = Some(f),
+                Err(e) => fail(&e),
+            }
+        }
+    }
     let (verbose, level) = match &cli.command {
         Command::Mount(a) => (a.verbose, a.log_level.clone()),
         Command::Demo(a) => (a.verbose, None),
         Command::Testbed(_) => (0, None),
     };
-    physiofs::logging::init(verbose, level.as_deref());
+    physiofs::logging::init(verbose, level.as_deref(), log_file);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("physiofs-io")
@@ -30,7 +47,7 @@ fn main() {
         .expect("cannot start the tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
-            Command::Mount(a) => physiofs::mount::run(a).await,
+            Command::Mount(a) => physiofs::mount::run(a, notify.as_ref()).await,
             Command::Demo(a) => physiofs::demo::run(a).await,
             Command::Testbed(a) => {
                 let source: std::sync::Arc<dyn physiofs::testbed::ObjectSource> =
@@ -43,7 +60,14 @@ fn main() {
         }
     });
     if let Err(e) = result {
-        eprintln!("physiofs: error: {e:#}");
-        std::process::exit(1);
+        if let Some(n) = &notify {
+            n.failed(&format!("{e:#}"));
+        }
+        fail(&e);
     }
+}
+
+fn fail(e: &anyhow::Error) -> ! {
+    eprintln!("physiofs: error: {e:#}");
+    std::process::exit(1);
 }

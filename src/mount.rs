@@ -449,23 +449,33 @@ impl Mounted {
     }
 }
 
-/// `physiofs mount`: mount in the foreground until unmounted.
-pub async fn run(args: MountArgs) -> anyhow::Result<()> {
+/// `physiofs mount`: mount and serve until unmounted. A background mount (`notify`) reports
+/// the mount ready to the waiting parent once it serves.
+pub async fn run(args: MountArgs, notify: Option<&crate::daemon::Notify>) -> anyhow::Result<()> {
     let plan = MountPlan::from_args(&args).await?;
     let bucket = plan.gcs.bucket.clone();
     let prefix = plan.fs.prefix.clone();
     let endpoint = plan.gcs.endpoint.clone();
     let mounted = Mounted::start(plan).await?;
     if let Some(addr) = args.metrics_addr {
-        let at = crate::metrics::serve(addr, mounted.client.stats.clone(), mounted.fs.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
-        eprintln!("physiofs: metrics at http://{at}/metrics");
+        match crate::metrics::serve(addr, mounted.client.stats.clone(), mounted.fs.clone()).await {
+            Ok(at) => eprintln!("physiofs: metrics at http://{at}/metrics"),
+            Err(e) => {
+                // Leave nothing mounted behind the error.
+                mounted.unmount().await?;
+                bail!("--metrics-addr {addr}: {e}");
+            }
+        }
     }
-    eprintln!(
-        "physiofs: mounted gs://{bucket}/{prefix} ({endpoint}) read-only at {}; stop with `umount {}` or Ctrl-C",
+    let stop = if notify.is_some() { "" } else { " or Ctrl-C" };
+    let line = format!(
+        "physiofs: mounted gs://{bucket}/{prefix} ({endpoint}) read-only at {}; stop with `umount {}`{stop}",
         mounted.mountpoint.display(),
         mounted.mountpoint.display()
     );
+    eprintln!("{line}");
+    if let Some(n) = notify {
+        n.ready(&line);
+    }
     mounted.serve_until_signal().await
 }
