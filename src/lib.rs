@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod demo;
 pub mod fs;
 pub mod fuse;
+pub mod helper;
 pub mod inode;
 pub mod logging;
 pub mod metrics;

@@ -1,6 +1,7 @@
 use clap::Parser;
 
 use physiofs::cli::{Cli, Command};
+use physiofs::helper::Helper;
 
 fn main() {
     // glibc gives each thread its own malloc arena, and by default mmaps big blocks afresh
@@ -16,7 +17,19 @@ fn main() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
     }
-    let mut cli = Cli::parse();
+    // `physiofs SOURCE MOUNTPOINT -o OPTS` (mount(8), /etc/fstab) becomes `physiofs mount ...`.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cli = if physiofs::helper::is_mount_form(&argv) {
+        match physiofs::helper::translate(&argv) {
+            Ok(Helper::Mount(args)) => {
+                Cli::parse_from(std::iter::once("physiofs".into()).chain(args))
+            }
+            Ok(Helper::Fake) => std::process::exit(0),
+            Err(e) => fail(&anyhow::anyhow!(e)),
+        }
+    } else {
+        Cli::parse()
+    };
     // `mount --background` forks here, before any thread exists; the parent exits in there
     // once the child reports the mount ready or failed.
     let mut notify = None;

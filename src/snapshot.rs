@@ -36,14 +36,17 @@ struct Header {
     entries: u64,
 }
 
-/// The default snapshot directory: `$XDG_CACHE_HOME/physiofs` or `~/.cache/physiofs`.
+/// The default snapshot directory: `$XDG_CACHE_HOME/physiofs` or `~/.cache/physiofs`; for
+/// root with neither set (a mount from /etc/fstab at boot), `/var/cache/physiofs`.
 pub fn default_dir() -> Option<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return Some(PathBuf::from(x).join("physiofs"));
     }
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(|h| PathBuf::from(h).join(".cache/physiofs"))
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return Some(PathBuf::from(h).join(".cache/physiofs"));
+    }
+    // SAFETY: geteuid cannot fail.
+    (unsafe { libc::geteuid() } == 0).then(|| PathBuf::from("/var/cache/physiofs"))
 }
 
 /// The snapshot file for `key` inside `dir`.

@@ -235,3 +235,84 @@ fn log_file_takes_the_log_lines() {
     assert!(text.contains("metadata:"), "log file:\n{text}");
     assert!(text.contains("unmounted"), "log file:\n{text}");
 }
+
+/// `mount.fuse3` (Debian's fuse3, what `mount -t fuse.physiofs` and /etc/fstab run) finds
+/// `physiofs` on PATH and runs it as `physiofs SOURCE MOUNTPOINT -o OPTIONS`.
+fn mount_fuse3() -> PathBuf {
+    ["/sbin/mount.fuse3", "/usr/sbin/mount.fuse3"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("mount.fuse3 missing: scripts/setup-test-env.sh installs Debian's fuse3")
+}
+
+#[test]
+fn fstab_style_mount_through_the_fuse3_helper() {
+    let seed = tempfile::tempdir().unwrap();
+    let data = random_bytes(77, 123_457);
+    seed_file(seed.path(), BUCKET, "files/p10/x.dcm", &data);
+    let gcs = FakeGcs::start(seed.path());
+    let (dir, mnt) = mountpoint_dir();
+    let mut guard = Cleanup {
+        mnt: mnt.clone(),
+        pid: None,
+    };
+    let bin_dir = physiofs_bin().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // What an fstab line `gs://bg/files /mnt/x fuse.physiofs ro,_netdev,endpoint=...,... 0 0`
+    // hands the helper (mount(8) adds the generic options).
+    let opts = format!(
+        "ro,nodev,nosuid,_netdev,x-systemd.automount,endpoint={},anonymous,file_mode=0440,\
+         metadata_cache={}",
+        gcs.endpoint(),
+        dir.path().join("snap").display()
+    );
+    let helper = |source: &str, opts: &str| {
+        let mut cmd = Command::new(mount_fuse3());
+        cmd.arg(source)
+            .arg(&mnt)
+            .args(["-t", "fuse.physiofs", "-o", opts])
+            .env("PATH", &path)
+            .env("XDG_CACHE_HOME", dir.path().join("xdg-cache"))
+            .env_remove("STORAGE_EMULATOR_HOST")
+            .env_remove("RUST_LOG");
+        run_timeout(&mut cmd, Duration::from_secs(60))
+    };
+    let out = helper("gs://bg/files", &opts);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "mount.fuse3 failed:\n{stderr}");
+    assert!(
+        mount_entry(&mnt).is_some(),
+        "not mounted at return:\n{stderr}"
+    );
+    guard.pid = stderr
+        .split("(process ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok());
+    // The prefix from the source, the mode from the options.
+    let f = mnt.join("p10/x.dcm");
+    assert_eq!(sha256_file(&f), sha256_hex(&data));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&f).unwrap().permissions().mode() & 0o7777,
+        0o440
+    );
+    let st = Command::new("umount").arg(&mnt).status().unwrap();
+    assert!(st.success());
+    assert_not_mounted(&mnt, "after umount");
+
+    // A misspelt option: the helper fails naming it, and nothing is mounted.
+    let out = helper("gs://bg", &format!("{opts},cache_sise=1G"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a bad option mounted:\n{stderr}");
+    assert!(
+        stderr.contains("cache_sise") && stderr.contains("cache-size"),
+        "{stderr}"
+    );
+    assert_not_mounted(&mnt, "after a bad option");
+}

@@ -1,0 +1,282 @@
+//! The mount(8) calling convention, for `/etc/fstab` and `mount -t fuse.physiofs`:
+//!
+//! ```text
+//! physiofs SOURCE MOUNTPOINT [-o OPT[,OPT...]]           (what fuse3's mount.fuse runs)
+//! mount.fuse.physiofs SOURCE MOUNTPOINT [-sfnv] [-o OPTS] (a helper named like that)
+//! ```
+//!
+//! SOURCE is a bucket (`NAME` or `gs://NAME[/PREFIX]`; `physiofs` or `none` mean the default
+//! bucket). Each `-o` option `key=value` becomes `--key value` (underscores or dashes),
+//! a bare `key` becomes `--key`; generic mount options (`ro`, `rw`, `nodev`, `_netdev`,
+//! `x-systemd.*`, ...) are accepted and ignored (the mount is read-only and nosuid/nodev
+//! whatever they say). The result is an ordinary `physiofs mount ... --background` command
+//! line, so a helper returns once the mount is ready, as mount(8) expects.
+
+use std::ffi::OsString;
+
+/// Mount options physiofs takes a value for, and the bare ones.
+const WITH_VALUE: &[&str] = &[
+    "bucket",
+    "prefix",
+    "billing-project",
+    "endpoint",
+    "key-file",
+    "metadata",
+    "metadata-ttl",
+    "metadata-cache",
+    "cache-size",
+    "prefetch-files",
+    "retries",
+    "retry-deadline",
+    "stall-timeout",
+    "uid",
+    "gid",
+    "file-mode",
+    "dir-mode",
+    "metrics-addr",
+    "log-level",
+    "log-file",
+];
+const BARE: &[&str] = &["anonymous", "allow-other", "foreground"];
+
+/// Generic mount(8), fstab and systemd options with no meaning for physiofs.
+fn ignored(opt: &str) -> bool {
+    const WORDS: &[&str] = &[
+        "ro",
+        "rw",
+        "defaults",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "owner",
+        "group",
+        "_netdev",
+        "nofail",
+        "exec",
+        "noexec",
+        "suid",
+        "nosuid",
+        "dev",
+        "nodev",
+        "atime",
+        "noatime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nodiratime",
+        "async",
+        "sync",
+        "dirsync",
+        "lazytime",
+        "nolazytime",
+        "silent",
+        "loud",
+        "default_permissions",
+    ];
+    WORDS.contains(&opt)
+        || opt.starts_with("x-")
+        || opt.starts_with("comment=")
+        || opt.starts_with("context=")
+        || opt.starts_with("fsname=")
+        || opt.starts_with("subtype=")
+}
+
+/// Whether `argv` is in mount(8) form rather than `physiofs SUBCOMMAND ...`.
+pub fn is_mount_form(argv: &[OsString]) -> bool {
+    let prog = argv
+        .first()
+        .map(|a| std::path::Path::new(a).file_name().unwrap_or(a.as_os_str()))
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if prog.starts_with("mount.") {
+        return true;
+    }
+    match argv.get(1).map(|a| a.to_string_lossy()) {
+        Some(a) => {
+            !a.starts_with('-') && !["mount", "demo", "testbed", "help"].contains(&a.as_ref())
+        }
+        None => false,
+    }
+}
+
+/// What a mount(8)-form command line asks for.
+#[derive(Debug, PartialEq)]
+pub enum Helper {
+    /// Run `physiofs` with these arguments (`physiofs mount ...`).
+    Mount(Vec<OsString>),
+    /// `-f` (fake): mount(8) asks for everything but the mount itself.
+    Fake,
+}
+
+/// Translates a mount(8)-form command line into a `physiofs mount` one. Errors name the
+/// offending piece and what is accepted.
+pub fn translate(argv: &[OsString]) -> Result<Helper, String> {
+    let usage = "usage: physiofs SOURCE MOUNTPOINT [-o OPTIONS] (the mount(8) form; SOURCE is \
+                 a bucket NAME or gs://NAME[/PREFIX]), or physiofs mount --help";
+    let mut positional = Vec::new();
+    let mut opts: Vec<String> = Vec::new();
+    let mut fake = false;
+    let mut verbose = false;
+    let mut it = argv
+        .iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned());
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-o" => opts.extend(
+                it.next()
+                    .ok_or_else(|| format!("-o needs options; {usage}"))?
+                    .split(',')
+                    .map(str::to_string),
+            ),
+            "-t" | "-N" => {
+                it.next();
+            }
+            "-s" | "-n" => {}
+            "-f" => fake = true,
+            "-v" => verbose = true,
+            o if o.starts_with("-o") && o.len() > 2 => {
+                opts.extend(o[2..].split(',').map(str::to_string))
+            }
+            o if o.starts_with('-') => return Err(format!("unknown flag {o:?}; {usage}")),
+            _ => positional.push(a),
+        }
+    }
+    let [source, mountpoint] = <[String; 2]>::try_from(positional)
+        .map_err(|p| format!("expected SOURCE and MOUNTPOINT, got {p:?}; {usage}"))?;
+    if fake {
+        return Ok(Helper::Fake);
+    }
+    let mut args: Vec<OsString> = vec!["mount".into()];
+    if !matches!(source.as_str(), "physiofs" | "none" | "") {
+        args.push("--bucket".into());
+        args.push(source.into());
+    }
+    let mut foreground = false;
+    for o in opts.iter().filter(|o| !o.is_empty()) {
+        if ignored(o) {
+            continue;
+        }
+        let (key, value) = match o.split_once('=') {
+            Some((k, v)) => (k.replace('_', "-"), Some(v)),
+            None => (o.replace('_', "-"), None),
+        };
+        match value {
+            Some(v) if WITH_VALUE.contains(&key.as_str()) => {
+                args.push(format!("--{key}").into());
+                args.push(v.into());
+            }
+            None if BARE.contains(&key.as_str()) => {
+                foreground |= key == "foreground";
+                args.push(format!("--{key}").into());
+            }
+            _ => {
+                return Err(format!(
+                    "unknown mount option {o:?}: physiofs takes {} (KEY=VALUE) and {} \
+                     (see physiofs mount --help; underscores or dashes)",
+                    WITH_VALUE.join(", "),
+                    BARE.join(", ")
+                ));
+            }
+        }
+    }
+    if verbose {
+        args.push("-v".into());
+    }
+    if !foreground {
+        args.push("--background".into());
+    }
+    args.push(mountpoint.into());
+    Ok(Helper::Mount(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<OsString> {
+        s.iter().map(OsString::from).collect()
+    }
+
+    fn mount(h: Helper) -> Vec<String> {
+        match h {
+            Helper::Mount(a) => a.iter().map(|s| s.to_string_lossy().into_owned()).collect(),
+            Helper::Fake => panic!("fake"),
+        }
+    }
+
+    #[test]
+    fn recognises_the_mount_form() {
+        assert!(is_mount_form(&v(&[
+            "physiofs", "gs://b", "/mnt/x", "-o", "ro"
+        ])));
+        assert!(is_mount_form(&v(&["/sbin/mount.fuse.physiofs", "b", "/m"])));
+        assert!(!is_mount_form(&v(&["physiofs", "mount", "/m"])));
+        assert!(!is_mount_form(&v(&["physiofs", "demo"])));
+        assert!(!is_mount_form(&v(&["physiofs", "--help"])));
+        assert!(!is_mount_form(&v(&["physiofs"])));
+    }
+
+    #[test]
+    fn options_become_flags() {
+        let a = mount(
+            translate(&v(&[
+                "physiofs",
+                "gs://mimic-cxr-jpg-2.1.0.physionet.org/files/p10",
+                "/mnt/jpg",
+                "-o",
+                "ro,nodev,nosuid,_netdev,x-systemd.automount,billing_project=proj,allow_other",
+                "-o",
+                "cache-size=2GiB,uid=1000",
+            ]))
+            .unwrap(),
+        );
+        assert_eq!(
+            a,
+            [
+                "mount",
+                "--bucket",
+                "gs://mimic-cxr-jpg-2.1.0.physionet.org/files/p10",
+                "--billing-project",
+                "proj",
+                "--allow-other",
+                "--cache-size",
+                "2GiB",
+                "--uid",
+                "1000",
+                "--background",
+                "/mnt/jpg"
+            ]
+        );
+        // `physiofs` as the source means the default bucket; `foreground` stays attached.
+        let a = mount(
+            translate(&v(&[
+                "mount.physiofs",
+                "physiofs",
+                "/m",
+                "-o",
+                "foreground",
+            ]))
+            .unwrap(),
+        );
+        assert_eq!(a, ["mount", "--foreground", "/m"]);
+        assert_eq!(
+            translate(&v(&["mount.physiofs", "b", "/m", "-f"])).unwrap(),
+            Helper::Fake
+        );
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        let e = translate(&v(&["physiofs", "b", "/m", "-o", "ro,cache_sise=1G"])).unwrap_err();
+        assert!(e.contains("cache_sise") && e.contains("cache-size"), "{e}");
+        let e = translate(&v(&["physiofs", "b", "/m", "-o", "anonymous=yes"])).unwrap_err();
+        assert!(e.contains("anonymous=yes"), "{e}");
+        let e = translate(&v(&["physiofs", "b"])).unwrap_err();
+        assert!(e.contains("SOURCE and MOUNTPOINT"), "{e}");
+        let e = translate(&v(&["physiofs", "b", "/m", "-x"])).unwrap_err();
+        assert!(e.contains("-x"), "{e}");
+    }
+}
