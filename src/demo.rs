@@ -130,7 +130,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let result = if args.exit_after_ready {
         mounted.unmount().await
     } else {
-        mounted.serve_until_signal().await
+        mounted.serve_until_signal(false).await
     };
     server.shutdown().await;
     println!("physiofs demo: unmounted {m}");

@@ -142,12 +142,16 @@ pub struct Mounted {
     pub client: Arc<GcsClient>,
     unmounter: crate::session::KernelMount,
     done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+    /// Registered before mounting, so a signal that arrives as soon as the mount shows is
+    /// handled (not fatal).
+    signals: Signals,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Mounted {
     /// Proves access with one small listing, then mounts. Nothing is mounted on error.
     pub async fn start(plan: MountPlan) -> anyhow::Result<Self> {
+        let signals = Signals::new()?;
         let mp = &plan.mountpoint;
         match std::fs::metadata(mp) {
             Ok(m) if m.is_dir() => {}
@@ -377,6 +381,7 @@ impl Mounted {
             client,
             unmounter,
             done,
+            signals,
             thread: Some(thread),
         })
     }
@@ -432,20 +437,47 @@ impl Mounted {
         );
     }
 
-    /// Serves until SIGINT/SIGTERM (then unmounts) or until someone runs `umount`.
-    pub async fn serve_until_signal(mut self) -> anyhow::Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let ended = tokio::select! {
-            _ = term.recv() => None,
-            _ = int.recv() => None,
-            r = &mut self.done => Some(r),
+    /// Serves until SIGINT/SIGTERM (then unmounts) or until someone runs `umount`. SIGHUP
+    /// (the terminal went away) unmounts a foreground mount cleanly rather than dying with
+    /// the mount in place; a background mount has no terminal and ignores it.
+    pub async fn serve_until_signal(mut self, background: bool) -> anyhow::Result<()> {
+        let s = &mut self.signals;
+        let ended = loop {
+            tokio::select! {
+                _ = s.term.recv() => break None,
+                _ = s.int.recv() => break None,
+                _ = s.hup.recv() => {
+                    if !background {
+                        tracing::info!("SIGHUP: unmounting {}", self.mountpoint.display());
+                        break None;
+                    }
+                    tracing::info!("SIGHUP ignored (background mount; stop it with umount)");
+                }
+                r = &mut self.done => break Some(r),
+            }
         };
         match ended {
             None => self.unmount().await,
             Some(r) => self.finish_with(r).await,
         }
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
 }
 
@@ -477,5 +509,5 @@ pub async fn run(args: MountArgs, notify: Option<&crate::daemon::Notify>) -> any
     if let Some(n) = notify {
         n.ready(&line);
     }
-    mounted.serve_until_signal().await
+    mounted.serve_until_signal(notify.is_some()).await
 }

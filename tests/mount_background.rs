@@ -130,6 +130,16 @@ fn background_mount_is_ready_when_the_command_returns() {
     let text = fs::read_to_string(&log).unwrap();
     assert!(text.contains("mounted gs://bg/"), "{text}");
 
+    // It has no terminal: SIGHUP is logged and ignored, and it keeps serving.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let t = Instant::now();
+    while !fs::read_to_string(&log).unwrap().contains("SIGHUP ignored") {
+        assert!(t.elapsed() < EXIT_TIMEOUT, "SIGHUP not logged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(running(pid), "SIGHUP ended the background process");
+    assert_eq!(&sha256_file(&mnt.join(&want[0].0)), &want[0].1);
+
     // umount ends the process cleanly, with its counters in the log.
     let st = Command::new("umount").arg(&mnt).status().unwrap();
     assert!(st.success());

@@ -1,5 +1,5 @@
 //! Failing before the mount (clear message, non-zero exit, nothing mounted) and ending a
-//! mount (umount, SIGTERM, SIGINT: exit 0, nothing left mounted).
+//! mount (umount, SIGTERM, SIGINT, SIGHUP: exit 0, nothing left mounted).
 
 mod common;
 
@@ -155,6 +155,15 @@ fn sigint_unmounts_and_exits_zero() {
     let mut m = mounted_and_reading(&gcs);
     m.signal(libc::SIGINT);
     m.assert_clean_exit("SIGINT");
+}
+
+#[test]
+fn sighup_unmounts_a_foreground_mount_cleanly() {
+    // The terminal went away (ssh dropped): unmount rather than leave a dead mount behind.
+    let (_seed, gcs) = one_bucket();
+    let mut m = mounted_and_reading(&gcs);
+    m.signal(libc::SIGHUP);
+    m.assert_clean_exit("SIGHUP");
 }
 
 #[test]
