@@ -737,19 +737,35 @@ impl Fs {
         let end = (offset + size as u64).min(file_size);
         let bs = self.cfg.block_size;
 
-        // Read-ahead first, so its requests are on the wire while we wait for ours.
-        let ahead = h.readahead.lock().unwrap().on_read(offset, end, file_size);
-        if !ahead.is_empty() {
-            self.prefetch(&h, ahead.start / bs, (ahead.end - 1) / bs);
-        }
-
-        // A small object read from the start is fetched whole: one request per file.
-        let (first, last) = if offset == 0 && file_size <= self.cfg.small_object {
-            (0, (file_size - 1) / bs)
-        } else {
-            (offset / bs, (end - 1) / bs)
+        // What to fetch is decided, and registered in flight, under the handle's read-ahead
+        // lock: the kernel sends a reader's pieces concurrently, and a piece registering its
+        // own fetch between another's decision and registration would split a whole-object
+        // fetch in two.
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let waits = {
+            let mut r = h.readahead.lock().unwrap();
+            let first_read = r.reads() == 0;
+            // Read-ahead first, so its requests are on the wire while we wait for ours.
+            let ahead = r.on_read(offset, end, file_size);
+            if !ahead.is_empty() {
+                self.prefetch(&h, ahead.start / bs, (ahead.end - 1) / bs);
+            }
+            // A small object is fetched whole, in one request, by a read from its start or
+            // by the first read of an open (the kernel sends a whole-file reader's first
+            // 1 MiB pieces at once, and the one at 1 MiB may come first). The blocks this read
+            // does not need are fetched like read-ahead: only missing ones, in the background.
+            if file_size <= self.cfg.small_object && (offset == 0 || first_read) {
+                let started = self.fetch_blocks(&h, 0, (file_size - 1) / bs, false);
+                if !started.is_empty() {
+                    tokio::spawn(async move {
+                        for w in started {
+                            let _ = w.await;
+                        }
+                    });
+                }
+            }
+            self.fetch_blocks(&h, first, last, true)
         };
-        let waits = self.fetch_blocks(&h, first, last, true);
         let mut blocks = Vec::with_capacity(waits.len());
         for w in waits {
             match w.await {
@@ -764,8 +780,6 @@ impl Fs {
                 }
             }
         }
-        let (first, last) = (offset / bs, (end - 1) / bs);
-        // (`blocks` starts at block `first` in both cases: a whole-object fetch has offset 0.)
         let start = (offset - first * bs) as usize;
         let len = (end - offset) as usize;
         let data = if blocks.windows(2).all(|w| w[0].followed_by(&w[1])) {
@@ -1239,6 +1253,41 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_small_object_is_fetched_whole_whichever_piece_comes_first() {
+        // The kernel sends a whole-file reader's 1 MiB pieces at once; the one at 1 MiB may
+        // arrive first. Either way the object costs one request.
+        let c = Arc::new(FakeClient::new("b"));
+        let body = data(1_600_000, 7);
+        c.put("img.jpg", body.clone());
+        c.put("big.dcm", data(13_000_000, 9));
+        let fs = loaded(Fs::new(
+            FsConfig::default(),
+            c.clone(),
+            Arc::new(MemoryCache::new(64 << 20)),
+        ))
+        .await;
+        let gets = || c.get_calls.load(Ordering::Relaxed);
+        let ino = path(&fs, "img.jpg").await.unwrap().ino;
+        let fh = fs.open(ino, false).unwrap();
+        let (tail, _) = fs.read_for_kernel(fh, 1 << 20, 1 << 20).await.unwrap();
+        assert_eq!(&tail[..], &body[1 << 20..]);
+        let (head, _) = fs.read_for_kernel(fh, 0, 1 << 20).await.unwrap();
+        assert_eq!(&head[..], &body[..1 << 20]);
+        assert_eq!(gets(), 1, "one request for the whole object");
+        settle(&fs).await;
+        // A big object's first read still fetches only what it asks (a header scan).
+        let ino = path(&fs, "big.dcm").await.unwrap().ino;
+        let fh = fs.open(ino, false).unwrap();
+        let (d, _) = fs.read_for_kernel(fh, 1 << 20, 16384).await.unwrap();
+        let big = data(13_000_000, 9);
+        assert_eq!(&d[..], &big[1 << 20..(1 << 20) + 16384]);
+        assert_eq!(gets(), 2);
+        let (d, _) = fs.read_for_kernel(fh, 0, 4096).await.unwrap();
+        assert_eq!(&d[..], &big[..4096]);
+        assert_eq!(gets(), 3, "the start of the big object was not fetched");
     }
 
     #[tokio::test]

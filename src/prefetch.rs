@@ -58,6 +58,11 @@ impl Readahead {
         self
     }
 
+    /// How many reads were recorded.
+    pub fn reads(&self) -> u64 {
+        self.reads
+    }
+
     /// Records a read of `[offset, end)` of a `size`-byte file and returns the byte range to
     /// fetch ahead now (empty if none).
     #[must_use]

@@ -282,3 +282,71 @@ fn header_reads_cost_one_request_and_metrics_are_served() {
     assert!(metric("inodes") > 50);
     assert!(body.contains("# TYPE physiofs_cache_bytes gauge"));
 }
+
+#[test]
+fn a_jpg_epoch_costs_one_request_per_file() {
+    // The kernel turns a 1 MiB read(2) of a 1-2 MB JPG into concurrent FUSE reads whose
+    // pieces arrive in any order: whichever comes first fetches the whole object, once.
+    const JPG_BUCKET: &str = "mimic-cxr-jpg-2.1.0.physionet.org";
+    let tb = TestbedProc::start(&[
+        "--model",
+        "jpg",
+        "--patients",
+        "30",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let m = Mount::start_with(
+        &tb.mount_args(
+            JPG_BUCKET,
+            &["--metadata-cache", "off", "--prefetch-files", "0"],
+        ),
+        &[],
+    );
+    let model = DatasetModel::new(ModelConfig {
+        kind: ModelKind::Jpg,
+        patients: 30,
+        seed: 0,
+        size_scale: 1.0,
+    });
+    let jpgs: Vec<_> = model
+        .list_from("files/", 100_000)
+        .into_iter()
+        .filter(|o| o.name.ends_with(".jpg") && o.size > 1 << 20 && o.size <= 4 << 20)
+        .take(48)
+        .collect();
+    assert!(jpgs.len() >= 40, "{} JPGs of 1-4 MiB", jpgs.len());
+    for o in &jpgs {
+        assert!(m.join(&o.name).exists());
+    }
+    tb.reset_stats();
+    let (mnt, jpgs_ref, model) = (&m, &jpgs, &model);
+    std::thread::scope(|s| {
+        for r in 0..8 {
+            s.spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                for o in jpgs_ref.iter().skip(r).step_by(8) {
+                    let mut f = File::open(mnt.join(&o.name)).unwrap();
+                    let mut all = Vec::new();
+                    loop {
+                        let n = f.read(&mut buf).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        all.extend_from_slice(&buf[..n]);
+                    }
+                    assert!(all == model.read_all(o), "{}: other bytes", o.name);
+                }
+            });
+        }
+    });
+    let s = tb.stats();
+    assert_eq!(
+        count(&s, "get_media"),
+        jpgs.len() as u64,
+        "one GET per JPG: {s}"
+    );
+    let sent = s["bytes_sent"].as_u64().unwrap();
+    let total: u64 = jpgs.iter().map(|o| o.size).sum();
+    assert_eq!(sent, total, "each byte fetched once: {s}");
+}
