@@ -159,6 +159,8 @@ struct Handle {
     /// Bytes served through this handle failed the CRC32C: every later read fails too (the
     /// kernel may retry a failed read-ahead page with a plain read, which must not succeed).
     poisoned: std::sync::atomic::AtomicBool,
+    /// A read through this handle reached the end of the object.
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl Handle {
@@ -211,7 +213,15 @@ pub struct Fs {
     on_change: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     /// Which files readers are expected to read next (see `file_finished`).
     walk: Mutex<Walk>,
+    /// How much readers read big objects whole lately: +1 for each read to its end, -2 for
+    /// each closed before (a header scan, a random reader), within 0..=WHOLE_MAX. From
+    /// WHOLE_TRUST on, a new open's first read at offset 0 starts with a wide read-ahead
+    /// window instead of growing one over several round trips (see `Readahead::warm`).
+    whole_readers: std::sync::atomic::AtomicU32,
 }
+
+const WHOLE_MAX: u32 = 8;
+const WHOLE_TRUST: u32 = 4;
 
 /// Readers going through files in key order. A file read to its end that one of the last
 /// `RECENT` finished files predicted (it is among their next `next_files + 8` files) scores a
@@ -254,6 +264,7 @@ impl Fs {
             bulk_progress: Default::default(),
             on_change: Mutex::default(),
             walk: Mutex::default(),
+            whole_readers: Default::default(),
         }
     }
 
@@ -618,16 +629,25 @@ impl Fs {
     }
 
     fn new_handle(&self, ino: Ino, info: FileInfo) -> Handle {
+        let size = info.size;
         Handle {
             ino,
             verifier: Mutex::new(info.crc32c.map(|c| Verifier::new(c, info.size))),
             poisoned: Default::default(),
+            finished: Default::default(),
             object: Arc::from(format!("{}{}", self.cfg.prefix, self.inodes.rel_path(ino))),
             info,
-            readahead: Mutex::new(
-                Readahead::new(self.cfg.readahead_min, self.cfg.readahead_max)
-                    .aligned(self.cfg.max_request),
-            ),
+            readahead: Mutex::new({
+                let r = Readahead::new(self.cfg.readahead_min, self.cfg.readahead_max)
+                    .aligned(self.cfg.max_request);
+                if size > self.cfg.small_object
+                    && self.whole_readers.load(Ordering::Relaxed) >= WHOLE_TRUST
+                {
+                    r.warm(self.cfg.readahead_max / 4)
+                } else {
+                    r
+                }
+            }),
         }
     }
 
@@ -695,7 +715,20 @@ impl Fs {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.lock().unwrap().remove(&fh);
+        let h = self.handles.lock().unwrap().remove(&fh);
+        // A big object closed before its end, after reading some of it: not a whole-file
+        // reader (a header scan, a random reader).
+        if let Some(h) = h
+            && h.info.size > self.cfg.small_object
+            && !h.finished.load(Ordering::Relaxed)
+            && h.readahead.lock().unwrap().reads() > 0
+        {
+            let _ = self
+                .whole_readers
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(2))
+                });
+        }
     }
 
     /// Reads up to `size` bytes at `offset`. Returns fewer only at end of file.
@@ -799,6 +832,16 @@ impl Fs {
         self.stats
             .read_bytes
             .fetch_add(end - offset, Ordering::Relaxed);
+        if end == file_size
+            && file_size > self.cfg.small_object
+            && !h.finished.swap(true, Ordering::Relaxed)
+        {
+            let _ = self
+                .whole_readers
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some((v + 1).min(WHOLE_MAX))
+                });
+        }
         if end == file_size {
             // Noted before the reader gets the bytes, so it cannot have opened the next file
             // yet (and read it, which read-ahead would then fetch a second time).
@@ -1253,6 +1296,71 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn whole_file_readers_get_read_ahead_from_their_first_read() {
+        let c = Arc::new(FakeClient::new("b"));
+        let size = 6_000_000;
+        let names: Vec<String> = (0..8).map(|i| format!("d/{i}.dcm")).collect();
+        for (i, n) in names.iter().enumerate() {
+            c.put(n, data(size, i as u8));
+        }
+        let cfg = FsConfig {
+            next_files: 0,
+            ..Default::default()
+        };
+        let fs = loaded(Fs::new(
+            cfg,
+            c.clone(),
+            Arc::new(MemoryCache::new(64 << 20)),
+        ))
+        .await;
+        let ahead = || fs.stats().prefetch_bytes.load(Ordering::Relaxed);
+        // The first read of a file: fetches only itself while nothing is known.
+        let first_read = |i: usize| {
+            let fs = &fs;
+            let name = names[i].clone();
+            async move {
+                let ino = path(fs, &name).await.unwrap().ino;
+                let fh = fs.open(ino, false).unwrap();
+                let (d, s) = fs.read_for_kernel(fh, 0, 16384).await.unwrap();
+                assert_eq!(&d[..], &data(size, i as u8)[..16384]);
+                fs.served(s).await;
+                fh
+            }
+        };
+        let before = ahead();
+        let fh = first_read(0).await;
+        assert_eq!(ahead(), before, "a first read alone reads nothing ahead");
+        fs.release(fh);
+        // Four files read whole ...
+        for (i, n) in names.iter().enumerate().take(5).skip(1) {
+            assert_eq!(read_whole(&fs, n).await, data(size, i as u8));
+        }
+        settle(&fs).await;
+        // ... and the next open's first read fetches the rest of its file at once.
+        let before = ahead();
+        let fh = first_read(5).await;
+        assert!(
+            ahead() - before >= size as u64 - 65536,
+            "read ahead {} of {size}",
+            ahead() - before
+        );
+        fs.release(fh);
+        settle(&fs).await;
+        // That one was closed early (a header scan), like the next: trust is gone.
+        let fh = first_read(6).await;
+        fs.release(fh);
+        settle(&fs).await;
+        let before = ahead();
+        let fh = first_read(7).await;
+        assert_eq!(
+            ahead(),
+            before,
+            "header scans: no read-ahead on a first read"
+        );
+        fs.release(fh);
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ pub struct Readahead {
     align: u64,
     /// The last `RECENT` reads, as `[start, end)`, in a ring (empty ones are unused slots).
     recent: [(u64, u64); RECENT],
+    /// Window for a first read at offset 0 (0 = none: a first read fetches only itself).
+    warm: u64,
 }
 
 impl Readahead {
@@ -48,7 +50,15 @@ impl Readahead {
             max_window,
             align: 1,
             recent: [(0, 0); RECENT],
+            warm: 0,
         }
+    }
+
+    /// A first read at offset 0 opens a `window`-byte read-ahead window at once: for a reader
+    /// that has been reading whole objects, instead of growing one over several round trips.
+    pub fn warm(mut self, window: u64) -> Self {
+        self.warm = window.min(self.max_window);
+        self
     }
 
     /// Windows end on a multiple of `align` bytes (the request size), so that a stream is
@@ -87,19 +97,25 @@ impl Readahead {
             } else {
                 offset <= (self.pos + SLACK).max(self.ahead_until)
             };
-        if first || !near || self.max_window == 0 {
+        if first && offset == 0 && self.warm > 0 {
+            // A reader of whole objects starting one: read ahead at once.
+            self.pos = end;
+            self.ahead_until = end;
+            self.window = self.warm;
+        } else if first || !near || self.max_window == 0 {
             // A first read (maybe a header scan) or a jump: fetch only what is asked.
             self.window = 0;
             self.pos = end;
             self.ahead_until = end;
             return 0..0;
-        }
-        self.pos = self.pos.max(end);
-        self.window = if self.window == 0 {
-            self.min_window
         } else {
-            (self.window * 4).min(self.max_window)
-        };
+            self.pos = self.pos.max(end);
+            self.window = if self.window == 0 {
+                self.min_window
+            } else {
+                (self.window * 4).min(self.max_window)
+            };
+        }
         let from = self.ahead_until.max(self.pos);
         // Aligned once the window spans whole requests: a reader that has only just turned
         // sequential (or a random reader that happened to read twice in a row) gets no more
@@ -227,6 +243,22 @@ mod tests {
         let _ = r.on_read(50 * M, 51 * M, 100 * M);
         assert_eq!(r.on_read(20 * M, 21 * M, 100 * M), 0..0);
         assert!(!r.on_read(51 * M, 52 * M, 100 * M).is_empty());
+    }
+
+    #[test]
+    fn a_warm_start_reads_ahead_from_the_first_read_at_zero_only() {
+        let mut r = Readahead::new(M, 64 * M).aligned(4 * M).warm(16 * M);
+        // (to the request boundary after 16 MiB past the read)
+        assert_eq!(r.on_read(0, 128 * 1024, 100 * M), 128 * 1024..20 * M);
+        // and grows from there while sequential
+        let a = r.on_read(128 * 1024, M, 100 * M);
+        assert!(a.is_empty() || a.start == 20 * M, "{a:?}");
+        // A first read elsewhere (a random reader) fetches only itself.
+        let mut r = Readahead::new(M, 64 * M).aligned(4 * M).warm(16 * M);
+        assert_eq!(r.on_read(50 * M, 50 * M + 65536, 100 * M), 0..0);
+        // Clipped to the object.
+        let mut r = Readahead::new(M, 64 * M).aligned(4 * M).warm(16 * M);
+        assert_eq!(r.on_read(0, M, 13 * M), M..13 * M);
     }
 
     #[test]
