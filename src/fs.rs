@@ -1288,6 +1288,16 @@ mod tests {
         fs
     }
 
+    /// An `Fs` on `c` with `cfg` and a 64 MiB cache, its tree loaded.
+    async fn loaded_with(c: &Arc<FakeClient>, cfg: FsConfig) -> Arc<Fs> {
+        loaded(Fs::new(
+            cfg,
+            c.clone(),
+            Arc::new(MemoryCache::new(64 << 20)),
+        ))
+        .await
+    }
+
     /// Settles spawned read-ahead tasks.
     async fn settle(fs: &Fs) {
         for _ in 0..100 {
@@ -1310,12 +1320,7 @@ mod tests {
             next_files: 0,
             ..Default::default()
         };
-        let fs = loaded(Fs::new(
-            cfg,
-            c.clone(),
-            Arc::new(MemoryCache::new(64 << 20)),
-        ))
-        .await;
+        let fs = loaded_with(&c, cfg).await;
         let ahead = || fs.stats().prefetch_bytes.load(Ordering::Relaxed);
         // The first read of a file: fetches only itself while nothing is known.
         let first_read = |i: usize| {
@@ -1371,12 +1376,7 @@ mod tests {
         let body = data(1_600_000, 7);
         c.put("img.jpg", body.clone());
         c.put("big.dcm", data(13_000_000, 9));
-        let fs = loaded(Fs::new(
-            FsConfig::default(),
-            c.clone(),
-            Arc::new(MemoryCache::new(64 << 20)),
-        ))
-        .await;
+        let fs = loaded_with(&c, FsConfig::default()).await;
         let gets = || c.get_calls.load(Ordering::Relaxed);
         let ino = path(&fs, "img.jpg").await.unwrap().ino;
         let fh = fs.open(ino, false).unwrap();
@@ -1419,12 +1419,7 @@ mod tests {
             next_files: 3,
             ..Default::default()
         };
-        let fs = loaded(Fs::new(
-            cfg,
-            c.clone(),
-            Arc::new(MemoryCache::new(64 << 20)),
-        ))
-        .await;
+        let fs = loaded_with(&c, cfg).await;
         let gets = || c.get_calls.load(Ordering::Relaxed);
         // Four files in order build the streak; from then on each next file was fetched
         // before its open, so reading it costs no request.
@@ -1451,12 +1446,7 @@ mod tests {
         assert_eq!(gets(), 20);
 
         // Out of order (a shuffled epoch): no streak, nothing fetched ahead.
-        let fs = loaded(Fs::new(
-            FsConfig::default(),
-            c.clone(),
-            Arc::new(MemoryCache::new(64 << 20)),
-        ))
-        .await;
+        let fs = loaded_with(&c, FsConfig::default()).await;
         let mut x = 7u64;
         for _ in 0..60 {
             x = x
@@ -1468,12 +1458,7 @@ mod tests {
         assert_eq!(fs.stats().files_prefetched.load(Ordering::Relaxed), 0);
 
         // A header scan (first bytes of each file, in order) never reads to the end.
-        let fs = loaded(Fs::new(
-            FsConfig::default(),
-            c.clone(),
-            Arc::new(MemoryCache::new(64 << 20)),
-        ))
-        .await;
+        let fs = loaded_with(&c, FsConfig::default()).await;
         for n in &names {
             let a = path(&fs, n).await.unwrap();
             let fh = fs.open(a.ino, false).unwrap();

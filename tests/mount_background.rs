@@ -45,6 +45,17 @@ fn proc_stat(pid: i32) -> Option<(char, i32, i32, i32)> {
     ))
 }
 
+/// The background process id from the command's "(process N, log FILE)".
+fn process_id(stderr: &str) -> Option<i32> {
+    stderr
+        .split("(process ")
+        .nth(1)?
+        .split(',')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Running: present and not a zombie (in a container nobody may reap it).
 fn running(pid: i32) -> bool {
     matches!(proc_stat(pid), Some((st, ..)) if st != 'Z' && st != 'X')
@@ -87,12 +98,7 @@ fn background_mount_is_ready_when_the_command_returns() {
     let entry = mount_entry(&mnt).unwrap_or_else(|| panic!("not mounted at return:\n{stderr}"));
     assert_eq!(entry.fstype, "fuse.physiofs");
     assert!(stderr.contains("mounted gs://bg/"), "{stderr}");
-    let pid: i32 = stderr
-        .split("(process ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no process id in:\n{stderr}"));
+    let pid = process_id(&stderr).unwrap_or_else(|| panic!("no process id in:\n{stderr}"));
     guard.pid = Some(pid);
 
     // Detached: its own session, not our child, in `/`.
@@ -299,11 +305,7 @@ fn fstab_style_mount_through_the_fuse3_helper() {
         mount_entry(&mnt).is_some(),
         "not mounted at return:\n{stderr}"
     );
-    guard.pid = stderr
-        .split("(process ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .and_then(|s| s.parse().ok());
+    guard.pid = process_id(&stderr);
     // The prefix from the source, the mode from the options.
     let f = mnt.join("p10/x.dcm");
     assert_eq!(sha256_file(&f), sha256_hex(&data));
