@@ -14,30 +14,22 @@
 
 use std::ffi::OsString;
 
-/// Mount options physiofs takes a value for, and the bare ones.
-const WITH_VALUE: &[&str] = &[
-    "bucket",
-    "prefix",
-    "billing-project",
-    "endpoint",
-    "key-file",
-    "metadata",
-    "metadata-ttl",
-    "metadata-cache",
-    "cache-size",
-    "prefetch-files",
-    "retries",
-    "retry-deadline",
-    "stall-timeout",
-    "uid",
-    "gid",
-    "file-mode",
-    "dir-mode",
-    "metrics-addr",
-    "log-level",
-    "log-file",
-];
-const BARE: &[&str] = &["anonymous", "allow-other", "foreground"];
+/// The long flags of `physiofs mount` as the CLI defines them, each with whether it takes a
+/// value: every one is a mount option, so the two cannot drift apart. (`background` is
+/// implied, unless `foreground` is given.)
+fn mount_flags() -> Vec<(String, bool)> {
+    use clap::CommandFactory;
+    let cli = crate::cli::Cli::command();
+    let mount = cli
+        .find_subcommand("mount")
+        .expect("the CLI has a mount subcommand");
+    mount
+        .get_arguments()
+        .filter(|a| !a.is_positional())
+        .filter_map(|a| Some((a.get_long()?.to_string(), a.get_action().takes_values())))
+        .filter(|(name, _)| !matches!(name.as_str(), "background" | "help"))
+        .collect()
+}
 
 /// Generic mount(8), fstab and systemd options with no meaning for physiofs.
 fn ignored(opt: &str) -> bool {
@@ -154,6 +146,7 @@ pub fn translate(argv: &[OsString]) -> Result<Helper, String> {
         args.push("--bucket".into());
         args.push(source.into());
     }
+    let flags = mount_flags();
     let mut foreground = false;
     for o in opts.iter().filter(|o| !o.is_empty()) {
         if ignored(o) {
@@ -163,21 +156,30 @@ pub fn translate(argv: &[OsString]) -> Result<Helper, String> {
             Some((k, v)) => (k.replace('_', "-"), Some(v)),
             None => (o.replace('_', "-"), None),
         };
-        match value {
-            Some(v) if WITH_VALUE.contains(&key.as_str()) => {
+        let takes_value = flags.iter().find(|(n, _)| *n == key).map(|&(_, v)| v);
+        match (value, takes_value) {
+            (Some(v), Some(true)) => {
                 args.push(format!("--{key}").into());
                 args.push(v.into());
             }
-            None if BARE.contains(&key.as_str()) => {
+            (None, Some(false)) => {
                 foreground |= key == "foreground";
                 args.push(format!("--{key}").into());
             }
             _ => {
+                let list = |values: bool| {
+                    flags
+                        .iter()
+                        .filter(|&&(_, v)| v == values)
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 return Err(format!(
                     "unknown mount option {o:?}: physiofs takes {} (KEY=VALUE) and {} \
                      (see physiofs mount --help; underscores or dashes)",
-                    WITH_VALUE.join(", "),
-                    BARE.join(", ")
+                    list(true),
+                    list(false)
                 ));
             }
         }
