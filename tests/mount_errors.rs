@@ -141,29 +141,28 @@ fn mounted_and_reading(gcs: &FakeGcs) -> Mount {
     m
 }
 
-#[test]
-fn sigterm_unmounts_and_exits_zero() {
+/// A mount that gets `sig` unmounts itself and exits 0.
+fn signal_unmounts_cleanly(sig: i32, name: &str) {
     let (_seed, gcs) = one_bucket();
     let mut m = mounted_and_reading(&gcs);
-    m.signal(libc::SIGTERM);
-    m.assert_clean_exit("SIGTERM");
+    m.signal(sig);
+    m.assert_clean_exit(name);
+}
+
+#[test]
+fn sigterm_unmounts_and_exits_zero() {
+    signal_unmounts_cleanly(libc::SIGTERM, "SIGTERM");
 }
 
 #[test]
 fn sigint_unmounts_and_exits_zero() {
-    let (_seed, gcs) = one_bucket();
-    let mut m = mounted_and_reading(&gcs);
-    m.signal(libc::SIGINT);
-    m.assert_clean_exit("SIGINT");
+    signal_unmounts_cleanly(libc::SIGINT, "SIGINT");
 }
 
 #[test]
 fn sighup_unmounts_a_foreground_mount_cleanly() {
     // The terminal went away (ssh dropped): unmount rather than leave a dead mount behind.
-    let (_seed, gcs) = one_bucket();
-    let mut m = mounted_and_reading(&gcs);
-    m.signal(libc::SIGHUP);
-    m.assert_clean_exit("SIGHUP");
+    signal_unmounts_cleanly(libc::SIGHUP, "SIGHUP");
 }
 
 #[test]

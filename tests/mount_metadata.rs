@@ -30,6 +30,28 @@ fn find_files(root: &Path) -> usize {
     out.stdout.iter().filter(|&&b| b == b'\n').count()
 }
 
+/// The first `n` objects of a `patients`-patient model of `kind` (real sizes) that `keep` picks.
+fn model_objects(
+    kind: ModelKind,
+    patients: u32,
+    n: usize,
+    keep: impl Fn(&physiofs::model::ModelObject) -> bool,
+) -> (DatasetModel, Vec<physiofs::model::ModelObject>) {
+    let model = DatasetModel::new(ModelConfig {
+        kind,
+        patients,
+        seed: 0,
+        size_scale: 1.0,
+    });
+    let objects = model
+        .list_from("files/", 100_000)
+        .into_iter()
+        .filter(|o| keep(o))
+        .take(n)
+        .collect();
+    (model, objects)
+}
+
 /// Waits for the background bulk load's "metadata: N objects" log line.
 fn wait_loaded(m: &Mount) -> String {
     let t0 = Instant::now();
@@ -175,18 +197,7 @@ fn header_reads_cost_one_request_and_metrics_are_served() {
         ),
         &[],
     );
-    let model = DatasetModel::new(ModelConfig {
-        kind: ModelKind::Dicom,
-        patients: 20,
-        seed: 0,
-        size_scale: 1.0,
-    });
-    let dicoms: Vec<_> = model
-        .list_from("files/", 100_000)
-        .into_iter()
-        .filter(|o| o.name.ends_with(".dcm"))
-        .take(10)
-        .collect();
+    let (model, dicoms) = model_objects(ModelKind::Dicom, 20, 10, |o| o.name.ends_with(".dcm"));
     // Resolve the paths first so only the reads are counted.
     for o in &dicoms {
         assert!(m.join(&o.name).exists());
@@ -303,18 +314,9 @@ fn a_jpg_epoch_costs_one_request_per_file() {
         ),
         &[],
     );
-    let model = DatasetModel::new(ModelConfig {
-        kind: ModelKind::Jpg,
-        patients: 30,
-        seed: 0,
-        size_scale: 1.0,
+    let (model, jpgs) = model_objects(ModelKind::Jpg, 30, 48, |o| {
+        o.name.ends_with(".jpg") && o.size > 1 << 20 && o.size <= 4 << 20
     });
-    let jpgs: Vec<_> = model
-        .list_from("files/", 100_000)
-        .into_iter()
-        .filter(|o| o.name.ends_with(".jpg") && o.size > 1 << 20 && o.size <= 4 << 20)
-        .take(48)
-        .collect();
     assert!(jpgs.len() >= 40, "{} JPGs of 1-4 MiB", jpgs.len());
     for o in &jpgs {
         assert!(m.join(&o.name).exists());
