@@ -1,14 +1,15 @@
 //! physiofs: PhysioNet's MIMIC-CXR buckets on Google Cloud Storage as a read-only local tree.
 //!
-//! The layers, from the kernel down: [`fuse`] (thin adapter) → [`fs`] (async core) →
-//! [`inode`] (tree from names), [`cache`] (block cache), [`prefetch`] (read-ahead) →
-//! [`client`] (the only network access). [`mount`] wires them together for the CLI.
+//! The layers, from the kernel down: [`fuse`] (thin adapter) → [`fs`] (metadata core: the
+//! tree from listings, [`inode`], [`snapshot`]) → [`read`] (the read path: handles, fetch
+//! planning, read-ahead, verification, the block cache) → [`client`] (the only network
+//! access). [`mount`] wires them together for the CLI.
 
-pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod demo;
+pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod helper;
@@ -17,7 +18,10 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod mount;
-pub mod prefetch;
+pub mod read;
 pub mod session;
 pub mod snapshot;
 pub mod testbed;
+
+/// The block cache, where it was before the read path had its own module.
+pub use read::cache;

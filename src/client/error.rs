@@ -1,5 +1,5 @@
 //! Errors of the object-store layer. They carry enough to explain a failure to a person
-//! (status, the server's own message, the object) and are mapped to errnos in `fs::error`.
+//! (status, the server's own message, the object) and are mapped to errnos in `crate::error`.
 
 use thiserror::Error;
 
@@ -20,9 +20,13 @@ pub enum ClientError {
     /// The server answered something we refuse to trust (bad JSON, wrong range, short body).
     #[error("malformed response: {0}")]
     Malformed(String),
-    /// An answer was cut short, stalled, or failed its checksum: worth asking again.
+    /// An answer was cut short or stalled: worth asking again (a media read resumes).
     #[error("interrupted transfer: {0}")]
     Interrupted(String),
+    /// A whole object arrived with a CRC32C other than the listed one: worth asking again
+    /// (the bytes were damaged on the way), but not resumable, and counted on its own.
+    #[error("checksum mismatch: {0}")]
+    Checksum(String),
     /// The object changed under us: a different generation was served.
     #[error("object changed while reading: {0}")]
     Stale(String),
@@ -36,7 +40,9 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Http { status, .. } => *status == 408 || *status == 429 || *status >= 500,
-            ClientError::Network { .. } | ClientError::Interrupted(_) => true,
+            ClientError::Network { .. }
+            | ClientError::Interrupted(_)
+            | ClientError::Checksum(_) => true,
             _ => false,
         }
     }

@@ -763,7 +763,7 @@ impl ObjectClient for GcsClient {
                         .checksum_mismatches
                         .fetch_add(1, Ordering::Relaxed);
                     buf.clear();
-                    result = Err(ClientError::Interrupted(format!(
+                    result = Err(ClientError::Checksum(format!(
                         "{what}: CRC32C of the {} bytes received is {got:08x}, the listing says {want:08x}",
                         obj.size
                     )));

@@ -1,9 +1,14 @@
 //! The block cache: fixed-size pieces of object versions, bounded by bytes.
 //!
 //! Keys name an object *version* (name + generation), so a cached block can never be served
-//! for a different version. [`BlockCache`] is a trait so a disk tier can sit behind the memory
-//! one later; [`MemoryCache`] is moka weighed by bytes. De-duplication of concurrent fetches
-//! lives in the read path (`fs::fetch`), which fetches runs of blocks in one request.
+//! for a different version. Every block carries the CRC32C of its bytes from the moment it
+//! arrives, so any tier (memory now, disk next) can check a block before it is served.
+//! [`BlockCache`] is the one interface of every tier; it keeps two operations apart that look
+//! alike: [`BlockCache::release`] ("this memory may go: the bytes are safe elsewhere") and
+//! [`BlockCache::invalidate`] ("these bytes are wrong: drop them everywhere"). A persistent
+//! tier keeps its copy on the first and deletes it on the second. [`MemoryCache`] is moka
+//! weighed by bytes. De-duplication of concurrent fetches lives in the read path
+//! (`read::fetch`), which fetches runs of blocks in one request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,19 +31,48 @@ pub struct CacheStats {
 
 /// One cached block: a window into the buffer of the GET that fetched it. Blocks fetched by
 /// one request share that buffer, so a read spanning several of them is served as one slice
-/// of it, without copying.
+/// of it, without copying. The CRC32C of its bytes is taken when it arrives and travels with
+/// it to every tier.
 #[derive(Clone, Debug)]
 pub struct Block {
     span: Bytes,
     start: usize,
     len: usize,
+    crc32c: u32,
 }
 
 impl Block {
-    /// Bytes `start..start + len` of `span`.
+    /// Bytes `start..start + len` of `span`, checksummed now.
     pub fn new(span: Bytes, start: usize, len: usize) -> Block {
         assert!(start + len <= span.len(), "block outside its span");
-        Block { span, start, len }
+        let crc32c = crc32c::crc32c(&span[start..start + len]);
+        Block {
+            span,
+            start,
+            len,
+            crc32c,
+        }
+    }
+
+    /// A block whose CRC32C is already known (read back from a tier that stored it).
+    pub fn with_crc32c(span: Bytes, start: usize, len: usize, crc32c: u32) -> Block {
+        assert!(start + len <= span.len(), "block outside its span");
+        Block {
+            span,
+            start,
+            len,
+            crc32c,
+        }
+    }
+
+    /// The CRC32C of the block's bytes as they arrived.
+    pub fn crc32c(&self) -> u32 {
+        self.crc32c
+    }
+
+    /// Whether the bytes still match the CRC32C they arrived with.
+    pub fn is_intact(&self) -> bool {
+        crc32c::crc32c(self.as_slice()) == self.crc32c
     }
 
     /// A block that is its own buffer.
@@ -82,8 +116,13 @@ pub trait BlockCache: Send + Sync + 'static {
     /// Whether the block is cached right now.
     fn contains(&self, key: &BlockKey) -> bool;
 
-    /// Drops one block (its bytes turned out wrong).
-    async fn remove(&self, key: &BlockKey);
+    /// The block's bytes are held elsewhere now (the kernel's page cache): its memory may be
+    /// freed. A persistent tier keeps its copy.
+    async fn release(&self, key: &BlockKey);
+
+    /// The block's bytes are wrong (or belong to a version found bad): drop it from every
+    /// tier.
+    async fn invalidate(&self, key: &BlockKey);
 
     /// Bytes currently held.
     fn weighted_size(&self) -> u64;
@@ -149,7 +188,11 @@ impl BlockCache for MemoryCache {
         self.inner.contains_key(key)
     }
 
-    async fn remove(&self, key: &BlockKey) {
+    async fn release(&self, key: &BlockKey) {
+        self.inner.invalidate(key).await;
+    }
+
+    async fn invalidate(&self, key: &BlockKey) {
         self.inner.invalidate(key).await;
     }
 
@@ -192,6 +235,17 @@ mod tests {
         for i in 100..104 {
             assert!(c.contains(&key(i)), "block {i} was not admitted");
         }
+    }
+
+    #[test]
+    fn blocks_carry_the_crc32c_of_their_bytes() {
+        let span = Bytes::from_static(b"0123456789abcdef");
+        let b = Block::new(span.clone(), 4, 8);
+        assert_eq!(b.crc32c(), crc32c::crc32c(b"456789ab"));
+        assert!(b.is_intact());
+        // A block read back with a CRC that does not match its bytes is caught.
+        let bad = Block::with_crc32c(span, 4, 8, b.crc32c() ^ 1);
+        assert!(!bad.is_intact());
     }
 
     #[tokio::test]

@@ -1,4 +1,4 @@
-//! Filesystem errors and the one place they become errnos.
+//! Errors of the filesystem core and the read path, and the one place they become errnos.
 
 use thiserror::Error;
 
@@ -18,6 +18,10 @@ pub enum FsError {
     BadHandle,
     #[error("file name too long")]
     NameTooLong,
+    /// The bytes served of an object did not add up to its listed CRC32C: they were wrong,
+    /// and nothing more will be served through that handle.
+    #[error("checksum mismatch: {0}")]
+    Corrupt(String),
     #[error("{0}")]
     Client(#[from] ClientError),
 }
@@ -32,11 +36,14 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::BadHandle => libc::EBADF,
             FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Corrupt(_) => libc::EIO,
             FsError::Client(c) => match c {
                 // A listed object that is gone, or a version that changed: the handle is stale.
                 ClientError::NotFound(_) | ClientError::Stale(_) => libc::ESTALE,
                 ClientError::Denied { .. } | ClientError::Auth(_) => libc::EACCES,
-                ClientError::Network { .. } | ClientError::Interrupted(_) => libc::EIO,
+                ClientError::Network { .. }
+                | ClientError::Interrupted(_)
+                | ClientError::Checksum(_) => libc::EIO,
                 ClientError::Http { status, .. } if *status == 429 => libc::EIO,
                 ClientError::Http { .. } | ClientError::Malformed(_) => libc::EIO,
             },

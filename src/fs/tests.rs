@@ -1,0 +1,495 @@
+//! Unit tests of the core (metadata and, through it, the read path) against the fake client.
+use super::*;
+use crate::cache::MemoryCache;
+use crate::client::ClientError;
+use crate::client::fake::FakeClient;
+
+fn data(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn setup(prefix: &str) -> (Arc<FakeClient>, Fs) {
+    let c = Arc::new(FakeClient::new("b").with_page_cap(7));
+    c.put("top.txt", "hello");
+    c.put("empty", "");
+    c.put("big.bin", data(5 * 1024 * 1024 + 123, 1));
+    for i in 0..25 {
+        c.put(&format!("dir/many/f{i:03}"), data(10, i as u8));
+    }
+    c.put("dir/placeholder/", "");
+    c.put("dir/sub/x", "x");
+    let cfg = FsConfig {
+        prefix: prefix.into(),
+        block_size: 1 << 20,
+        ..Default::default()
+    };
+    let fs = Fs::new(cfg, c.clone(), Arc::new(MemoryCache::new(64 << 20)));
+    (c, fs)
+}
+
+async fn path(fs: &Fs, p: &str) -> Result<Attr, FsError> {
+    let mut ino = ROOT;
+    let mut a = fs.getattr(ROOT)?;
+    for comp in p.split('/').filter(|c| !c.is_empty()) {
+        a = fs.lookup(ino, comp).await?;
+        ino = a.ino;
+    }
+    Ok(a)
+}
+
+#[tokio::test]
+async fn lookup_and_readdir_page_through_listings() {
+    let (c, fs) = setup("");
+    let many = path(&fs, "dir/many").await.unwrap();
+    assert_eq!(many.kind, Kind::Dir);
+    let before = c.list_calls.load(Ordering::Relaxed);
+    let fh = fs.opendir(many.ino).await.unwrap();
+    let names: Vec<_> = fs
+        .readdir(fh)
+        .unwrap()
+        .iter()
+        .map(|e| e.name.to_string())
+        .collect();
+    assert_eq!(names.len(), 27);
+    assert_eq!(&names[..3], [".", "..", "f000"]);
+    // 25 entries at 7 per page: 4 pages
+    assert_eq!(c.list_calls.load(Ordering::Relaxed) - before, 4);
+    // listed once: a second opendir and lookups cost nothing
+    let fh2 = fs.opendir(many.ino).await.unwrap();
+    fs.lookup(many.ino, "f007").await.unwrap();
+    assert!(matches!(
+        fs.lookup(many.ino, "nope").await,
+        Err(FsError::NotFound)
+    ));
+    assert_eq!(c.list_calls.load(Ordering::Relaxed) - before, 4);
+    fs.releasedir(fh);
+    fs.releasedir(fh2);
+    // placeholder object is a directory
+    assert_eq!(path(&fs, "dir/placeholder").await.unwrap().kind, Kind::Dir);
+    assert!(matches!(path(&fs, "top.txt/x").await, Err(FsError::NotDir)));
+}
+
+#[tokio::test]
+async fn entries_from_pages_by_offset_without_io() {
+    let (c, fs) = setup("");
+    let many = path(&fs, "dir/many").await.unwrap();
+    let all: Vec<String> = fs
+        .entries(many.ino)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.name.to_string())
+        .collect();
+    let before = c.requests();
+    // Pages of 5, each resumed at the offset the previous page handed out.
+    let (mut got, mut offset) = (Vec::new(), 0);
+    loop {
+        let mut page = Vec::new();
+        fs.entries_from(many.ino, offset, |next, e| {
+            if page.len() == 5 {
+                return true;
+            }
+            page.push(e.name.to_string());
+            offset = next;
+            false
+        })
+        .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        got.extend(page);
+    }
+    assert_eq!(got, all);
+    assert_eq!(&got[..3], [".", "..", "f000"]);
+    assert_eq!(c.requests(), before);
+    // A directory not listed yet needs a listing: None.
+    let sub = path(&fs, "dir").await.unwrap();
+    let d = fs.lookup(sub.ino, "sub").await.unwrap();
+    assert!(fs.entries_from(d.ino, 0, |_, _| false).is_none());
+    assert!(fs.lookup_cached(d.ino, "x").is_none());
+}
+
+#[tokio::test]
+async fn reads_ranges_exactly() {
+    let (_c, fs) = setup("");
+    let src = data(5 * 1024 * 1024 + 123, 1);
+    let a = path(&fs, "big.bin").await.unwrap();
+    assert_eq!(a.size, src.len() as u64);
+    let fh = fs.open(a.ino, false).unwrap();
+    let mut rng = 12345u64;
+    for _ in 0..200 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (rng >> 16) % (src.len() as u64 + 10);
+        let len = ((rng >> 40) % (3 << 20)) as u32;
+        let got = fs.read(fh, off, len).await.unwrap();
+        let s = (off as usize).min(src.len());
+        let e = (off as usize + len as usize).min(src.len());
+        assert_eq!(&got[..], &src[s..e], "off {off} len {len}");
+    }
+    // last byte, past EOF, 0-byte file
+    let last = fs.read(fh, src.len() as u64 - 1, 10).await.unwrap();
+    assert_eq!(&last[..], &src[src.len() - 1..]);
+    assert!(fs.read(fh, src.len() as u64, 10).await.unwrap().is_empty());
+    let e = path(&fs, "empty").await.unwrap();
+    let fh0 = fs.open(e.ino, false).unwrap();
+    assert!(fs.read(fh0, 0, 4096).await.unwrap().is_empty());
+    assert!(matches!(fs.open(e.ino, true), Err(FsError::ReadOnly)));
+    let d = path(&fs, "dir").await.unwrap();
+    assert!(matches!(fs.open(d.ino, false), Err(FsError::IsDir)));
+}
+
+/// Reads `rel` whole through the kernel path (`read_for_kernel` + `served`), in 1 MiB reads.
+async fn read_whole(fs: &Fs, rel: &str) -> Vec<u8> {
+    let a = path(fs, rel).await.unwrap();
+    let fh = fs.open(a.ino, false).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let (d, s) = fs
+            .read_for_kernel(fh, out.len() as u64, 1 << 20)
+            .await
+            .unwrap();
+        fs.served(s).await;
+        if d.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&d);
+    }
+    fs.release(fh);
+    out
+}
+
+/// The tree loaded up front, as a mount's eager load does (the walk follows loaded
+/// directories only).
+async fn loaded(fs: Fs) -> Arc<Fs> {
+    let fs = Arc::new(fs);
+    fs.bulk_load(&super::bulk::BulkOptions::default())
+        .await
+        .unwrap();
+    fs
+}
+
+/// An `Fs` on `c` with `cfg` and a 64 MiB cache, its tree loaded.
+async fn loaded_with(c: &Arc<FakeClient>, cfg: FsConfig) -> Arc<Fs> {
+    loaded(Fs::new(
+        cfg,
+        c.clone(),
+        Arc::new(MemoryCache::new(64 << 20)),
+    ))
+    .await
+}
+
+/// Waits for every fetch in flight (read-ahead, walk prefetch) to land in the cache. The
+/// fake client answers at once, so this takes a few scheduler turns; a fetch still in flight
+/// after seconds is a hang, and fails the test instead of letting it assert on a half-done
+/// state.
+async fn settle(fs: &Fs) {
+    for _ in 0..2000 {
+        if fs.reader().fetcher().in_flight() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "{} blocks still in flight after 10 s",
+        fs.reader().fetcher().in_flight()
+    );
+}
+
+#[tokio::test]
+async fn whole_file_readers_get_read_ahead_from_their_first_read() {
+    let c = Arc::new(FakeClient::new("b"));
+    let size = 6_000_000;
+    let names: Vec<String> = (0..8).map(|i| format!("d/{i}.dcm")).collect();
+    for (i, n) in names.iter().enumerate() {
+        c.put(n, data(size, i as u8));
+    }
+    let cfg = FsConfig {
+        next_files: 0,
+        ..Default::default()
+    };
+    let fs = loaded_with(&c, cfg).await;
+    let ahead = || fs.stats().prefetch_bytes.load(Ordering::Relaxed);
+    // The first read of a file: fetches only itself while nothing is known.
+    let first_read = |i: usize| {
+        let fs = &fs;
+        let name = names[i].clone();
+        async move {
+            let ino = path(fs, &name).await.unwrap().ino;
+            let fh = fs.open(ino, false).unwrap();
+            let (d, s) = fs.read_for_kernel(fh, 0, 16384).await.unwrap();
+            assert_eq!(&d[..], &data(size, i as u8)[..16384]);
+            fs.served(s).await;
+            fh
+        }
+    };
+    let before = ahead();
+    let fh = first_read(0).await;
+    assert_eq!(ahead(), before, "a first read alone reads nothing ahead");
+    fs.release(fh);
+    // Four files read whole ...
+    for (i, n) in names.iter().enumerate().take(5).skip(1) {
+        assert_eq!(read_whole(&fs, n).await, data(size, i as u8));
+    }
+    settle(&fs).await;
+    // ... and the next open's first read fetches the rest of its file at once.
+    let before = ahead();
+    let fh = first_read(5).await;
+    assert!(
+        ahead() - before >= size as u64 - 65536,
+        "read ahead {} of {size}",
+        ahead() - before
+    );
+    fs.release(fh);
+    settle(&fs).await;
+    // That one was closed early (a header scan), like the next: trust is gone.
+    let fh = first_read(6).await;
+    fs.release(fh);
+    settle(&fs).await;
+    let before = ahead();
+    let fh = first_read(7).await;
+    assert_eq!(
+        ahead(),
+        before,
+        "header scans: no read-ahead on a first read"
+    );
+    fs.release(fh);
+}
+
+#[tokio::test]
+async fn a_small_object_is_fetched_whole_whichever_piece_comes_first() {
+    // The kernel sends a whole-file reader's 1 MiB pieces at once; the one at 1 MiB may
+    // arrive first. Either way the object costs one request.
+    let c = Arc::new(FakeClient::new("b"));
+    let body = data(1_600_000, 7);
+    c.put("img.jpg", body.clone());
+    c.put("big.dcm", data(13_000_000, 9));
+    let fs = loaded_with(&c, FsConfig::default()).await;
+    let gets = || c.get_calls.load(Ordering::Relaxed);
+    let ino = path(&fs, "img.jpg").await.unwrap().ino;
+    let fh = fs.open(ino, false).unwrap();
+    let (tail, _) = fs.read_for_kernel(fh, 1 << 20, 1 << 20).await.unwrap();
+    assert_eq!(&tail[..], &body[1 << 20..]);
+    let (head, _) = fs.read_for_kernel(fh, 0, 1 << 20).await.unwrap();
+    assert_eq!(&head[..], &body[..1 << 20]);
+    assert_eq!(gets(), 1, "one request for the whole object");
+    settle(&fs).await;
+    // A big object's first read still fetches only what it asks (a header scan).
+    let ino = path(&fs, "big.dcm").await.unwrap().ino;
+    let fh = fs.open(ino, false).unwrap();
+    let (d, _) = fs.read_for_kernel(fh, 1 << 20, 16384).await.unwrap();
+    let big = data(13_000_000, 9);
+    assert_eq!(&d[..], &big[1 << 20..(1 << 20) + 16384]);
+    assert_eq!(gets(), 2);
+    let (d, _) = fs.read_for_kernel(fh, 0, 4096).await.unwrap();
+    assert_eq!(&d[..], &big[..4096]);
+    assert_eq!(gets(), 3, "the start of the big object was not fetched");
+}
+
+#[tokio::test]
+async fn files_read_in_key_order_are_fetched_before_they_are_opened() {
+    let c = Arc::new(FakeClient::new("b"));
+    let names: Vec<String> = (0..20)
+        .map(|i| format!("walk/p1{}/s{i:02}/img.jpg", i / 10))
+        .collect();
+    for (i, n) in names.iter().enumerate() {
+        c.put(n, data(100_000 + i, i as u8));
+        c.put(&format!("walk/p1{}/s{i:02}.txt", i / 10), "report");
+    }
+    // A bigger set for the shuffled epoch: a window of successors covers little of it.
+    let many: Vec<String> = (0..2000)
+        .map(|i| format!("many/p{}/s{i:04}/img.jpg", i / 100))
+        .collect();
+    for n in &many {
+        c.put(n, "x".repeat(100));
+    }
+    let cfg = FsConfig {
+        next_files: 3,
+        ..Default::default()
+    };
+    let fs = loaded_with(&c, cfg).await;
+    let gets = || c.get_calls.load(Ordering::Relaxed);
+    // Four files in order build the streak; from then on each next file was fetched
+    // before its open, so reading it costs no request.
+    for (i, n) in names.iter().enumerate().take(4) {
+        assert_eq!(read_whole(&fs, n).await, data(100_000 + i, i as u8));
+    }
+    settle(&fs).await;
+    assert_eq!(
+        fs.stats().files_prefetched.load(Ordering::Relaxed),
+        3,
+        "files 5-7"
+    );
+    for (i, n) in names.iter().enumerate().skip(4) {
+        let before = gets();
+        assert_eq!(read_whole(&fs, n).await, data(100_000 + i, i as u8), "{n}");
+        assert_eq!(
+            gets(),
+            before,
+            "{n} was fetched ahead (across directories too)"
+        );
+        settle(&fs).await;
+    }
+    // Each file was fetched once: no report (.txt) and nothing twice.
+    assert_eq!(gets(), 20);
+
+    // Out of order (a shuffled epoch): no streak, nothing fetched ahead.
+    let fs = loaded_with(&c, FsConfig::default()).await;
+    let mut x = 7u64;
+    for _ in 0..60 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        read_whole(&fs, &many[(x >> 33) as usize % many.len()]).await;
+    }
+    settle(&fs).await;
+    assert_eq!(fs.stats().files_prefetched.load(Ordering::Relaxed), 0);
+
+    // A header scan (first bytes of each file, in order) never reads to the end.
+    let fs = loaded_with(&c, FsConfig::default()).await;
+    for n in &names {
+        let a = path(&fs, n).await.unwrap();
+        let fh = fs.open(a.ino, false).unwrap();
+        let (_, s) = fs.read_for_kernel(fh, 0, 16384).await.unwrap();
+        fs.served(s).await;
+        fs.release(fh);
+    }
+    settle(&fs).await;
+    assert_eq!(fs.stats().files_prefetched.load(Ordering::Relaxed), 0);
+
+    // --prefetch-files 0: never.
+    let fs = loaded(Fs::new(
+        FsConfig {
+            next_files: 0,
+            ..Default::default()
+        },
+        c.clone(),
+        Arc::new(MemoryCache::new(64 << 20)),
+    ))
+    .await;
+    for n in &names {
+        read_whole(&fs, n).await;
+    }
+    settle(&fs).await;
+    assert_eq!(fs.stats().files_prefetched.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn served_blocks_leave_the_cache_partial_ones_stay() {
+    // 1 MiB blocks; big.bin is 5 MiB + 123 bytes.
+    let (c, fs) = setup("");
+    let a = path(&fs, "big.bin").await.unwrap();
+    let fh = fs.open(a.ino, false).unwrap();
+    let obj = fs.reader().object_of(fh).unwrap();
+    let key = |index| obj.key(index);
+    let m = 1u64 << 20;
+    let (got, served) = fs.read_for_kernel(fh, m / 2, (2 * m) as u32).await.unwrap();
+    assert_eq!(got.len() as u64, 2 * m);
+    for i in 0..=2 {
+        assert!(
+            fs.cache().contains(&key(i)),
+            "block {i} cached after the read"
+        );
+    }
+    // The kernel got bytes 0.5..2.5 MiB: only block 1 was covered whole.
+    fs.served(served).await;
+    assert!(fs.cache().contains(&key(0)));
+    assert!(
+        !fs.cache().contains(&key(1)),
+        "a block served whole is dropped"
+    );
+    assert!(fs.cache().contains(&key(2)));
+    // The tail block counts as whole when served up to the end of the object.
+    let before = c.requests();
+    let (tail, served) = fs.read_for_kernel(fh, 5 * m, 4096).await.unwrap();
+    assert_eq!(tail.len(), 123);
+    // ... even when the handle was released first (the reader closed the file).
+    fs.release(fh);
+    fs.served(served).await;
+    assert!(!fs.cache().contains(&key(5)));
+    // A dropped block read again (O_DIRECT, or after the kernel evicted it) is fetched
+    // again, with the right bytes.
+    let fh = fs.open(a.ino, false).unwrap();
+    let again = fs.read(fh, m, m as u32).await.unwrap();
+    assert_eq!(
+        &again[..],
+        &data(5 * 1024 * 1024 + 123, 1)[m as usize..2 * m as usize]
+    );
+    assert!(c.requests() > before);
+}
+
+#[tokio::test]
+async fn prefix_mounts_a_subtree() {
+    let (_c, fs) = setup("dir/");
+    let fh = fs.opendir(ROOT).await.unwrap();
+    let names: Vec<_> = fs
+        .readdir(fh)
+        .unwrap()
+        .iter()
+        .map(|e| e.name.to_string())
+        .collect();
+    assert_eq!(names, [".", "..", "many", "placeholder", "sub"]);
+    let x = path(&fs, "sub/x").await.unwrap();
+    let h = fs.open(x.ino, false).unwrap();
+    assert_eq!(&fs.read(h, 0, 10).await.unwrap()[..], b"x");
+}
+
+#[tokio::test]
+async fn errors_map_and_recover() {
+    let (c, fs) = setup("");
+    c.fail_next(
+        1,
+        ClientError::Denied {
+            status: 403,
+            message: "no".into(),
+        },
+    );
+    let e = fs.lookup(ROOT, "top.txt").await.unwrap_err();
+    assert_eq!(e.errno(), libc::EACCES);
+    // the failed listing was not recorded as complete: the next lookup lists again
+    let a = fs.lookup(ROOT, "top.txt").await.unwrap();
+    let fh = fs.open(a.ino, false).unwrap();
+    c.fail_next(
+        1,
+        ClientError::Network {
+            endpoint: "e".into(),
+            cause: "reset".into(),
+        },
+    );
+    assert_eq!(fs.read(fh, 0, 5).await.unwrap_err().errno(), libc::EIO);
+    assert_eq!(&fs.read(fh, 0, 5).await.unwrap()[..], b"hello");
+    // object replaced under the mount: the open handle's generation is gone → ESTALE
+    c.put("top.txt", "world");
+    let fs2 = fs; // same mount
+    let h2 = fh;
+    let err = fs2.read(h2, 0, 5).await;
+    // block 0 is cached from the earlier read of this generation: still the old bytes
+    assert_eq!(&err.unwrap()[..], b"hello");
+    let big = path(&fs2, "big.bin").await.unwrap();
+    let hb = fs2.open(big.ino, false).unwrap();
+    c.put("big.bin", "replaced");
+    assert_eq!(fs2.read(hb, 0, 10).await.unwrap_err().errno(), libc::ESTALE);
+}
+
+#[tokio::test]
+async fn cached_blocks_cost_no_requests() {
+    let (c, fs) = setup("");
+    let a = path(&fs, "big.bin").await.unwrap();
+    let fh = fs.open(a.ino, false).unwrap();
+    let mut off = 0;
+    while off < a.size {
+        off += fs.read(fh, off, 128 * 1024).await.unwrap().len() as u64;
+    }
+    let gets = c.get_calls.load(Ordering::Relaxed);
+    assert!(
+        gets <= 6,
+        "{gets} requests for 6 blocks: runs of blocks share a request"
+    );
+    let fh2 = fs.open(a.ino, false).unwrap();
+    fs.read(fh2, 0, 4096).await.unwrap();
+    fs.read(fh2, 3 << 20, 4096).await.unwrap();
+    assert_eq!(c.get_calls.load(Ordering::Relaxed), gets);
+}

@@ -1,0 +1,453 @@
+//! Byte ranges of object versions, from the block cache or the network: the one way any part
+//! of physiofs gets object bytes.
+//!
+//! Everything is keyed by an [`Object`] (a pinned version) and a byte range, not by an open
+//! file, so an open handle, the walk prefetch (files no one has opened yet), and later the
+//! disk fill and `warm` all go through the same code. A range becomes the cache blocks it
+//! touches; cached blocks are served from the cache, blocks already being fetched join that
+//! fetch (a shared future), and each run of the rest is one ranged GET, cut at multiples of
+//! `max_request` in the object so a stream is fetched in identical pieces whose receive
+//! buffers are recycled (`client::pool`). Read-ahead in flight is bounded by a budget of
+//! block permits, so memory stays bounded however many files are read at once.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+
+use super::cache::{Block, BlockCache, BlockKey};
+use crate::client::{ClientError, ObjectClient, ObjectVersion};
+
+/// A block being fetched, or read back from the cache; clones await the same work.
+pub type SharedFetch = Shared<BoxFuture<'static, Result<Block, ClientError>>>;
+
+/// The blocks one GET brings, shared by every block's future of that GET.
+type SharedSpan = Shared<BoxFuture<'static, Result<Arc<[Block]>, ClientError>>>;
+
+/// Fetches in flight, by block (hashed on every block a read touches: foldhash, not SipHash).
+type InflightMap = HashMap<BlockKey, SharedFetch, foldhash::fast::RandomState>;
+
+/// The object version a read is pinned to, owned: what the listing said about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object {
+    /// Full object name in the bucket.
+    pub name: Arc<str>,
+    pub generation: i64,
+    pub size: u64,
+    /// CRC32C of the whole object, when the listing gave one.
+    pub crc32c: Option<u32>,
+}
+
+impl Object {
+    pub fn version(&self) -> ObjectVersion<'_> {
+        ObjectVersion {
+            name: &self.name,
+            generation: self.generation,
+            size: self.size,
+            crc32c: self.crc32c,
+        }
+    }
+
+    /// The cache key of block `index` of this version.
+    pub fn key(&self, index: u64) -> BlockKey {
+        BlockKey {
+            object: self.name.clone(),
+            generation: self.generation,
+            index,
+        }
+    }
+}
+
+pub struct Fetcher {
+    client: Arc<dyn ObjectClient>,
+    cache: Arc<dyn BlockCache>,
+    block_size: u64,
+    max_request: u64,
+    /// Permits of one block each for read-ahead in flight.
+    permits: Arc<tokio::sync::Semaphore>,
+    inflight: Arc<Mutex<InflightMap>>,
+}
+
+impl Fetcher {
+    /// `budget` bytes of read-ahead may be in flight at once.
+    pub fn new(
+        client: Arc<dyn ObjectClient>,
+        cache: Arc<dyn BlockCache>,
+        block_size: u64,
+        max_request: u64,
+        budget: u64,
+    ) -> Self {
+        let block_size = block_size.max(1);
+        Fetcher {
+            client,
+            cache,
+            block_size,
+            max_request: max_request.max(block_size),
+            permits: Arc::new(tokio::sync::Semaphore::new((budget / block_size) as usize)),
+            inflight: Arc::default(),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<dyn BlockCache> {
+        &self.cache
+    }
+
+    pub fn client(&self) -> &Arc<dyn ObjectClient> {
+        &self.client
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// Blocks being fetched now.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.lock().unwrap().len()
+    }
+
+    /// The blocks `range` touches (empty for an empty range).
+    fn blocks_of(&self, obj: &Object, range: &Range<u64>) -> Option<(u64, u64)> {
+        let end = range.end.min(obj.size);
+        (range.start < end).then(|| (range.start / self.block_size, (end - 1) / self.block_size))
+    }
+
+    /// Bytes `range` of `obj` (cut at its end): from the cache where it holds them, joined to
+    /// fetches in flight, or fetched now. The entry point for whoever needs bytes.
+    pub async fn read(&self, obj: &Object, range: Range<u64>) -> Result<Bytes, ClientError> {
+        let waits = self.demand(obj, range.clone());
+        assemble(self.block_size, waits, range.start, range.end.min(obj.size)).await
+    }
+
+    /// Futures for every block of `range`: what a reader waits for. Cached blocks resolve
+    /// from the cache, blocks in flight join that fetch, the rest are fetched now.
+    pub fn demand(&self, obj: &Object, range: Range<u64>) -> Vec<SharedFetch> {
+        match self.blocks_of(obj, &range) {
+            Some((first, last)) => self.fetch_blocks(obj, first, last, true),
+            None => Vec::new(),
+        }
+    }
+
+    /// Fetches the blocks of `range` that are neither cached nor in flight, in the background
+    /// and outside the read-ahead budget (the rest of a small object a reader is reading).
+    /// Returns how many blocks it asked for.
+    pub fn background(&self, obj: &Object, range: Range<u64>) -> u64 {
+        let Some((first, last)) = self.blocks_of(obj, &range) else {
+            return 0;
+        };
+        let started = self.fetch_blocks(obj, first, last, false);
+        let n = started.len() as u64;
+        if n > 0 {
+            tokio::spawn(async move {
+                for w in started {
+                    let _ = w.await;
+                }
+            });
+        }
+        n
+    }
+
+    /// Fetches the missing blocks of `range` ahead of a reader, within the read-ahead budget:
+    /// one request at a time, stopping at the first the budget cannot hold (the reader then
+    /// fetches on demand). Returns how many blocks it asked for.
+    pub fn prefetch(&self, obj: &Object, range: Range<u64>) -> u64 {
+        let Some((first, last)) = self.blocks_of(obj, &range) else {
+            return 0;
+        };
+        let per_request = self.max_request / self.block_size;
+        let mut start = first;
+        let mut asked = 0;
+        while start <= last {
+            let stop = ((start / per_request + 1) * per_request - 1).min(last);
+            let n = (stop - start + 1) as u32;
+            let Ok(permit) = self.permits.clone().try_acquire_many_owned(n) else {
+                return asked;
+            };
+            let waits = self.fetch_blocks(obj, start, stop, false);
+            asked += waits.len() as u64;
+            tokio::spawn(async move {
+                // A failed read-ahead is not an error: the reader will fetch (and report) it.
+                for w in waits {
+                    let _ = w.await;
+                }
+                drop(permit);
+            });
+            start = stop + 1;
+        }
+        asked
+    }
+
+    /// The kernel's page cache holds blocks `blocks` of `obj` now: free their memory.
+    pub async fn release(&self, obj: &Object, blocks: Range<u64>) {
+        for index in blocks {
+            self.cache.release(&obj.key(index)).await;
+        }
+    }
+
+    /// Bytes of `obj` were found wrong: drop all of its blocks from every tier.
+    pub async fn invalidate(&self, obj: &Object) {
+        for index in 0..obj.size.div_ceil(self.block_size) {
+            self.cache.invalidate(&obj.key(index)).await;
+        }
+    }
+
+    /// Futures for blocks `first..=last`: cached ones read from the cache, blocks being
+    /// fetched join that fetch, and each run of the rest is fetched with one ranged GET
+    /// (split at `max_request`). With `demand` false, cached and in-flight blocks are
+    /// skipped and only the started fetches are returned.
+    fn fetch_blocks(&self, obj: &Object, first: u64, last: u64, demand: bool) -> Vec<SharedFetch> {
+        let per_request = self.max_request / self.block_size;
+        let mut out = Vec::new();
+        let mut inflight = self.inflight.lock().unwrap();
+        let mut run: Option<u64> = None; // start of the current run of missing blocks
+        for i in first..=last + 1 {
+            let missing = i <= last && {
+                let k = obj.key(i);
+                if let Some(f) = inflight.get(&k) {
+                    if demand {
+                        out.push((i, f.clone()));
+                    }
+                    false
+                } else if self.cache.contains(&k) {
+                    if demand {
+                        out.push((i, self.cached(obj, k)));
+                    }
+                    false
+                } else {
+                    true
+                }
+            };
+            match (missing, run) {
+                (true, None) => run = Some(i),
+                (true, Some(s)) if i - s == per_request => {
+                    out.extend(self.start_fetch(obj, s, i - 1, &mut inflight));
+                    run = Some(i);
+                }
+                (false, Some(s)) => {
+                    out.extend(self.start_fetch(obj, s, i - 1, &mut inflight));
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        out.sort_by_key(|(i, _)| *i);
+        out.into_iter().map(|(_, f)| f).collect()
+    }
+
+    /// A cached block, or (evicted between the check and the get) that one block fetched.
+    fn cached(&self, obj: &Object, key: BlockKey) -> SharedFetch {
+        let (cache, client, obj, bs) = (
+            self.cache.clone(),
+            self.client.clone(),
+            obj.clone(),
+            self.block_size,
+        );
+        async move {
+            match cache.get(&key).await {
+                Some(b) => Ok(b),
+                None => {
+                    let s = key.index * bs;
+                    client
+                        .get_range(obj.version(), s, (s + bs).min(obj.size))
+                        .await
+                        .map(Block::whole)
+                }
+            }
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Registers one GET for blocks `a..=b` and returns a future per block. The blocks are
+    /// cut (and checksummed) once, when the bytes arrive, and go to the cache before the
+    /// fetch leaves the in-flight map, so no reader can miss both.
+    fn start_fetch(
+        &self,
+        obj: &Object,
+        a: u64,
+        b: u64,
+        inflight: &mut InflightMap,
+    ) -> Vec<(u64, SharedFetch)> {
+        let bs = self.block_size;
+        let (start, end) = (a * bs, ((b + 1) * bs).min(obj.size));
+        let (client, cache, registry, o) = (
+            self.client.clone(),
+            self.cache.clone(),
+            self.inflight.clone(),
+            obj.clone(),
+        );
+        let span: SharedSpan = async move {
+            let r = client.get_range(o.version(), start, end).await.map(|data| {
+                (a..=b)
+                    .map(|i| {
+                        let from = ((i - a) * bs) as usize;
+                        let to = (from + bs as usize).min(data.len());
+                        Block::new(data.clone(), from, to - from)
+                    })
+                    .collect::<Arc<[Block]>>()
+            });
+            if let Ok(blocks) = &r {
+                for (i, block) in (a..=b).zip(blocks.iter()) {
+                    cache.insert(o.key(i), block.clone()).await;
+                }
+            }
+            let mut m = registry.lock().unwrap();
+            for i in a..=b {
+                m.remove(&o.key(i));
+            }
+            r
+        }
+        .boxed()
+        .shared();
+        (a..=b)
+            .map(|i| {
+                let f: SharedFetch = span
+                    .clone()
+                    .map(move |r| r.map(|blocks| blocks[(i - a) as usize].clone()))
+                    .boxed()
+                    .shared();
+                inflight.insert(obj.key(i), f.clone());
+                (i, f)
+            })
+            .collect()
+    }
+}
+
+/// Waits for the blocks of `[offset, end)` (in order, the first holding `offset`) and returns
+/// those bytes: one slice of one GET's buffer when they all came from it (the usual case, no
+/// copy), else a copy of the pieces.
+pub async fn assemble(
+    bs: u64,
+    waits: Vec<SharedFetch>,
+    offset: u64,
+    end: u64,
+) -> Result<Bytes, ClientError> {
+    if offset >= end {
+        return Ok(Bytes::new());
+    }
+    let mut blocks = Vec::with_capacity(waits.len());
+    for w in waits {
+        blocks.push(w.await?);
+    }
+    let first = offset / bs;
+    let start = (offset - first * bs) as usize;
+    let len = (end - offset) as usize;
+    if blocks.windows(2).all(|w| w[0].followed_by(&w[1])) {
+        return Ok(blocks[0].slice_on(start, start + len));
+    }
+    let mut out = BytesMut::with_capacity(len);
+    for (i, b) in (first..).zip(blocks) {
+        let bstart = i * bs;
+        let from = offset.max(bstart) - bstart;
+        let to = end.min(bstart + b.len() as u64) - bstart;
+        out.extend_from_slice(&b.as_slice()[from as usize..to as usize]);
+    }
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::fake::FakeClient;
+    use crate::read::MemoryCache;
+    use std::sync::atomic::Ordering;
+
+    fn setup(budget: u64) -> (Arc<FakeClient>, Fetcher, Object) {
+        let c = Arc::new(FakeClient::new("b"));
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let m = c.put("o", data);
+        let f = Fetcher::new(
+            c.clone(),
+            Arc::new(MemoryCache::new(1 << 20)),
+            1000,
+            4000,
+            budget,
+        );
+        let obj = Object {
+            name: Arc::from("o"),
+            generation: m.generation,
+            size: m.size,
+            crc32c: m.crc32c,
+        };
+        (c, f, obj)
+    }
+
+    fn want(range: Range<u64>) -> Vec<u8> {
+        range.map(|i| ((i as u32) * 7) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn ranges_of_an_object_version_without_any_handle() {
+        let (c, f, obj) = setup(0);
+        // Unaligned, across blocks and request boundaries, cut at the end of the object.
+        for r in [
+            0..1,
+            999..1001,
+            1500..3600,
+            3500..8200,
+            9990..20_000,
+            5000..5000,
+        ] {
+            let got = f.read(&obj, r.clone()).await.unwrap();
+            assert_eq!(got.as_ref(), &want(r.start..r.end.min(10_000))[..], "{r:?}");
+        }
+        // Everything is cached now: reading it all again costs nothing.
+        let before = c.get_calls.load(Ordering::Relaxed);
+        assert_eq!(
+            f.read(&obj, 0..10_000).await.unwrap().as_ref(),
+            &want(0..10_000)[..]
+        );
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), before);
+        assert_eq!(f.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_readers_of_a_range_share_its_requests() {
+        let (c, f, obj) = setup(0);
+        let (a, b) = tokio::join!(f.read(&obj, 0..8000), f.read(&obj, 2000..6000));
+        assert_eq!(a.unwrap().as_ref(), &want(0..8000)[..]);
+        assert_eq!(b.unwrap().as_ref(), &want(2000..6000)[..]);
+        // 8,000 bytes in requests of at most 4,000: two GETs, shared by both readers.
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn read_ahead_stays_within_its_budget() {
+        // A budget of 3 blocks: a request of 4 blocks does not fit, one of 3 does.
+        let (c, f, obj) = setup(3000);
+        assert_eq!(f.prefetch(&obj, 0..4000), 0);
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), 0);
+        assert_eq!(f.prefetch(&obj, 4000..7000), 3);
+        // The permits are held until the fetch lands: nothing more fits meanwhile.
+        assert_eq!(f.prefetch(&obj, 8000..9000), 0);
+        // Once it landed (a few scheduler turns: the fake answers at once), it does.
+        let mut asked = 0;
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+            asked = f.prefetch(&obj, 8000..9000);
+            if asked > 0 {
+                break;
+            }
+        }
+        assert_eq!(asked, 1);
+    }
+
+    #[tokio::test]
+    async fn released_blocks_are_fetched_again_invalidated_ones_too() {
+        let (c, f, obj) = setup(0);
+        f.read(&obj, 0..3000).await.unwrap();
+        f.release(&obj, 0..2).await;
+        assert!(!f.cache().contains(&obj.key(0)));
+        assert!(f.cache().contains(&obj.key(2)));
+        let before = c.get_calls.load(Ordering::Relaxed);
+        assert_eq!(
+            f.read(&obj, 0..3000).await.unwrap().as_ref(),
+            &want(0..3000)[..]
+        );
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), before + 1);
+        f.invalidate(&obj).await;
+        assert!((0..10).all(|i| !f.cache().contains(&obj.key(i))));
+    }
+}

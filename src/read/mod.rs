@@ -1,0 +1,362 @@
+//! The read path: open files, what to fetch for each read, read-ahead and the walk prefetch,
+//! whole-object verification, and the block cache.
+//!
+//! The metadata core (`fs`) resolves an inode to the object version listed for it and hands
+//! opens and reads here; nothing in this module knows about directories or listings. Bytes
+//! come only through [`Fetcher`], keyed by an [`Object`] and a range, so every consumer
+//! (an open file, a file fetched before it is opened, later the disk fill and `warm`) shares
+//! one de-duplicated, budgeted, cached path to the network.
+//!
+//! ```text
+//! ReadPath ── handle.rs   handles, per-inode opens
+//!          ├─ readahead.rs per-handle window (pure state machine)
+//!          ├─ walk.rs     cross-file heuristics (key-order walks, whole-file readers)
+//!          ├─ verify.rs   CRC32C of what a handle served, against the listing
+//!          └─ fetch.rs ── cache.rs (tiers behind one interface) ── client (the network)
+//! ```
+
+pub mod cache;
+pub mod fetch;
+pub mod handle;
+pub mod readahead;
+pub mod verify;
+pub mod walk;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::client::ObjectClient;
+use crate::error::FsError;
+use crate::inode::Ino;
+pub use cache::{Block, BlockCache, BlockKey, MemoryCache};
+pub use fetch::{Fetcher, Object};
+use handle::{Handle, Handles, InodeOpens, OpenMode};
+use readahead::Readahead;
+use verify::Verdict;
+use walk::{Walk, WholeReaders};
+
+/// Settings of the read path (see `FsConfig` for what each means and why its default).
+#[derive(Clone, Debug)]
+pub struct ReadConfig {
+    pub block_size: u64,
+    pub readahead_min: u64,
+    pub readahead_max: u64,
+    pub max_request: u64,
+    pub small_object: u64,
+    pub prefetch_budget: u64,
+    pub next_files: usize,
+}
+
+/// Counters of the read path (request counters live in the client).
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    pub read_bytes: AtomicU64,
+    pub prefetch_bytes: AtomicU64,
+    /// Handles that served a whole object whose bytes matched its CRC32C.
+    pub objects_verified: AtomicU64,
+    /// Whole objects served in pieces whose CRC32C did not match (the read failed with EIO).
+    pub verify_failures: AtomicU64,
+    /// Files fetched before they were opened (`ReadConfig::next_files`).
+    pub files_prefetched: AtomicU64,
+}
+
+/// What the read path needs to know of the tree: which files follow a file in key order, and
+/// which object version a file is.
+pub trait Catalog: Send + Sync + 'static {
+    /// Up to `n` files after `ino` in key order (see `InodeTable::next_files`).
+    fn next_files(&self, ino: Ino, n: usize) -> Vec<Ino>;
+    /// The object version listed for file `ino`.
+    fn object(&self, ino: Ino) -> Option<Object>;
+}
+
+/// What a read returned, for [`ReadPath::served`]. It keeps the handle: the kernel may
+/// release the handle before `served` runs (a reader that got the end of a file closes it at
+/// once).
+pub struct Served {
+    handle: Arc<Handle>,
+    offset: u64,
+    end: u64,
+}
+
+pub struct ReadPath {
+    cfg: ReadConfig,
+    fetcher: Fetcher,
+    catalog: Arc<dyn Catalog>,
+    handles: Mutex<Handles>,
+    stats: ReadStats,
+    /// Files whose served bytes failed their CRC32C: their next open drops the page cache.
+    suspect: Mutex<HashSet<Ino>>,
+    walk: Mutex<Walk>,
+    whole_readers: WholeReaders,
+}
+
+impl ReadPath {
+    pub fn new(
+        cfg: ReadConfig,
+        client: Arc<dyn ObjectClient>,
+        cache: Arc<dyn BlockCache>,
+        catalog: Arc<dyn Catalog>,
+    ) -> Self {
+        let fetcher = Fetcher::new(
+            client,
+            cache,
+            cfg.block_size,
+            cfg.max_request,
+            cfg.prefetch_budget,
+        );
+        ReadPath {
+            cfg,
+            fetcher,
+            catalog,
+            handles: Mutex::default(),
+            stats: ReadStats::default(),
+            suspect: Mutex::default(),
+            walk: Mutex::default(),
+            whole_readers: WholeReaders::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &ReadStats {
+        &self.stats
+    }
+
+    pub fn cache(&self) -> &Arc<dyn BlockCache> {
+        self.fetcher.cache()
+    }
+
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
+    /// Opens file `ino`, pinned to `object`. Returns the handle number.
+    pub fn open(&self, ino: Ino, object: Object) -> u64 {
+        let h = Arc::new(Handle::new(
+            ino,
+            object,
+            OpenMode::Served,
+            self.readahead_for(),
+        ));
+        self.handles.lock().unwrap().insert(h)
+    }
+
+    /// The read-ahead state of a new handle: a wide first window when readers have been
+    /// reading big objects whole (it only applies to objects read in several requests).
+    fn readahead_for(&self) -> Readahead {
+        let r = Readahead::new(self.cfg.readahead_min, self.cfg.readahead_max)
+            .aligned(self.cfg.max_request);
+        if self.whole_readers.trusted() {
+            r.warm(self.cfg.readahead_max / 4)
+        } else {
+            r
+        }
+    }
+
+    /// Handles open on `ino`, by mode.
+    pub fn opens(&self, ino: Ino) -> InodeOpens {
+        self.handles.lock().unwrap().on_inode(ino)
+    }
+
+    /// The object version handle `fh` reads.
+    pub fn object_of(&self, fh: u64) -> Option<Object> {
+        let handles = self.handles.lock().unwrap();
+        handles.get(fh).map(|h| h.object.clone())
+    }
+
+    pub fn release(&self, fh: u64) {
+        let h = self.handles.lock().unwrap().remove(fh);
+        // A big object closed before its end, after reading some of it: not a whole-file
+        // reader (a header scan, a random reader).
+        if let Some(h) = h
+            && h.object.size > self.cfg.small_object
+            && !h.finished.load(Ordering::Relaxed)
+            && h.readahead.lock().unwrap().reads() > 0
+        {
+            self.whole_readers.closed_early();
+        }
+    }
+
+    /// Whether the kernel may keep its page cache for `ino` across opens: yes, unless bytes
+    /// of it failed their checksum since (then this open drops the kernel's copy, once).
+    pub fn keep_cache(&self, ino: Ino) -> bool {
+        !self.suspect.lock().unwrap().remove(&ino)
+    }
+
+    /// Reads up to `size` bytes at `offset` through handle `fh` (fewer only at the end of the
+    /// object), and a token for [`ReadPath::served`] once they are delivered.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<(Bytes, Served), FsError> {
+        let h = self
+            .handles
+            .lock()
+            .unwrap()
+            .get(fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        if h.poisoned.load(Ordering::Relaxed) {
+            return Err(FsError::Corrupt(format!(
+                "{}: bytes served through this handle failed their CRC32C; reopen the file",
+                h.object.name
+            )));
+        }
+        let file_size = h.object.size;
+        let end = offset.saturating_add(size as u64).min(file_size);
+        if offset >= end {
+            let served = Served {
+                handle: h,
+                offset,
+                end: offset,
+            };
+            return Ok((Bytes::new(), served));
+        }
+        let waits = self.plan(&h, offset, end);
+        let data = fetch::assemble(self.cfg.block_size, waits, offset, end)
+            .await
+            .map_err(|e| {
+                tracing::warn!(object = %h.object.name, generation = h.object.generation, error = %e, "read failed");
+                FsError::Client(e)
+            })?;
+        self.verify(&h, offset, &data).await?;
+        self.stats
+            .read_bytes
+            .fetch_add(end - offset, Ordering::Relaxed);
+        if end == file_size {
+            self.reached_end(&h);
+        }
+        let served = Served {
+            handle: h,
+            offset,
+            end,
+        };
+        Ok((data, served))
+    }
+
+    /// Decides what to fetch for a read of `[offset, end)` and returns the futures of its
+    /// blocks. Decided, and registered in flight, under the handle's read-ahead lock: the
+    /// kernel sends a reader's pieces concurrently, and a piece registering its own fetch
+    /// between another's decision and registration would split a whole-object fetch in two.
+    fn plan(&self, h: &Handle, offset: u64, end: u64) -> Vec<fetch::SharedFetch> {
+        let obj = &h.object;
+        let mut r = h.readahead.lock().unwrap();
+        let first_read = r.reads() == 0;
+        // Read-ahead first, so its requests are on the wire while we wait for ours.
+        let ahead = r.on_read(offset, end, obj.size);
+        if !ahead.is_empty() {
+            self.prefetched(self.fetcher.prefetch(obj, ahead));
+        }
+        // A small object is fetched whole, in one request, by a read from its start or by the
+        // first read of an open (the kernel sends a whole-file reader's first 1 MiB pieces at
+        // once, and the one at 1 MiB may come first). The blocks this read does not need are
+        // fetched like read-ahead: only missing ones, in the background.
+        if obj.size <= self.cfg.small_object && (offset == 0 || first_read) {
+            self.fetcher.background(obj, 0..obj.size);
+        }
+        self.fetcher.demand(obj, offset..end)
+    }
+
+    /// A read through `h` reached the end of its object: score the whole-file readers, and
+    /// note the file for the walk prefetch before the reader gets the bytes (so it cannot have
+    /// opened the next file yet, which read-ahead would then fetch a second time).
+    fn reached_end(&self, h: &Handle) {
+        if h.object.size > self.cfg.small_object && !h.finished.swap(true, Ordering::Relaxed) {
+            self.whole_readers.read_to_end();
+        }
+        self.file_finished(h.ino);
+    }
+
+    /// File `ino` was read to its end: when readers are going through files in key order,
+    /// fetch the next ones (their first request's worth: a JPG whole, a DICOM's start).
+    fn file_finished(&self, ino: Ino) {
+        let n = self.cfg.next_files;
+        if n == 0 {
+            return;
+        }
+        let next = self.catalog.next_files(ino, n + 8);
+        let ahead = self.walk.lock().unwrap().finished(ino, next, n);
+        for f in ahead {
+            if self.handles.lock().unwrap().is_open(f) {
+                continue; // being read now
+            }
+            let Some(obj) = self.catalog.object(f) else {
+                continue;
+            };
+            let first_request = 0..obj.size.min(self.cfg.max_request);
+            let blocks = self.fetcher.prefetch(&obj, first_request);
+            if blocks > 0 {
+                self.prefetched(blocks);
+                self.stats.files_prefetched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn prefetched(&self, blocks: u64) {
+        self.stats
+            .prefetch_bytes
+            .fetch_add(blocks * self.cfg.block_size, Ordering::Relaxed);
+    }
+
+    /// The reply to a buffered read was delivered, so the kernel's page cache now holds its
+    /// bytes (objects are immutable per generation and opened with FOPEN_KEEP_CACHE, so it
+    /// keeps them across opens). The blocks the read covered whole are released from our
+    /// memory: keeping a second copy would only double the memory a streaming reader uses,
+    /// and releasing it lets the receive buffer it came in be reused at once (`client::pool`)
+    /// instead of faulting in fresh memory for every request. Blocks read only in part stay,
+    /// for the read that wants the rest. (O_DIRECT reads skip this: they bypass the page
+    /// cache.)
+    pub async fn served(&self, s: Served) {
+        let (size, bs) = (s.handle.object.size, self.cfg.block_size);
+        // Whole blocks: from the first starting in the range to the last ending in it (the
+        // tail block ends at the end of the object).
+        let end = if s.end == size {
+            size.div_ceil(bs)
+        } else {
+            s.end / bs
+        };
+        let first = s.offset.div_ceil(bs);
+        if first < end {
+            self.fetcher.release(&s.handle.object, first..end).await;
+        }
+    }
+
+    /// Feeds served bytes to the handle's CRC32C check. A mismatch fails this read and every
+    /// later one on the handle with EIO, and invalidates the object's cached blocks and its
+    /// kernel page cache (at the next open), so a new open fetches and checks it afresh.
+    async fn verify(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<(), FsError> {
+        let verdict = {
+            let mut v = h.verifier.lock().unwrap();
+            match v.as_mut() {
+                Some(v) => v.feed(offset, data),
+                None => return Ok(()),
+            }
+        };
+        match verdict {
+            Verdict::Verified => {
+                self.stats.objects_verified.fetch_add(1, Ordering::Relaxed);
+                // Count each handle once.
+                *h.verifier.lock().unwrap() = None;
+                Ok(())
+            }
+            Verdict::Mismatch(got) => {
+                self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                let obj = &h.object;
+                let want = obj.crc32c.unwrap_or_default();
+                tracing::error!(
+                    object = %obj.name,
+                    generation = obj.generation,
+                    "CRC32C of the {} bytes served is {got:08x}, the listing says {want:08x}: \
+                     read fails with EIO and the cached copy is dropped",
+                    obj.size
+                );
+                self.fetcher.invalidate(obj).await;
+                self.suspect.lock().unwrap().insert(h.ino);
+                h.poisoned.store(true, Ordering::Relaxed);
+                Err(FsError::Corrupt(format!(
+                    "{}: CRC32C mismatch over the whole object",
+                    obj.name
+                )))
+            }
+            Verdict::Pending | Verdict::GaveUp => Ok(()),
+        }
+    }
+}
