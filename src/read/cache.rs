@@ -10,18 +10,13 @@
 //! weighed by bytes. De-duplication of concurrent fetches lives in the read path
 //! (`read::fetch`), which fetches runs of blocks in one request.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct BlockKey {
-    pub object: Arc<str>,
-    pub generation: i64,
-    pub index: u64,
-}
+pub use super::object::BlockKey;
+use super::object::Object;
 
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -112,6 +107,14 @@ pub trait BlockCache: Send + Sync + 'static {
     async fn get(&self, key: &BlockKey) -> Option<Block>;
 
     async fn insert(&self, key: BlockKey, block: Block);
+
+    /// Inserts blocks `first..` of `obj`, as one request brought them (a persistent tier
+    /// writes them as one run).
+    async fn insert_run(&self, obj: &Object, first: u64, blocks: &[Block]) {
+        for (i, b) in (first..).zip(blocks) {
+            self.insert(obj.key(i), b.clone()).await;
+        }
+    }
 
     /// Whether the block is cached right now.
     fn contains(&self, key: &BlockKey) -> bool;
@@ -208,6 +211,7 @@ impl BlockCache for MemoryCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn key(i: u64) -> BlockKey {
         BlockKey {

@@ -19,7 +19,8 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
 use super::cache::{Block, BlockCache, BlockKey};
-use crate::client::{ClientError, ObjectClient, ObjectVersion};
+pub use super::object::Object;
+use crate::client::{ClientError, ObjectClient};
 
 /// A block being fetched, or read back from the cache; clones await the same work.
 pub type SharedFetch = Shared<BoxFuture<'static, Result<Block, ClientError>>>;
@@ -29,37 +30,6 @@ type SharedSpan = Shared<BoxFuture<'static, Result<Arc<[Block]>, ClientError>>>;
 
 /// Fetches in flight, by block (hashed on every block a read touches: foldhash, not SipHash).
 type InflightMap = HashMap<BlockKey, SharedFetch, foldhash::fast::RandomState>;
-
-/// The object version a read is pinned to, owned: what the listing said about it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Object {
-    /// Full object name in the bucket.
-    pub name: Arc<str>,
-    pub generation: i64,
-    pub size: u64,
-    /// CRC32C of the whole object, when the listing gave one.
-    pub crc32c: Option<u32>,
-}
-
-impl Object {
-    pub fn version(&self) -> ObjectVersion<'_> {
-        ObjectVersion {
-            name: &self.name,
-            generation: self.generation,
-            size: self.size,
-            crc32c: self.crc32c,
-        }
-    }
-
-    /// The cache key of block `index` of this version.
-    pub fn key(&self, index: u64) -> BlockKey {
-        BlockKey {
-            object: self.name.clone(),
-            generation: self.generation,
-            index,
-        }
-    }
-}
 
 pub struct Fetcher {
     client: Arc<dyn ObjectClient>,
@@ -289,9 +259,7 @@ impl Fetcher {
                     .collect::<Arc<[Block]>>()
             });
             if let Ok(blocks) = &r {
-                for (i, block) in (a..=b).zip(blocks.iter()) {
-                    cache.insert(o.key(i), block.clone()).await;
-                }
+                cache.insert_run(&o, a, blocks).await;
             }
             let mut m = registry.lock().unwrap();
             for i in a..=b {

@@ -18,6 +18,7 @@
 pub mod cache;
 pub mod fetch;
 pub mod handle;
+pub mod object;
 pub mod readahead;
 pub mod verify;
 pub mod walk;
