@@ -16,10 +16,12 @@
 //! ```
 
 pub mod cache;
+pub mod disk;
 pub mod fetch;
 pub mod handle;
 pub mod object;
 pub mod readahead;
+pub mod tiered;
 pub mod verify;
 pub mod walk;
 
