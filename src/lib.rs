@@ -2,9 +2,12 @@
 //!
 //! The layers, from the kernel down: [`fuse`] (thin adapter) → [`fs`] (async core) →
 //! [`inode`] (tree from names), [`cache`] (block cache), [`prefetch`] (read-ahead) →
-//! [`client`] (the only network access). [`mount`] wires them together for the CLI.
+//! [`client`] (the only network access). [`cli`] declares the arguments, [`units`] parses
+//! their values, [`plan`] resolves a mount from them (for `mount`, the mount(8) [`helper`] and
+//! [`demo`] alike), [`checks`] are its start-up checks as data, and [`mount`] wires it all.
 
 pub mod cache;
+pub mod checks;
 pub mod cli;
 pub mod client;
 pub mod daemon;
@@ -17,7 +20,9 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod mount;
+pub mod plan;
 pub mod prefetch;
 pub mod session;
 pub mod snapshot;
 pub mod testbed;
+pub mod units;
