@@ -1,13 +1,22 @@
-//! Command-line interface (clap derive). Defaults are chosen for MIMIC-CXR on a GCE VM.
+//! Command-line interface (clap derive): the arguments of every subcommand, and nothing else.
+//!
+//! Declarations only, so that any module may import them: what the arguments mean is decided
+//! in `plan` (a mount), `demo` and `testbed`, and the values are parsed by `units`. Defaults
+//! are chosen for MIMIC-CXR on a GCE VM.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::model::ModelKind;
+use crate::testbed::knobs::{Malformed, parse_bandwidth};
+use crate::testbed::overlay::{SyntheticSpec, parse_synthetic};
+use crate::units::{parse_mode, parse_rate, parse_size};
+
 pub const DEFAULT_BUCKET: &str = "mimic-cxr-2.0.0.physionet.org";
 pub const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
-/// Default for `--stall-timeout`.
-pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,10 +36,10 @@ pub enum Command {
     Mount(MountArgs),
     /// Start the built-in GCS testbed with a small MIMIC-CXR-shaped dataset and mount it
     /// (no credentials, no network). Ctrl-C unmounts.
-    Demo(crate::demo::DemoArgs),
+    Demo(DemoArgs),
     /// Serve a GCS JSON API testbed on loopback (a dataset model or a local folder), with
     /// latency, bandwidth and fault knobs, for tests and benchmarks.
-    Testbed(crate::testbed::TestbedArgs),
+    Testbed(TestbedArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -171,54 +180,128 @@ pub enum MetadataMode {
     Lazy,
 }
 
-/// Parses `1048576`, `64MiB`, `2GiB`, `1.5GB`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    if let Ok(n) = t.parse::<u64>() {
-        return Ok(n);
-    }
-    t.parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("{s:?} is not a size (try 512MiB or 2GiB): {e}"))
-}
-
-/// Parses an octal mode like `0444` or `755`.
-pub fn parse_mode(s: &str) -> Result<u16, String> {
-    let t = s.trim().trim_start_matches("0o");
-    match u16::from_str_radix(t, 8) {
-        Ok(m) if m <= 0o7777 => Ok(m),
-        _ => Err(format!("{s:?} is not an octal mode like 0444")),
-    }
-}
-
-/// Splits `gs://NAME/PREFIX` (or `NAME`) into bucket and optional prefix.
-pub fn parse_bucket(s: &str) -> (String, Option<String>) {
-    let t = s.strip_prefix("gs://").unwrap_or(s);
-    match t.split_once('/') {
-        Some((b, p)) if !p.is_empty() => (b.to_string(), Some(p.to_string())),
-        Some((b, _)) => (b.to_string(), None),
-        None => (t.to_string(), None),
+impl MountArgs {
+    /// `physiofs mount MOUNTPOINT` with every other flag at its default: what `demo` starts
+    /// from, so the demo mounts with exactly the settings a plain mount gets.
+    pub fn defaults(mountpoint: PathBuf) -> MountArgs {
+        #[derive(Parser)]
+        struct Mount {
+            #[command(flatten)]
+            args: MountArgs,
+        }
+        // A placeholder positional (a real one could look like a flag); no flag is given, so
+        // nothing can fail to parse.
+        let mut args = Mount::try_parse_from(["physiofs", "."])
+            .expect("`physiofs mount .` parses")
+            .args;
+        args.mountpoint = mountpoint;
+        args
     }
 }
 
-/// Normalizes a prefix to `` or `a/b/`.
-pub fn normalize_prefix(p: Option<&str>) -> String {
-    let t = p.unwrap_or("").trim_matches('/');
-    if t.is_empty() {
-        String::new()
-    } else {
-        format!("{t}/")
-    }
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Where to mount (default: a new temporary directory, removed afterwards).
+    pub mountpoint: Option<PathBuf>,
+    /// Patients in the demo dataset (the real one has 65,379).
+    #[arg(long, default_value_t = 20)]
+    pub patients: u32,
+    /// Which bucket to model: dicom or jpg.
+    #[arg(long, default_value = "dicom")]
+    pub model: ModelKind,
+    /// Scale of file sizes (1.0 = real sizes, ~13.6 MB per DICOM).
+    #[arg(long, default_value_t = 1.0)]
+    pub size_scale: f64,
+    /// Memory for cached file data.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Unmount and exit right after printing the instructions (for scripts and tests).
+    #[arg(long, hide = true)]
+    pub exit_after_ready: bool,
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
 }
 
-/// Turns `STORAGE_EMULATOR_HOST` (`host:port` or a URL) into a service root URL.
-pub fn emulator_endpoint(v: &str) -> String {
-    let v = v.trim().trim_end_matches('/');
-    if v.starts_with("http://") || v.starts_with("https://") {
-        v.to_string()
-    } else {
-        format!("http://{v}")
-    }
+/// Which dataset model the testbed serves (`--model`, `--add-model`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TestbedModel {
+    Dicom,
+    Jpg,
+}
+
+/// `--bandwidth`: bytes per second, 0 = unlimited (the testbed's knob reads it so).
+fn parse_bandwidth_arg(s: &str) -> Result<u64, String> {
+    Ok(parse_bandwidth(s)?.unwrap_or(0))
+}
+
+/// Command-line arguments of the testbed server.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TestbedArgs {
+    /// Address to listen on (port 0 = pick a free one).
+    #[arg(long, default_value = "127.0.0.1:4443")]
+    pub addr: SocketAddr,
+    /// Serve a local folder (one sub-folder per bucket) instead of the dataset model.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Dataset model to serve (when --dir is not given).
+    #[arg(long, value_enum, default_value = "dicom")]
+    pub model: TestbedModel,
+    /// Also serve this model, in its own bucket, with the same --patients/--seed/--size-scale
+    /// (repeatable; e.g. `--model dicom --add-model jpg` serves both buckets).
+    #[arg(long, value_enum)]
+    pub add_model: Vec<TestbedModel>,
+    /// Add a pseudo-random object of SIZE bytes: `NAME=SIZE` (in the first model's bucket) or
+    /// `gs://BUCKET/NAME=SIZE` (repeatable; e.g. `bench/1g.bin=1GiB`). Costs ~1 MiB of memory
+    /// whatever the size; content depends only on the name. Works with --dir too.
+    #[arg(long, value_name = "NAME=SIZE", value_parser = parse_synthetic)]
+    pub synthetic: Vec<SyntheticSpec>,
+    /// Number of patients in the dataset model.
+    #[arg(long, default_value_t = 100)]
+    pub patients: u64,
+    /// Seed for the dataset model and for fault injection (deterministic).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Scale factor for object sizes in the dataset model.
+    #[arg(long, default_value_t = 1.0)]
+    pub size_scale: f64,
+    /// Delay before the response headers of every storage request (e.g. 30ms).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub first_byte_latency: Duration,
+    /// Per-connection body rate cap, e.g. 200MB/s (default unlimited).
+    #[arg(long, value_parser = parse_bandwidth_arg)]
+    pub bandwidth: Option<u64>,
+    /// Fraction of storage requests answered 429 or 503.
+    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Fraction of media responses whose connection is reset mid-body.
+    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
+    pub reset_rate: f64,
+    /// Fraction of media responses that end early (fewer bytes than Content-Length).
+    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
+    pub truncate_rate: f64,
+    /// Fraction of media responses that hang mid-body for --stall-duration, then close.
+    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
+    pub stall_rate: f64,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub stall_duration: Duration,
+    /// Reject requests without userProject= (400), like a requester-pays bucket.
+    #[arg(long)]
+    pub requester_pays: bool,
+    /// Require `Authorization: Bearer TOKEN` with one of these tokens (repeatable; `tok-*` = prefix).
+    #[arg(long = "require-token")]
+    pub require_token: Vec<String>,
+    /// A token is accepted only for this long after its first use (default: forever).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub token_ttl: Option<Duration>,
+    /// Fraction of media bodies with one byte flipped (lengths intact).
+    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
+    pub corrupt_rate: f64,
+    /// Extra first-byte latency, uniform in [0, this).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub latency_jitter: Duration,
+    /// Malform every answer of one kind (for client tests).
+    #[arg(long, value_enum)]
+    pub malformed: Option<Malformed>,
 }
 
 #[cfg(test)]
@@ -226,22 +309,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_modes_buckets() {
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert!(parse_size("lots").is_err());
-        assert_eq!(parse_mode("0444").unwrap(), 0o444);
-        assert!(parse_mode("999").is_err());
+    fn mount_defaults_are_the_flags_defaults() {
+        let d = MountArgs::defaults(PathBuf::from("--not-a-flag"));
+        let parsed = match Cli::try_parse_from(["physiofs", "mount", "/m"])
+            .unwrap()
+            .command
+        {
+            Command::Mount(a) => a,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(d.mountpoint, PathBuf::from("--not-a-flag"));
+        assert_eq!(d.cache_size, 1 << 30);
         assert_eq!(
-            parse_bucket("gs://b/files/p10"),
-            ("b".into(), Some("files/p10".into()))
+            format!(
+                "{:?}",
+                MountArgs {
+                    mountpoint: "/m".into(),
+                    ..d
+                }
+            ),
+            format!("{parsed:?}")
         );
-        assert_eq!(parse_bucket("gs://b/"), ("b".into(), None));
-        assert_eq!(parse_bucket("b"), ("b".into(), None));
-        assert_eq!(normalize_prefix(Some("/files/p10/")), "files/p10/");
-        assert_eq!(normalize_prefix(None), "");
-        assert_eq!(emulator_endpoint("localhost:4443"), "http://localhost:4443");
-        assert_eq!(emulator_endpoint("https://x:1/"), "https://x:1");
     }
 }

@@ -7,36 +7,31 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Args;
-
-use crate::client::auth::TokenSource;
-use crate::client::gcs::{GcsConfig, RetryConfig};
-use crate::fs::FsConfig;
+use crate::cli::{DemoArgs, MountArgs};
 use crate::model::{DatasetModel, ModelConfig, ModelKind};
-use crate::mount::{MountPlan, Mounted};
+use crate::mount::Mounted;
+use crate::plan::{Env, MountPlan};
 use crate::testbed::{self, ModelSource, TestbedOptions};
 
-#[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// Where to mount (default: a new temporary directory, removed afterwards).
-    pub mountpoint: Option<PathBuf>,
-    /// Patients in the demo dataset (the real one has 65,379).
-    #[arg(long, default_value_t = 20)]
-    pub patients: u32,
-    /// Which bucket to model: dicom or jpg.
-    #[arg(long, default_value = "dicom")]
-    pub model: ModelKind,
-    /// Scale of file sizes (1.0 = real sizes, ~13.6 MB per DICOM).
-    #[arg(long, default_value_t = 1.0)]
-    pub size_scale: f64,
-    /// Memory for cached file data.
-    #[arg(long, default_value = "256MiB", value_parser = crate::cli::parse_size)]
-    pub cache_size: u64,
-    /// Unmount and exit right after printing the instructions (for scripts and tests).
-    #[arg(long, hide = true)]
-    pub exit_after_ready: bool,
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    pub verbose: u8,
+/// The mount the demo makes: `physiofs mount` with its defaults, with the demo's cache size,
+/// on the in-process testbed at `endpoint` serving `bucket` (requester-pays, anonymous).
+pub fn mount_args(
+    args: &DemoArgs,
+    mountpoint: PathBuf,
+    endpoint: String,
+    bucket: String,
+) -> MountArgs {
+    MountArgs {
+        bucket,
+        endpoint: Some(endpoint),
+        billing_project: Some("physiofs-demo".into()),
+        anonymous: true,
+        cache_size: args.cache_size,
+        // The demo's server lives only as long as the demo: nothing worth persisting.
+        metadata_cache: Some("off".into()),
+        verbose: args.verbose,
+        ..MountArgs::defaults(mountpoint)
+    }
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -73,31 +68,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    // SAFETY: getuid/getgid cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let plan = MountPlan {
-        mountpoint: mountpoint.clone(),
-        gcs: GcsConfig {
-            endpoint: server.endpoint(),
-            bucket: bucket.clone(),
-            billing_project: Some("physiofs-demo".into()),
-            retry: RetryConfig::default(),
-            pool_size: 64,
-            stall_timeout: crate::cli::DEFAULT_STALL_TIMEOUT,
-        },
-        tokens: TokenSource::Anonymous,
-        fs: FsConfig {
-            uid,
-            gid,
-            ..FsConfig::default()
-        },
-        cache_size: args.cache_size,
-        allow_other: false,
-        metadata: crate::cli::MetadataMode::Auto,
-        // The demo's server lives only as long as the demo: nothing worth persisting.
-        snapshot_dir: None,
+    let mount = mount_args(&args, mountpoint, server.endpoint(), bucket.clone());
+    let started = async {
+        let plan = MountPlan::resolve(&mount, &Env::capture())?;
+        let tokens = crate::mount::prepare(&plan).await?;
+        Mounted::start(plan, tokens).await
     };
-    let mounted = match Mounted::start(plan).await {
+    let mounted = match started.await {
         Ok(m) => m,
         Err(e) => {
             server.shutdown().await;
@@ -135,4 +112,52 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     server.shutdown().await;
     println!("physiofs demo: unmounted {m}");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(argv: &[&str]) -> Command {
+        Cli::try_parse_from(argv).unwrap().command
+    }
+
+    /// The demo resolves its mount like `physiofs mount` does: `--cache-size` is split the same
+    /// way (a hand-made plan once left read-ahead at its 64 MiB default, so a 64 MiB demo got a
+    /// 1 MiB block cache), and every other setting is mount's default.
+    #[test]
+    fn demo_cache_size_splits_like_mount() {
+        let env = Env::default();
+        let Command::Demo(demo) = parse(&["physiofs", "demo", "--cache-size", "64MiB"]) else {
+            panic!("not the demo")
+        };
+        let args = mount_args(&demo, "/m".into(), "http://127.0.0.1:1".into(), "b".into());
+        let demo = MountPlan::resolve(&args, &env).unwrap();
+        let Command::Mount(mount) = parse(&["physiofs", "mount", "--cache-size", "64MiB", "/m"])
+        else {
+            panic!("not a mount")
+        };
+        let mount = MountPlan::resolve(&mount, &env).unwrap();
+        assert_eq!(
+            (demo.block_cache, demo.fs.prefetch_budget),
+            (48 << 20, 16 << 20)
+        );
+        assert_eq!(
+            (demo.block_cache, demo.fs.prefetch_budget),
+            (mount.block_cache, mount.fs.prefetch_budget)
+        );
+        assert_eq!(format!("{:?}", demo.fs), format!("{:?}", mount.fs));
+        assert_eq!(
+            format!("{:?}", demo.gcs.retry),
+            format!("{:?}", mount.gcs.retry)
+        );
+        assert_eq!(demo.gcs.stall_timeout, mount.gcs.stall_timeout);
+        // What the demo changes: its own server, anonymous, requester-pays, no snapshot.
+        assert_eq!(demo.gcs.endpoint, "http://127.0.0.1:1");
+        assert_eq!(demo.credentials.to_string(), "anonymous (--anonymous)");
+        assert_eq!(demo.gcs.billing_project.as_deref(), Some("physiofs-demo"));
+        assert_eq!(demo.snapshot_dir, None);
+    }
 }

@@ -270,6 +270,40 @@ mod tests {
         );
     }
 
+    /// The helper only translates: what fstab options mean is decided by the same
+    /// resolution as `physiofs mount` flags.
+    #[test]
+    fn fstab_options_resolve_like_mount_flags() {
+        use crate::cli::{Cli, Command};
+        use crate::plan::{Env, MountPlan};
+        use clap::Parser;
+        let Helper::Mount(argv) = translate(&v(&[
+            "physiofs",
+            "gs://b/files/p10",
+            "/mnt/jpg",
+            "-o",
+            "ro,_netdev,billing_project=proj,cache_size=64MiB,anonymous,uid=7",
+        ]))
+        .unwrap() else {
+            panic!("fake")
+        };
+        let cli = Cli::try_parse_from(std::iter::once(OsString::from("physiofs")).chain(argv));
+        let Command::Mount(args) = cli.unwrap().command else {
+            panic!("not a mount")
+        };
+        assert!(args.background);
+        let plan = MountPlan::resolve(&args, &Env::default()).unwrap();
+        assert_eq!(plan.mountpoint, std::path::Path::new("/mnt/jpg"));
+        assert_eq!(plan.target(), "gs://b/files/p10/");
+        assert_eq!(plan.gcs.billing_project.as_deref(), Some("proj"));
+        assert_eq!(
+            (plan.block_cache, plan.fs.prefetch_budget),
+            (48 << 20, 16 << 20)
+        );
+        assert_eq!(plan.credentials.to_string(), "anonymous (--anonymous)");
+        assert_eq!(plan.fs.uid, 7);
+    }
+
     #[test]
     fn bad_options_are_named() {
         let e = translate(&v(&["physiofs", "b", "/m", "-o", "ro,cache_sise=1G"])).unwrap_err();

@@ -1,5 +1,6 @@
-//! From parsed arguments to a live mount: credentials, a probe that proves access, the kernel
-//! session, and a clean unmount on SIGINT/SIGTERM or an external `umount`.
+//! From a resolved plan (`plan`) to a live mount: the start-up checks in order (`checks`), the
+//! credentials, a probe that proves access, the kernel session, and a clean unmount on
+//! SIGINT/SIGTERM or an external `umount`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,131 +9,30 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context, bail};
 
 use crate::cache::MemoryCache;
-use crate::cli::{self, MountArgs};
+use crate::checks;
+use crate::cli::{MetadataMode, MountArgs};
 use crate::client::auth::TokenSource;
-use crate::client::gcs::{GcsClient, GcsConfig, RetryConfig};
+use crate::client::gcs::{GcsClient, RetryConfig};
 use crate::client::{ClientError, ListRequest, ObjectClient};
-use crate::fs::{Fs, FsConfig};
+use crate::daemon::Notify;
+use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
+use crate::plan::{Env, MountPlan};
 
-/// Everything needed to mount, resolved from the command line and the environment.
-pub struct MountPlan {
-    pub mountpoint: PathBuf,
-    pub gcs: GcsConfig,
-    pub tokens: TokenSource,
-    pub fs: FsConfig,
-    pub cache_size: u64,
-    pub allow_other: bool,
-    pub metadata: cli::MetadataMode,
-    /// Directory of metadata snapshots; None = off.
-    pub snapshot_dir: Option<PathBuf>,
+/// The checks that need no mount point: the plan's (bucket, endpoint), then the credentials,
+/// whose token provider it returns. Stops at the first failure, with its error.
+pub async fn prepare(plan: &MountPlan) -> anyhow::Result<TokenSource> {
+    checks::first_failure(checks::plan(plan))?;
+    let tokens = TokenSource::build(&plan.credentials).await;
+    checks::first_failure([checks::credentials(&tokens)])?;
+    Ok(tokens?)
 }
 
-impl MountPlan {
-    pub async fn from_args(args: &MountArgs) -> anyhow::Result<Self> {
-        let (bucket, url_prefix) = cli::parse_bucket(&args.bucket);
-        if bucket.is_empty() {
-            bail!(
-                "--bucket {:?} names no bucket (use NAME or gs://NAME[/PREFIX])",
-                args.bucket
-            );
-        }
-        let prefix = match (&url_prefix, &args.prefix) {
-            (Some(a), Some(b)) => {
-                bail!("both --bucket gs://{bucket}/{a} and --prefix {b} give a prefix; use one")
-            }
-            (a, b) => cli::normalize_prefix(a.as_deref().or(b.as_deref())),
-        };
-        let emulator = std::env::var("STORAGE_EMULATOR_HOST")
-            .ok()
-            .filter(|v| !v.trim().is_empty());
-        let endpoint = match (&args.endpoint, &emulator) {
-            (Some(e), _) => e.trim_end_matches('/').to_string(),
-            (None, Some(h)) => cli::emulator_endpoint(h),
-            (None, None) => cli::GCS_ENDPOINT.to_string(),
-        };
-        if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
-            bail!("--endpoint {endpoint:?} must be a URL such as http://127.0.0.1:4443");
-        }
-        let tokens = if args.anonymous || (args.endpoint.is_none() && emulator.is_some()) {
-            TokenSource::Anonymous
-        } else if let Some(k) = &args.key_file {
-            TokenSource::key_file(k)?
-        } else {
-            TokenSource::application_default().await?
-        };
-        // SAFETY: getuid/getgid cannot fail.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let snapshot_dir = match args.metadata_cache.as_deref() {
-            Some("off") | Some("none") => None,
-            Some(d) => Some(PathBuf::from(d)),
-            None => crate::snapshot::default_dir(),
-        };
-        let mut fs = FsConfig {
-            prefix,
-            uid: args.uid.unwrap_or(uid),
-            gid: args.gid.unwrap_or(gid),
-            file_mode: args.file_mode,
-            dir_mode: args.dir_mode,
-            metadata_ttl: args.metadata_ttl,
-            next_files: args.prefetch_files,
-            ..FsConfig::default()
-        };
-        if let Some(ttl) = args.metadata_ttl {
-            fs.attr_ttl = fs.attr_ttl.min(ttl);
-        }
-        // --cache-size is the whole data budget: read-ahead in flight gets a quarter of it
-        // (within sane bounds) and the block cache the rest.
-        fs.prefetch_budget = (args.cache_size / 4).clamp(1 << 20, 256 << 20);
-        Ok(MountPlan {
-            mountpoint: args.mountpoint.clone(),
-            gcs: GcsConfig {
-                endpoint,
-                bucket,
-                billing_project: args.billing_project.clone().filter(|p| !p.is_empty()),
-                retry: RetryConfig {
-                    max_attempts: args.retries.max(1),
-                    deadline: args.retry_deadline,
-                    ..RetryConfig::default()
-                },
-                pool_size: 64,
-                stall_timeout: args.stall_timeout,
-            },
-            tokens,
-            fs,
-            cache_size: args.cache_size,
-            allow_other: args.allow_other,
-            metadata: args.metadata,
-            snapshot_dir,
-        })
-    }
-}
-
-/// Explains a failed probe in words a user can act on.
-fn probe_error(e: &ClientError, gcs: &GcsConfig, prefix: &str) -> anyhow::Error {
-    let target = format!("gs://{}/{prefix}", gcs.bucket);
-    let hint = match e {
-        ClientError::NotFound(_) => format!(
-            "the bucket {} does not exist at {} (check --bucket; for an emulator check --endpoint)",
-            gcs.bucket, gcs.endpoint
-        ),
-        ClientError::Denied { status: 400, .. } => {
-            "the bucket is requester-pays: pass --billing-project YOUR_GCP_PROJECT".to_string()
-        }
-        ClientError::Denied { status: 401, .. } => {
-            "no valid credentials: run `gcloud auth application-default login` (or pass --key-file)".to_string()
-        }
-        ClientError::Denied { .. } => "this Google account has no access: sign the MIMIC-CXR data use agreement on \
-             PhysioNet and request Google Cloud access there, using the account you authenticate with; \
-             the billing project also needs serviceusage permission"
-            .to_string(),
-        ClientError::Network { .. } => format!(
-            "is the endpoint {} right and reachable? (--endpoint, STORAGE_EMULATOR_HOST)",
-            gcs.endpoint
-        ),
-        _ => "see the message above".to_string(),
-    };
-    anyhow::anyhow!("cannot list {target}: {e}\n  hint: {hint}")
+/// The failed access check's error: the probe's error explained.
+fn access_error(plan: &MountPlan, e: &ClientError) -> anyhow::Error {
+    checks::access(&plan.gcs, &plan.fs.prefix, Err(e))
+        .error()
+        .unwrap_or_else(|| anyhow::anyhow!("{e}"))
 }
 
 /// A running mount.
@@ -149,41 +49,31 @@ pub struct Mounted {
 }
 
 impl Mounted {
-    /// Proves access with one small listing, then mounts. Nothing is mounted on error.
-    pub async fn start(plan: MountPlan) -> anyhow::Result<Self> {
+    /// Checks the mount point, proves access with one small listing (or one object's
+    /// metadata, with a snapshot), then mounts: `tokens` are from [`prepare`], which runs
+    /// the checks before these. Stops at the first failed check; nothing is mounted on error.
+    pub async fn start(plan: MountPlan, tokens: TokenSource) -> anyhow::Result<Self> {
         let signals = Signals::new()?;
         let mp = &plan.mountpoint;
-        match std::fs::metadata(mp) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => bail!("mount point {} is not a directory", mp.display()),
-            Err(e) => bail!(
-                "mount point {} is not usable: {e} (create it with `mkdir -p {}`)",
-                mp.display(),
-                mp.display()
-            ),
-        }
+        checks::first_failure([checks::mount_point(mp)])?;
         let mountpoint = mp
             .canonicalize()
             .with_context(|| format!("cannot resolve {}", mp.display()))?;
 
-        let client = Arc::new(GcsClient::new(plan.gcs.clone(), plan.tokens.clone())?);
+        let client = Arc::new(GcsClient::new(plan.gcs.clone(), tokens)?);
         // Access checks before mounting fail fast; reads later get the full retry budget.
         let probe_client = client.with_retry(RetryConfig::startup().min(&plan.gcs.retry));
-        let cache = Arc::new(MemoryCache::new(
-            plan.cache_size
-                .saturating_sub(plan.fs.prefetch_budget)
-                .max(1 << 20),
-        ));
+        let cache = Arc::new(MemoryCache::new(plan.block_cache));
         let new_fs = || Arc::new(Fs::new(plan.fs.clone(), client.clone(), cache.clone()));
         let mut fs = new_fs();
 
         // Metadata: from the snapshot if there is a good one, else (eager) a bulk load after
         // mounting, which writes a new snapshot when it completes.
         let eager = match plan.metadata {
-            cli::MetadataMode::Lazy => None,
-            cli::MetadataMode::Eager => Some(u64::MAX),
-            cli::MetadataMode::Auto if plan.fs.metadata_ttl.is_some() => None,
-            cli::MetadataMode::Auto => Some(crate::fs::bulk::BulkOptions::default().max_objects),
+            MetadataMode::Lazy => None,
+            MetadataMode::Eager => Some(u64::MAX),
+            MetadataMode::Auto if plan.fs.metadata_ttl.is_some() => None,
+            MetadataMode::Auto => Some(crate::fs::bulk::BulkOptions::default().max_objects),
         };
         let snapshot = match (&plan.snapshot_dir, eager) {
             (Some(dir), Some(_)) if plan.fs.metadata_ttl.is_none() => {
@@ -251,7 +141,7 @@ impl Mounted {
                     fs = new_fs();
                     from_snapshot = false;
                 }
-                Err(e) => return Err(probe_error(&e, &plan.gcs, &plan.fs.prefix)),
+                Err(e) => return Err(access_error(&plan, &e)),
             }
         }
         if !from_snapshot {
@@ -264,7 +154,7 @@ impl Mounted {
             let page = probe_client
                 .list_page(&probe)
                 .await
-                .map_err(|e| probe_error(&e, &plan.gcs, &plan.fs.prefix))?;
+                .map_err(|e| access_error(&plan, &e))?;
             if page.items.is_empty() && page.prefixes.is_empty() {
                 tracing::warn!(
                     "gs://{}/{} holds no objects: the mount will be empty",
@@ -285,7 +175,7 @@ impl Mounted {
 
         let mut config = fuser::Config::default();
         config.mount_options = vec![
-            fuser::MountOption::FSName(format!("gs://{}/{}", plan.gcs.bucket, plan.fs.prefix)),
+            fuser::MountOption::FSName(plan.target()),
             fuser::MountOption::Subtype("physiofs".into()),
             fuser::MountOption::RO,
             fuser::MountOption::NoDev,
@@ -305,7 +195,7 @@ impl Mounted {
         config.clone_fd = true;
 
         let mp2 = mountpoint.clone();
-        let fsname = format!("gs://{}/{}", plan.gcs.bucket, plan.fs.prefix);
+        let fsname = plan.target();
         let allow_other = plan.allow_other;
         let (session, unmounter) = tokio::task::spawn_blocking(move || {
             crate::session::mount(adapter, &mp2, &fsname, allow_other, config)
@@ -483,13 +373,15 @@ impl Signals {
 
 /// `physiofs mount`: mount and serve until unmounted. A background mount (`notify`) reports
 /// the mount ready to the waiting parent once it serves.
-pub async fn run(args: MountArgs, notify: Option<&crate::daemon::Notify>) -> anyhow::Result<()> {
-    let plan = MountPlan::from_args(&args).await?;
-    let bucket = plan.gcs.bucket.clone();
-    let prefix = plan.fs.prefix.clone();
+pub async fn run(args: MountArgs, notify: Option<&Notify>) -> anyhow::Result<()> {
+    let plan = MountPlan::resolve(&args, &Env::capture())?;
+    let tokens = prepare(&plan).await?;
+    eprintln!("physiofs: credentials: {}", tokens.credentials());
+    let target = plan.target();
     let endpoint = plan.gcs.endpoint.clone();
-    let mounted = Mounted::start(plan).await?;
-    if let Some(addr) = args.metrics_addr {
+    let metrics_addr = plan.metrics_addr;
+    let mounted = Mounted::start(plan, tokens).await?;
+    if let Some(addr) = metrics_addr {
         match crate::metrics::serve(addr, mounted.client.stats.clone(), mounted.fs.clone()).await {
             Ok(at) => eprintln!("physiofs: metrics at http://{at}/metrics"),
             Err(e) => {
@@ -501,7 +393,7 @@ pub async fn run(args: MountArgs, notify: Option<&crate::daemon::Notify>) -> any
     }
     let stop = if notify.is_some() { "" } else { " or Ctrl-C" };
     let line = format!(
-        "physiofs: mounted gs://{bucket}/{prefix} ({endpoint}) read-only at {}; stop with `umount {}`{stop}",
+        "physiofs: mounted {target} ({endpoint}) read-only at {}; stop with `umount {}`{stop}",
         mounted.mountpoint.display(),
         mounted.mountpoint.display()
     );

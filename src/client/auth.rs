@@ -1,11 +1,17 @@
-//! Where bearer tokens come from.
+//! Where bearer tokens come from, and where the credentials behind them came from.
+//!
+//! Which credentials a mount uses is decided first, as data ([`Credentials`]: a kind, a
+//! source, an account), without I/O, so it can be tested and shown; [`TokenSource::build`]
+//! then makes the live provider and keeps that description, refined by what it found (which
+//! of the application-default sources answered, a key file's account), so a mount can say in
+//! one line whose credentials it uses. No token is ever part of it.
 //!
 //! Real use goes through `gcp_auth` (a service-account key file, gcloud's application-default
-//! user credentials, or the GCE metadata server), which caches tokens and refreshes them before
-//! they expire, so asking for a token on every request is cheap. Emulators run anonymous; tests
-//! can pin a static token.
+//! user credentials, the GCE metadata server, or the gcloud CLI), which caches tokens and
+//! refreshes them before they expire, so asking for a token on every request is cheap.
+//! Emulators run anonymous; tests can pin a static token.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::ClientError;
@@ -13,74 +19,410 @@ use super::ClientError;
 /// Read-only scope: physiofs never asks for more than it needs.
 pub const SCOPE_READ_ONLY: &str = "https://www.googleapis.com/auth/devstorage.read_only";
 
-#[derive(Clone)]
-pub enum TokenSource {
-    /// No Authorization header (public buckets, emulators).
+/// The variable naming a service-account key for application-default credentials.
+pub const GOOGLE_APPLICATION_CREDENTIALS: &str = "GOOGLE_APPLICATION_CREDENTIALS";
+
+/// What sort of credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// None: no Authorization header (public buckets, emulators).
     Anonymous,
-    /// A fixed bearer token (tests, or a token minted elsewhere).
+    /// A service-account JSON key.
+    ServiceAccountKey,
+    /// Application-default credentials, found when built (gcp_auth's order: the
+    /// GOOGLE_APPLICATION_CREDENTIALS key, gcloud's user file, the metadata server, the CLI).
+    ApplicationDefault,
+    /// gcloud's application-default user credentials (`gcloud auth application-default login`).
+    GcloudUser,
+    /// The service account of the GCE VM, from its metadata server.
+    MetadataServer,
+    /// The gcloud CLI's account (`gcloud auth print-access-token`).
+    GcloudCli,
+    /// A fixed token given in code (tests).
+    Static,
+}
+
+/// Where credentials come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// A command-line flag, e.g. `--anonymous`.
+    Flag(&'static str),
+    /// An environment variable and its value, e.g. `STORAGE_EMULATOR_HOST=localhost:4443`.
+    Variable { name: &'static str, value: String },
+    /// A file, e.g. `--key-file`'s.
+    File(PathBuf),
+    /// Nothing the user named: gcp_auth's search, the metadata server, the gcloud CLI, code.
+    /// `gcloud_file` is where gcloud keeps application-default user credentials.
+    Search { gcloud_file: Option<PathBuf> },
+}
+
+/// Which credentials, where from, and whose (never a token or a key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub kind: CredentialKind,
+    pub source: CredentialSource,
+    /// The account they act as, when known (a key file's `client_email`).
+    pub account: Option<String>,
+}
+
+impl Credentials {
+    pub fn anonymous(source: CredentialSource) -> Self {
+        Credentials {
+            kind: CredentialKind::Anonymous,
+            source,
+            account: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Credentials {
+    /// One line, e.g. `service-account key /k.json (sa@p.iam.gserviceaccount.com)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use CredentialKind as K;
+        use CredentialSource as S;
+        let kind = match self.kind {
+            K::Anonymous => "anonymous",
+            K::ServiceAccountKey => "service-account key",
+            K::ApplicationDefault => "application-default credentials",
+            K::GcloudUser => "gcloud application-default user credentials",
+            K::MetadataServer => "the VM's service account (GCE metadata server)",
+            K::GcloudCli => "the gcloud CLI's account (gcloud auth print-access-token)",
+            K::Static => "a fixed token",
+        };
+        f.write_str(kind)?;
+        match (&self.source, self.kind) {
+            (S::Flag(flag), _) => write!(f, " ({flag})")?,
+            (S::Variable { name, value }, K::Anonymous) => write!(f, " ({name}={value})")?,
+            (S::Variable { name, value }, _) => write!(f, " from {name}={value}")?,
+            (S::File(p), _) => write!(f, " {}", p.display())?,
+            (S::Search { .. }, K::ApplicationDefault) => f.write_str(
+                " (looked for in GOOGLE_APPLICATION_CREDENTIALS, gcloud's application-default \
+                 file, the GCE metadata server, the gcloud CLI)",
+            )?,
+            (S::Search { .. }, _) => {}
+        }
+        if let Some(a) = &self.account {
+            write!(f, " ({a})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why credentials could not be set up, and what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{cause}")]
+pub struct AuthError {
+    pub cause: String,
+    pub fix: String,
+}
+
+#[derive(Clone)]
+enum Provider {
+    None,
     Static(String),
-    /// A refreshing provider from `gcp_auth`.
     Gcp(Arc<dyn gcp_auth::TokenProvider>),
+}
+
+/// Bearer tokens for requests, with the description of the credentials they come from.
+#[derive(Clone)]
+pub struct TokenSource {
+    provider: Provider,
+    credentials: Credentials,
 }
 
 impl std::fmt::Debug for TokenSource {
     // Never print a token.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TokenSource::Anonymous => f.write_str("Anonymous"),
-            TokenSource::Static(_) => f.write_str("Static(<redacted>)"),
-            TokenSource::Gcp(_) => f.write_str("Gcp"),
-        }
+        write!(f, "TokenSource({})", self.credentials)
     }
 }
 
 impl TokenSource {
-    /// Application-default credentials, in gcp_auth's order.
-    pub async fn application_default() -> Result<Self, ClientError> {
-        // gcp_auth refuses GOOGLE_APPLICATION_CREDENTIALS pointing at an `authorized_user`
-        // file (what `gcloud auth application-default login` writes); load those ourselves.
-        if let Ok(path) = std::env::var("GOOGLE_APPLICATION_CREDENTIALS")
-            && let Ok(text) = std::fs::read_to_string(&path)
-            && text.contains("\"authorized_user\"")
-        {
-            return Err(ClientError::Auth(format!(
-                "GOOGLE_APPLICATION_CREDENTIALS={path} holds user credentials, which must live at \
-                 ~/.config/gcloud/application_default_credentials.json: unset the variable \
-                 (gcloud's default location is found automatically) or pass a service-account key with --key-file"
-            )));
-        }
-        match gcp_auth::provider().await {
-            Ok(p) => Ok(TokenSource::Gcp(p)),
-            Err(e) => Err(ClientError::Auth(format!(
-                "no Google credentials found ({e}). On a workstation run \
-                 `gcloud auth application-default login` with the Google account registered on PhysioNet; \
-                 on a GCE VM attach a service account; or pass --key-file KEY.json. \
-                 For an emulator or public bucket use --anonymous"
-            ))),
+    /// No Authorization header (public buckets, emulators), for tests and code that need no
+    /// description of where that came from.
+    #[allow(non_upper_case_globals)]
+    pub const Anonymous: TokenSource = TokenSource {
+        provider: Provider::None,
+        credentials: Credentials {
+            kind: CredentialKind::Anonymous,
+            source: CredentialSource::Search { gcloud_file: None },
+            account: None,
+        },
+    };
+
+    /// A fixed bearer token (tests, or a token minted elsewhere).
+    pub fn fixed(token: impl Into<String>) -> Self {
+        TokenSource {
+            provider: Provider::Static(token.into()),
+            credentials: Credentials {
+                kind: CredentialKind::Static,
+                source: CredentialSource::Search { gcloud_file: None },
+                account: None,
+            },
         }
     }
 
-    /// A service-account JSON key file.
-    pub fn key_file(path: &Path) -> Result<Self, ClientError> {
-        let sa = gcp_auth::CustomServiceAccount::from_file(path).map_err(|e| {
-            ClientError::Auth(format!(
-                "cannot use key file {}: {e} (expected a service-account JSON key)",
-                path.display()
-            ))
-        })?;
-        Ok(TokenSource::Gcp(Arc::new(sa)))
+    /// The live provider for `credentials`: reads a key file, or finds application-default
+    /// credentials (which may ask the metadata server or run gcloud). The description kept
+    /// says which one answered.
+    pub async fn build(credentials: &Credentials) -> Result<Self, AuthError> {
+        use CredentialKind as K;
+        match (credentials.kind, &credentials.source) {
+            (K::Anonymous, _) => Ok(TokenSource {
+                provider: Provider::None,
+                credentials: credentials.clone(),
+            }),
+            (K::ServiceAccountKey, CredentialSource::File(path)) => {
+                service_account_key(path, credentials.source.clone())
+            }
+            (K::ApplicationDefault, CredentialSource::Variable { value, .. }) => {
+                application_default_key(Path::new(value), credentials.source.clone())
+            }
+            (K::ApplicationDefault, CredentialSource::Search { gcloud_file }) => {
+                application_default(gcloud_file.clone()).await
+            }
+            (kind, source) => Err(AuthError {
+                cause: format!("cannot build {kind:?} credentials from {source:?}"),
+                fix: "this is a bug in physiofs: please report it".into(),
+            }),
+        }
+    }
+
+    /// Which credentials these tokens come from.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// The bearer token to send now, if any.
     pub async fn token(&self) -> Result<Option<String>, ClientError> {
-        match self {
-            TokenSource::Anonymous => Ok(None),
-            TokenSource::Static(t) => Ok(Some(t.clone())),
-            TokenSource::Gcp(p) => p
+        match &self.provider {
+            Provider::None => Ok(None),
+            Provider::Static(t) => Ok(Some(t.clone())),
+            Provider::Gcp(p) => p
                 .token(&[SCOPE_READ_ONLY])
                 .await
                 .map(|t| Some(t.as_str().to_string()))
                 .map_err(|e| ClientError::Auth(format!("cannot obtain an access token: {e}"))),
         }
+    }
+}
+
+/// A service-account JSON key (`--key-file`), read once: for the provider and its account.
+fn service_account_key(path: &Path, source: CredentialSource) -> Result<TokenSource, AuthError> {
+    let fail = |e: &dyn std::fmt::Display| AuthError {
+        cause: format!("cannot use key file {}: {e}", path.display()),
+        fix: "pass a service-account JSON key (Cloud console: IAM, Service accounts, Keys)".into(),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(&e))?;
+    let sa = gcp_auth::CustomServiceAccount::from_json(&text).map_err(|e| fail(&e))?;
+    Ok(TokenSource {
+        provider: Provider::Gcp(Arc::new(sa)),
+        credentials: Credentials {
+            kind: CredentialKind::ServiceAccountKey,
+            source,
+            account: client_email(&text),
+        },
+    })
+}
+
+/// The key GOOGLE_APPLICATION_CREDENTIALS names. gcp_auth takes only service-account keys
+/// from it, so user credentials there are refused with the way out.
+fn application_default_key(
+    path: &Path,
+    source: CredentialSource,
+) -> Result<TokenSource, AuthError> {
+    let var = format!("{GOOGLE_APPLICATION_CREDENTIALS}={}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| AuthError {
+        cause: format!("no Google credentials found ({var}: {e})"),
+        fix: format!(
+            "point {GOOGLE_APPLICATION_CREDENTIALS} at a service-account key, or unset it \
+             (gcloud's default location is found automatically)"
+        ),
+    })?;
+    if text.contains("\"authorized_user\"") {
+        return Err(AuthError {
+            cause: format!(
+                "{var} holds user credentials, which must live at \
+                 ~/.config/gcloud/application_default_credentials.json"
+            ),
+            fix: "unset the variable (gcloud's default location is found automatically) or \
+                  pass a service-account key with --key-file"
+                .into(),
+        });
+    }
+    let sa = gcp_auth::CustomServiceAccount::from_json(&text).map_err(|e| AuthError {
+        cause: format!("cannot use {var}: {e}"),
+        fix: format!(
+            "point {GOOGLE_APPLICATION_CREDENTIALS} at a service-account JSON key, or unset it"
+        ),
+    })?;
+    Ok(TokenSource {
+        provider: Provider::Gcp(Arc::new(sa)),
+        credentials: Credentials {
+            kind: CredentialKind::ServiceAccountKey,
+            source,
+            account: client_email(&text),
+        },
+    })
+}
+
+/// gcp_auth's search after GOOGLE_APPLICATION_CREDENTIALS, in its order (as
+/// `gcp_auth::provider` does it), remembering which one answered.
+async fn application_default(gcloud_file: Option<PathBuf>) -> Result<TokenSource, AuthError> {
+    let found = |provider: Arc<dyn gcp_auth::TokenProvider>, kind, source| TokenSource {
+        provider: Provider::Gcp(provider),
+        credentials: Credentials {
+            kind,
+            source,
+            account: None,
+        },
+    };
+    let user = match gcp_auth::ConfigDefaultCredentials::new().await {
+        Ok(p) => {
+            let source = match gcloud_file {
+                Some(f) => CredentialSource::File(f),
+                None => CredentialSource::Search { gcloud_file: None },
+            };
+            return Ok(found(Arc::new(p), CredentialKind::GcloudUser, source));
+        }
+        Err(e) => e,
+    };
+    let search = CredentialSource::Search { gcloud_file };
+    let metadata = match gcp_auth::MetadataServiceAccount::new().await {
+        Ok(p) => return Ok(found(Arc::new(p), CredentialKind::MetadataServer, search)),
+        Err(e) => e,
+    };
+    let cli = match gcp_auth::GCloudAuthorizedUser::new().await {
+        Ok(p) => return Ok(found(Arc::new(p), CredentialKind::GcloudCli, search)),
+        Err(e) => e,
+    };
+    let e = gcp_auth::Error::NoAuthMethod(Box::new(cli), Box::new(metadata), Box::new(user));
+    Err(AuthError {
+        cause: format!("no Google credentials found ({e})"),
+        fix: "on a workstation run `gcloud auth application-default login` with the Google \
+              account registered on PhysioNet; on a GCE VM attach a service account; or pass \
+              --key-file KEY.json. For an emulator or public bucket use --anonymous"
+            .into(),
+    })
+}
+
+/// A key file's `client_email`, if it has one.
+fn client_email(key_json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(key_json).ok()?;
+    Some(v.get("client_email")?.as_str()?.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service-account key with a throwaway private key made by openssl (as the mount test
+    /// of key files does); nothing is ever signed with it.
+    fn key_json(dir: &Path, email: &str) -> String {
+        let pem = dir.join("key.pem");
+        let out = std::process::Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
+            .arg(&pem)
+            .output()
+            .expect("openssl (needed to make a test key)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::json!({
+            "type": "service_account",
+            "project_id": "p",
+            "private_key_id": "k",
+            "private_key": std::fs::read_to_string(&pem).unwrap(),
+            "client_email": email,
+            "client_id": "1",
+            "token_uri": "https://oauth2.googleapis.com/token",
+        })
+        .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_key_file_is_described_with_its_account_and_never_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sa.json");
+        std::fs::write(&path, key_json(dir.path(), "sa@x.iam.gserviceaccount.com")).unwrap();
+        let c = Credentials {
+            kind: CredentialKind::ServiceAccountKey,
+            source: CredentialSource::File(path.clone()),
+            account: None,
+        };
+        let t = TokenSource::build(&c).await.unwrap();
+        assert_eq!(
+            t.credentials().account.as_deref(),
+            Some("sa@x.iam.gserviceaccount.com")
+        );
+        let line = t.credentials().to_string();
+        assert_eq!(
+            line,
+            format!(
+                "service-account key {} (sa@x.iam.gserviceaccount.com)",
+                path.display()
+            )
+        );
+        let debug = format!("{t:?}");
+        assert!(
+            !debug.contains("PRIVATE KEY") && debug.contains("sa@x"),
+            "{debug}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unusable_credentials_name_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-key.json");
+        let e = TokenSource::build(&Credentials {
+            kind: CredentialKind::ServiceAccountKey,
+            source: CredentialSource::File(missing.clone()),
+            account: None,
+        })
+        .await
+        .unwrap_err();
+        assert!(e.cause.contains("no-such-key.json"), "{e:?}");
+        assert!(e.fix.contains("service-account JSON key"), "{e:?}");
+
+        let user = dir.path().join("adc.json");
+        std::fs::write(&user, r#"{"type": "authorized_user", "client_id": "x"}"#).unwrap();
+        let e = TokenSource::build(&Credentials {
+            kind: CredentialKind::ApplicationDefault,
+            source: CredentialSource::Variable {
+                name: GOOGLE_APPLICATION_CREDENTIALS,
+                value: user.display().to_string(),
+            },
+            account: None,
+        })
+        .await
+        .unwrap_err();
+        assert!(e.cause.contains("holds user credentials"), "{e:?}");
+        assert!(e.fix.contains("unset the variable"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn anonymous_sends_no_token_and_says_why() {
+        let c = Credentials::anonymous(CredentialSource::Variable {
+            name: "STORAGE_EMULATOR_HOST",
+            value: "localhost:4443".into(),
+        });
+        let t = TokenSource::build(&c).await.unwrap();
+        assert_eq!(t.token().await.unwrap(), None);
+        assert_eq!(
+            t.credentials().to_string(),
+            "anonymous (STORAGE_EMULATOR_HOST=localhost:4443)"
+        );
+        let t = TokenSource::fixed("tok-secret");
+        assert_eq!(t.token().await.unwrap().as_deref(), Some("tok-secret"));
+        assert!(!format!("{t:?}").contains("tok-secret"));
     }
 }

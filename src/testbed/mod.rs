@@ -23,7 +23,6 @@ pub mod stats;
 mod tests;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use crate::cli::{TestbedArgs, TestbedModel as ModelKind};
 pub use dir::DirSource;
 pub use knobs::{Knobs, KnobsUpdate, parse_bandwidth};
 pub use mem::MemSource;
@@ -40,96 +40,6 @@ pub use source::{ObjectSource, SourceObject};
 pub use stats::StatsSnapshot;
 
 use server::Shared;
-
-/// Which dataset model to serve (built by the integrator from these args).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ModelKind {
-    Dicom,
-    Jpg,
-}
-
-fn parse_rate(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not within 0..=1"))
-    }
-}
-
-fn parse_bw_arg(s: &str) -> Result<u64, String> {
-    Ok(parse_bandwidth(s)?.unwrap_or(0))
-}
-
-/// Command-line arguments of the testbed server.
-#[derive(clap::Args, Clone, Debug)]
-pub struct TestbedArgs {
-    /// Address to listen on (port 0 = pick a free one).
-    #[arg(long, default_value = "127.0.0.1:4443")]
-    pub addr: SocketAddr,
-    /// Serve a local folder (one sub-folder per bucket) instead of the dataset model.
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-    /// Dataset model to serve (when --dir is not given).
-    #[arg(long, value_enum, default_value = "dicom")]
-    pub model: ModelKind,
-    /// Also serve this model, in its own bucket, with the same --patients/--seed/--size-scale
-    /// (repeatable; e.g. `--model dicom --add-model jpg` serves both buckets).
-    #[arg(long, value_enum)]
-    pub add_model: Vec<ModelKind>,
-    /// Add a pseudo-random object of SIZE bytes: `NAME=SIZE` (in the first model's bucket) or
-    /// `gs://BUCKET/NAME=SIZE` (repeatable; e.g. `bench/1g.bin=1GiB`). Costs ~1 MiB of memory
-    /// whatever the size; content depends only on the name. Works with --dir too.
-    #[arg(long, value_name = "NAME=SIZE", value_parser = parse_synthetic)]
-    pub synthetic: Vec<SyntheticSpec>,
-    /// Number of patients in the dataset model.
-    #[arg(long, default_value_t = 100)]
-    pub patients: u64,
-    /// Seed for the dataset model and for fault injection (deterministic).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Scale factor for object sizes in the dataset model.
-    #[arg(long, default_value_t = 1.0)]
-    pub size_scale: f64,
-    /// Delay before the response headers of every storage request (e.g. 30ms).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
-    pub first_byte_latency: Duration,
-    /// Per-connection body rate cap, e.g. 200MB/s (default unlimited).
-    #[arg(long, value_parser = parse_bw_arg)]
-    pub bandwidth: Option<u64>,
-    /// Fraction of storage requests answered 429 or 503.
-    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
-    pub fail_rate: f64,
-    /// Fraction of media responses whose connection is reset mid-body.
-    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
-    pub reset_rate: f64,
-    /// Fraction of media responses that end early (fewer bytes than Content-Length).
-    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
-    pub truncate_rate: f64,
-    /// Fraction of media responses that hang mid-body for --stall-duration, then close.
-    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
-    pub stall_rate: f64,
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
-    pub stall_duration: Duration,
-    /// Reject requests without userProject= (400), like a requester-pays bucket.
-    #[arg(long)]
-    pub requester_pays: bool,
-    /// Require `Authorization: Bearer TOKEN` with one of these tokens (repeatable; `tok-*` = prefix).
-    #[arg(long = "require-token")]
-    pub require_token: Vec<String>,
-    /// A token is accepted only for this long after its first use (default: forever).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub token_ttl: Option<Duration>,
-    /// Fraction of media bodies with one byte flipped (lengths intact).
-    #[arg(long, value_parser = parse_rate, default_value_t = 0.0)]
-    pub corrupt_rate: f64,
-    /// Extra first-byte latency, uniform in [0, this).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
-    pub latency_jitter: Duration,
-    /// Malform every answer of one kind (for client tests).
-    #[arg(long, value_enum)]
-    pub malformed: Option<knobs::Malformed>,
-}
 
 /// In-process server options (all knobs; `Default` = no faults, port 0 on 127.0.0.1).
 #[derive(Clone, Debug)]

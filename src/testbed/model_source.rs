@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::overlay::{Overlay, synthetic_source};
-use super::source::gcs_hashes;
-use super::{ModelKind as CliKind, ObjectSource, SourceObject, TestbedArgs};
+use super::source::{ObjectSource, SourceObject, gcs_hashes};
+use crate::cli::{TestbedArgs, TestbedModel as CliKind};
 use crate::model::{DatasetModel, ModelConfig, ModelKind, ModelObject};
 
 /// crc32c and md5Hash, base64, as GCS lists them.

@@ -24,7 +24,7 @@ pub fn parse_synthetic(s: &str) -> Result<SyntheticSpec, String> {
     let (lhs, size) = s
         .rsplit_once('=')
         .ok_or_else(|| format!("{s:?}: expected NAME=SIZE, e.g. bench/1g.bin=1GiB"))?;
-    let size = crate::cli::parse_size(size)?;
+    let size = crate::units::parse_size(size)?;
     let (bucket, name) = match lhs.strip_prefix("gs://") {
         Some(rest) => match rest.split_once('/') {
             Some((b, n)) if !b.is_empty() && !n.is_empty() => (Some(b.to_string()), n.to_string()),

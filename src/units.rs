@@ -1,0 +1,94 @@
+//! Parsers of the values people type: sizes, octal modes, fractions, bucket URLs, prefixes,
+//! emulator addresses.
+//!
+//! One place, imported by the argument declarations (`cli`), the plan that resolves them and
+//! the testbed alike, so a size means the same thing everywhere and this module depends on
+//! nothing of the crate (nothing here can close an import cycle).
+
+/// Parses `1048576`, `64MiB`, `2GiB`, `1.5GB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    t.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size (try 512MiB or 2GiB): {e}"))
+}
+
+/// Parses an octal mode like `0444` or `755`.
+pub fn parse_mode(s: &str) -> Result<u16, String> {
+    let t = s.trim().trim_start_matches("0o");
+    match u16::from_str_radix(t, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal mode like 0444")),
+    }
+}
+
+/// Parses a fraction within 0..=1, e.g. `0.05`.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not within 0..=1"))
+    }
+}
+
+/// Splits `gs://NAME/PREFIX` (or `NAME`) into bucket and optional prefix.
+pub fn parse_bucket(s: &str) -> (String, Option<String>) {
+    let t = s.strip_prefix("gs://").unwrap_or(s);
+    match t.split_once('/') {
+        Some((b, p)) if !p.is_empty() => (b.to_string(), Some(p.to_string())),
+        Some((b, _)) => (b.to_string(), None),
+        None => (t.to_string(), None),
+    }
+}
+
+/// Normalizes a prefix to `` or `a/b/`.
+pub fn normalize_prefix(p: Option<&str>) -> String {
+    let t = p.unwrap_or("").trim_matches('/');
+    if t.is_empty() {
+        String::new()
+    } else {
+        format!("{t}/")
+    }
+}
+
+/// Turns `STORAGE_EMULATOR_HOST` (`host:port` or a URL) into a service root URL.
+pub fn emulator_endpoint(v: &str) -> String {
+    let v = v.trim().trim_end_matches('/');
+    if v.starts_with("http://") || v.starts_with("https://") {
+        v.to_string()
+    } else {
+        format!("http://{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_modes_buckets() {
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_mode("0444").unwrap(), 0o444);
+        assert!(parse_mode("999").is_err());
+        assert_eq!(parse_rate("0.25").unwrap(), 0.25);
+        assert!(parse_rate("1.5").is_err());
+        assert!(parse_rate("often").is_err());
+        assert_eq!(
+            parse_bucket("gs://b/files/p10"),
+            ("b".into(), Some("files/p10".into()))
+        );
+        assert_eq!(parse_bucket("gs://b/"), ("b".into(), None));
+        assert_eq!(parse_bucket("b"), ("b".into(), None));
+        assert_eq!(normalize_prefix(Some("/files/p10/")), "files/p10/");
+        assert_eq!(normalize_prefix(None), "");
+        assert_eq!(emulator_endpoint("localhost:4443"), "http://localhost:4443");
+        assert_eq!(emulator_endpoint("https://x:1/"), "https://x:1");
+    }
+}
