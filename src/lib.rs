@@ -20,4 +20,5 @@ pub mod mount;
 pub mod prefetch;
 pub mod session;
 pub mod snapshot;
+pub mod stale;
 pub mod testbed;

@@ -484,6 +484,7 @@ impl Signals {
 /// `physiofs mount`: mount and serve until unmounted. A background mount (`notify`) reports
 /// the mount ready to the waiting parent once it serves.
 pub async fn run(args: MountArgs, notify: Option<&crate::daemon::Notify>) -> anyhow::Result<()> {
+    crate::stale::check_mountpoint(&args.mountpoint, args.force)?;
     let plan = MountPlan::from_args(&args).await?;
     let bucket = plan.gcs.bucket.clone();
     let prefix = plan.fs.prefix.clone();
