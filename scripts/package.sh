@@ -96,7 +96,8 @@ if [ "$want_wheel" = 1 ]; then
     (cd "$REPO/scripts/package/python" && "$TOOLS/bin/maturin" build --release --quiet -o "$tmp/raw") >&2 \
         || die "maturin build failed"
     [ "$(stat -c '%i %Y' "$BIN")" = "$before" ] \
-        || die "maturin rebuilt $BIN instead of reusing it (did the cargo flags or environment differ?)"
+        || die "maturin's cargo build replaced $BIN instead of reusing it (was it built by \`cargo test\`, \
+or with other flags? run without --no-build)"
     raw=("$tmp"/raw/physiofs-*.whl)
     [ -f "${raw[0]}" ] || die "maturin produced no wheel in $tmp/raw"
     "$TOOLS/bin/wheel" unpack -d "$tmp/unpacked" "${raw[0]}" >/dev/null
