@@ -26,7 +26,7 @@ import sysconfig
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Optional, Sequence, Type, Union
+from typing import Dict, List, Optional, Sequence, Type, Union
 
 __all__ = ["Mount", "MountError", "binary", "mount", "unmount"]
 
@@ -99,11 +99,11 @@ def binary() -> str:
     )
 
 
-def _flag_args(flags: dict) -> list:
+def _flag_args(flags: Dict[str, FlagValue]) -> List[str]:
     """Python keyword arguments as ``physiofs mount`` flags: ``cache_size="2GiB"`` →
     ``--cache-size 2GiB``, ``anonymous=True`` → ``--anonymous``, False/None → nothing,
     a list or tuple → the flag once per item."""
-    args: list = []
+    args: List[str] = []
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -187,8 +187,8 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def _mount_points() -> list:
-    points = []
+def _mount_points() -> List[str]:
+    points: List[str] = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ")
