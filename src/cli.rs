@@ -155,6 +155,11 @@ pub struct MountArgs {
     #[arg(long, alias = "daemon", help_heading = "Mount")]
     pub background: bool,
 
+    /// If the mount point is a stale mount left by a killed process ("Transport endpoint is
+    /// not connected"), unmount it lazily first instead of failing.
+    #[arg(long, help_heading = "Mount")]
+    pub force: bool,
+
     /// Serve counters (requests, bytes, cache hits) in Prometheus format at this address,
     /// e.g. `127.0.0.1:9464`.
     #[arg(long, value_name = "ADDR", help_heading = "Logging")]

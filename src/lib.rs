@@ -25,6 +25,7 @@ pub mod plan;
 pub mod read;
 pub mod session;
 pub mod snapshot;
+pub mod stale;
 pub mod testbed;
 pub mod units;
 

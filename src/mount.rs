@@ -374,6 +374,7 @@ impl Signals {
 /// `physiofs mount`: mount and serve until unmounted. A background mount (`notify`) reports
 /// the mount ready to the waiting parent once it serves.
 pub async fn run(args: MountArgs, notify: Option<&Notify>) -> anyhow::Result<()> {
+    crate::stale::check_mountpoint(&args.mountpoint, args.force)?;
     let plan = MountPlan::resolve(&args, &Env::capture())?;
     let tokens = prepare(&plan).await?;
     eprintln!("physiofs: credentials: {}", tokens.credentials());
