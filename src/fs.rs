@@ -468,18 +468,50 @@ impl Fs {
         if write {
             return Err(FsError::ReadOnly);
         }
-        let info: FileInfo = v.file.expect("a file node has file info");
-        let object = Object {
+        Ok(self.reader.open(ino, self.object_of(ino, &v)))
+    }
+
+    /// `open` for the kernel: with passthrough when the object is complete on disk (see
+    /// `ReadPath::open_for_kernel`).
+    pub async fn open_for_kernel(
+        &self,
+        ino: Ino,
+        write: bool,
+    ) -> Result<crate::read::Opened, FsError> {
+        let v = self.inodes.get(ino).ok_or(FsError::NotFound)?;
+        if v.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let object = self.object_of(ino, &v);
+        Ok(self.reader.open_for_kernel(ino, object).await)
+    }
+
+    fn object_of(&self, ino: Ino, v: &NodeView) -> Object {
+        let info: &FileInfo = v.file.as_ref().expect("a file node has file info");
+        Object {
             name: Arc::from(format!("{}{}", self.cfg.prefix, self.inodes.rel_path(ino))),
             generation: info.generation,
             size: info.size,
             crc32c: info.crc32c,
-        };
-        Ok(self.reader.open(ino, object))
+        }
     }
 
-    pub fn release(&self, fh: u64) {
-        self.reader.release(fh);
+    /// Adds the persistent tier and the passthrough choice to the read path.
+    pub fn with_disk(
+        mut self,
+        disk: Option<Arc<crate::read::disk::DiskCache>>,
+        passthrough: bool,
+    ) -> Self {
+        self.reader = self.reader.with_disk(disk, passthrough);
+        self
+    }
+
+    /// Closes handle `fh`; returns how it was served.
+    pub fn release(&self, fh: u64) -> Option<crate::read::OpenMode> {
+        self.reader.release(fh)
     }
 
     /// Whether the kernel may keep its page cache for `ino` across opens (see

@@ -30,6 +30,10 @@ pub struct FuseAdapter {
     /// The kernel skips opendir/releasedir (FUSE_NO_OPENDIR_SUPPORT): readdir comes with no
     /// handle and is answered from the inode table by offset. Saves two requests per directory.
     no_opendir: bool,
+    /// Backing files handed to the kernel for passthrough, per inode, with the number of
+    /// handles using each: one backing id per inode while any of its handles is open (the
+    /// kernel reads through it; dropping it closes it).
+    backing: std::sync::Arc<BackingMap>,
 }
 
 impl FuseAdapter {
@@ -40,8 +44,54 @@ impl FuseAdapter {
             rt,
             ttl,
             no_opendir: false,
+            backing: Default::default(),
         }
     }
+}
+
+type BackingMap =
+    std::sync::Mutex<std::collections::HashMap<u64, (std::sync::Arc<fuser::BackingId>, u32)>>;
+
+/// Answers an open: with passthrough through the inode's backing id (made from this open's
+/// file if the inode has none yet), or served by us. A kernel that refuses the backing file
+/// (no CAP_SYS_ADMIN: a non-root mount) turns passthrough off for the mount, and this open
+/// is served by us.
+fn reply_open(fs: &Fs, backing: &BackingMap, ino: u64, o: crate::read::Opened, reply: ReplyOpen) {
+    if let Some(file) = o.backing {
+        let mut map = backing.lock().unwrap();
+        let id = match map.get_mut(&ino) {
+            Some((id, n)) => {
+                *n += 1;
+                Some(id.clone())
+            }
+            None => match reply.open_backing(&file) {
+                Ok(id) => {
+                    let id = std::sync::Arc::new(id);
+                    map.insert(ino, (id.clone(), 1));
+                    Some(id)
+                }
+                Err(e) => {
+                    tracing::info!(
+                        "kernel refused a passthrough backing file ({e}): cached files are \
+                         served by physiofs (passthrough needs a root mount on Linux 6.9+)"
+                    );
+                    fs.reader().disable_passthrough();
+                    fs.reader().demote(o.fh);
+                    None
+                }
+            },
+        };
+        if let Some(id) = id {
+            reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
+            return;
+        }
+    }
+    let flags = if fs.keep_cache(ino) {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
+    };
+    reply.opened(FileHandle(o.fh), flags);
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -211,6 +261,17 @@ impl Filesystem for FuseAdapter {
         {
             tracing::debug!("kernel lacks READDIRPLUS");
         }
+        // Complete objects of the disk tier are read by the kernel from their backing file.
+        if self.fs.reader().passthrough() {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(2).is_ok();
+            if !ok {
+                tracing::info!(
+                    "kernel lacks FUSE passthrough: cached files are served by physiofs"
+                );
+                self.fs.reader().disable_passthrough();
+            }
+        }
         // Lookups and readdirs in one directory may run at once.
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         if config
@@ -252,6 +313,17 @@ impl Filesystem for FuseAdapter {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY
             || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
+        if self.fs.reader().passthrough() {
+            // May read the cached file back whole to check it: not on the FUSE thread.
+            let (fs, backing) = (self.fs.clone(), self.backing.clone());
+            self.rt.spawn(async move {
+                match fs.open_for_kernel(ino.0, write).await {
+                    Ok(o) => reply_open(&fs, &backing, ino.0, o, reply),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            });
+            return;
+        }
         match self.fs.open(ino.0, write) {
             // Objects are immutable per generation: keep the page cache across opens (unless
             // bytes of this file failed their checksum: then this open drops the kernel's copy).
@@ -293,14 +365,22 @@ impl Filesystem for FuseAdapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
+        if self.fs.release(fh.0) == Some(crate::read::OpenMode::Passthrough) {
+            let mut backing = self.backing.lock().unwrap();
+            if let Some((_, n)) = backing.get_mut(&ino.0) {
+                *n -= 1;
+                if *n == 0 {
+                    backing.remove(&ino.0);
+                }
+            }
+        }
         reply.ok();
     }
 

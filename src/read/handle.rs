@@ -27,7 +27,7 @@ pub enum OpenMode {
 pub struct Handle {
     pub ino: Ino,
     pub object: Object,
-    pub mode: OpenMode,
+    pub mode: Mutex<OpenMode>,
     pub readahead: Mutex<Readahead>,
     /// Checks the bytes this handle serves against the object's CRC32C (None without one, or
     /// once decided).
@@ -45,7 +45,7 @@ impl Handle {
             ino,
             verifier: Mutex::new(object.crc32c.map(|c| Verifier::new(c, object.size))),
             object,
-            mode,
+            mode: Mutex::new(mode),
             readahead: Mutex::new(readahead),
             poisoned: AtomicBool::new(false),
             finished: AtomicBool::new(false),
@@ -81,7 +81,8 @@ impl Handles {
     /// Adds a handle and returns its number.
     pub fn insert(&mut self, h: Arc<Handle>) -> u64 {
         self.next += 1;
-        *self.by_ino.entry(h.ino).or_default().count(h.mode) += 1;
+        let mode = *h.mode.lock().unwrap();
+        *self.by_ino.entry(h.ino).or_default().count(mode) += 1;
         self.by_fh.insert(self.next, h);
         self.next
     }
@@ -92,14 +93,29 @@ impl Handles {
 
     pub fn remove(&mut self, fh: u64) -> Option<Arc<Handle>> {
         let h = self.by_fh.remove(&fh)?;
+        let mode = *h.mode.lock().unwrap();
         if let Some(o) = self.by_ino.get_mut(&h.ino) {
-            let c = o.count(h.mode);
+            let c = o.count(mode);
             *c = c.saturating_sub(1);
             if *o == InodeOpens::default() {
                 self.by_ino.remove(&h.ino);
             }
         }
         Some(h)
+    }
+
+    /// Handle `fh` is served by physiofs after all (the kernel refused its backing file).
+    pub fn demote(&mut self, fh: u64) {
+        let Some(h) = self.by_fh.get(&fh) else {
+            return;
+        };
+        let mut mode = h.mode.lock().unwrap();
+        if *mode == OpenMode::Passthrough {
+            *mode = OpenMode::Served;
+            let o = self.by_ino.entry(h.ino).or_default();
+            o.passthrough = o.passthrough.saturating_sub(1);
+            o.served += 1;
+        }
     }
 
     /// Handles open on `ino` now.
@@ -146,6 +162,16 @@ mod tests {
         t.remove(b);
         t.remove(c);
         assert!(!t.is_open(5) && !t.is_open(6));
+        let d = t.insert(handle(7, OpenMode::Passthrough));
+        t.demote(d);
+        assert_eq!(
+            t.on_inode(7),
+            InodeOpens {
+                served: 1,
+                passthrough: 0
+            }
+        );
+        t.remove(d);
         // A handle removed twice changes nothing.
         assert!(t.remove(b).is_none());
         assert_eq!(t.on_inode(5), InodeOpens::default());

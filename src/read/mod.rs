@@ -26,7 +26,7 @@ pub mod verify;
 pub mod walk;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -35,8 +35,10 @@ use crate::client::ObjectClient;
 use crate::error::FsError;
 use crate::inode::Ino;
 pub use cache::{Block, BlockCache, BlockKey, MemoryCache};
+use disk::DiskCache;
 pub use fetch::{Fetcher, Object};
-use handle::{Handle, Handles, InodeOpens, OpenMode};
+pub use handle::OpenMode;
+use handle::{Handle, Handles, InodeOpens};
 use readahead::Readahead;
 use verify::Verdict;
 use walk::{Walk, WholeReaders};
@@ -64,6 +66,8 @@ pub struct ReadStats {
     pub verify_failures: AtomicU64,
     /// Files fetched before they were opened (`ReadConfig::next_files`).
     pub files_prefetched: AtomicU64,
+    /// Opens answered with a backing file the kernel reads directly (no read reaches us).
+    pub passthrough_opens: AtomicU64,
 }
 
 /// What the read path needs to know of the tree: which files follow a file in key order, and
@@ -94,6 +98,17 @@ pub struct ReadPath {
     suspect: Mutex<HashSet<Ino>>,
     walk: Mutex<Walk>,
     whole_readers: WholeReaders,
+    /// The persistent tier, whose complete objects can be opened with passthrough.
+    disk: Option<Arc<DiskCache>>,
+    /// Passthrough opens are offered (a disk tier, the flag, and the kernel agreed).
+    passthrough: AtomicBool,
+}
+
+/// A file opened for the kernel: its handle, and the backing file when the kernel is to read
+/// that directly (passthrough).
+pub struct Opened {
+    pub fh: u64,
+    pub backing: Option<std::fs::File>,
 }
 
 impl ReadPath {
@@ -119,7 +134,31 @@ impl ReadPath {
             suspect: Mutex::default(),
             walk: Mutex::default(),
             whole_readers: WholeReaders::default(),
+            disk: None,
+            passthrough: AtomicBool::new(false),
         }
+    }
+
+    /// Adds the persistent tier (the same one the cache holds) and whether complete objects
+    /// on it may be opened with passthrough.
+    pub fn with_disk(mut self, disk: Option<Arc<DiskCache>>, passthrough: bool) -> Self {
+        self.passthrough = AtomicBool::new(passthrough && disk.is_some());
+        self.disk = disk;
+        self
+    }
+
+    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+        self.disk.as_ref()
+    }
+
+    /// Whether opens may be answered with passthrough.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Passthrough is off from now on (the kernel refused it: not root, or no support).
+    pub fn disable_passthrough(&self) {
+        self.passthrough.store(false, Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> &ReadStats {
@@ -157,6 +196,45 @@ impl ReadPath {
         }
     }
 
+    /// Opens file `ino` for the kernel: with passthrough when its object version is complete
+    /// on disk and checked whole (and no handle on the inode is served by us: the kernel
+    /// cannot mix the two on one inode), else served by us.
+    pub async fn open_for_kernel(&self, ino: Ino, object: Object) -> Opened {
+        if let Some(disk) = self.disk.clone()
+            && self.passthrough()
+            && self.opens(ino).served == 0
+        {
+            let o = object.clone();
+            let file = tokio::task::spawn_blocking(move || disk.verified_file(&o))
+                .await
+                .ok()
+                .flatten();
+            if let Some(file) = file {
+                let mut handles = self.handles.lock().unwrap();
+                if handles.on_inode(ino).served == 0 {
+                    let h = Handle::new(ino, object, OpenMode::Passthrough, self.readahead_for());
+                    let fh = handles.insert(Arc::new(h));
+                    self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                    return Opened {
+                        fh,
+                        backing: Some(file),
+                    };
+                }
+            }
+        }
+        Opened {
+            fh: self.open(ino, object),
+            backing: None,
+        }
+    }
+
+    /// Handle `fh` was opened for passthrough but the kernel refused the backing file: it is
+    /// served by us instead.
+    pub fn demote(&self, fh: u64) {
+        self.handles.lock().unwrap().demote(fh);
+        self.stats.passthrough_opens.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Handles open on `ino`, by mode.
     pub fn opens(&self, ino: Ino) -> InodeOpens {
         self.handles.lock().unwrap().on_inode(ino)
@@ -168,8 +246,10 @@ impl ReadPath {
         handles.get(fh).map(|h| h.object.clone())
     }
 
-    pub fn release(&self, fh: u64) {
+    /// Closes handle `fh`; returns how it was served (None for an unknown handle).
+    pub fn release(&self, fh: u64) -> Option<OpenMode> {
         let h = self.handles.lock().unwrap().remove(fh);
+        let mode = h.as_ref().map(|h| *h.mode.lock().unwrap());
         // A big object closed before its end, after reading some of it: not a whole-file
         // reader (a header scan, a random reader).
         if let Some(h) = h
@@ -179,6 +259,7 @@ impl ReadPath {
         {
             self.whole_readers.closed_early();
         }
+        mode
     }
 
     /// Whether the kernel may keep its page cache for `ino` across opens: yes, unless bytes
