@@ -104,24 +104,45 @@ impl<'a> Backoff<'a> {
 
     /// After attempt `self.attempt` failed with `e`: the sleep before the next, or None to give up.
     fn next_delay(&self, e: &ClientError, retry_after: Option<Duration>) -> Option<Duration> {
-        if !e.is_transient()
-            || self.attempt >= self.cfg.max_attempts
-            || self.since.elapsed() >= self.cfg.deadline
-        {
-            return None;
-        }
-        let cap = self
-            .cfg
-            .base_delay
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.cfg.max_delay);
-        let mut delay = cap.mul_f64(fastrand::f64());
-        if let Some(ra) = retry_after {
-            delay = delay.max(ra.min(self.cfg.max_delay));
-        }
-        // Never sleep past the deadline.
-        Some(delay.min(self.cfg.deadline.saturating_sub(self.since.elapsed())))
+        backoff_delay(
+            self.cfg,
+            self.attempt,
+            self.since.elapsed(),
+            e.is_transient(),
+            retry_after,
+            fastrand::f64(),
+        )
     }
+}
+
+/// The retry policy as a pure function: after `attempt` attempts (1 = the first one) of a
+/// streak that began `elapsed` ago have failed, the sleep before the next, or None to give up
+/// (the failure is not `transient`, or the attempts or the deadline are used up).
+///
+/// Exponential backoff with full jitter: the sleep is `jitter` (uniform in `[0, 1)`) times a
+/// cap of `base_delay * 2^attempt`, at most `max_delay`. A server's `Retry-After` raises it
+/// (to at most `max_delay`), and no sleep reaches past the deadline.
+fn backoff_delay(
+    cfg: &RetryConfig,
+    attempt: u32,
+    elapsed: Duration,
+    transient: bool,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Option<Duration> {
+    if !transient || attempt >= cfg.max_attempts || elapsed >= cfg.deadline {
+        return None;
+    }
+    let cap = cfg
+        .base_delay
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(cfg.max_delay);
+    let mut delay = cap.mul_f64(jitter);
+    if let Some(ra) = retry_after {
+        delay = delay.max(ra.min(cfg.max_delay));
+    }
+    // Never sleep past the deadline.
+    Some(delay.min(cfg.deadline.saturating_sub(elapsed)))
 }
 
 #[derive(Clone, Debug)]
@@ -901,6 +922,147 @@ mod tests {
             empty.next_page_token, None,
             "an empty token ends the listing"
         );
+    }
+
+    /// The retry policy, driven by a seeded jitter source and a virtual clock.
+    mod backoff {
+        use super::super::*;
+
+        fn cfg() -> RetryConfig {
+            RetryConfig {
+                max_attempts: 10,
+                base_delay: Duration::from_millis(100),
+                max_delay: Duration::from_secs(8),
+                deadline: Duration::from_secs(60),
+            }
+        }
+
+        const MS: Duration = Duration::from_millis(1);
+
+        fn delay(c: &RetryConfig, attempt: u32, elapsed_ms: u64, jitter: f64) -> Option<Duration> {
+            backoff_delay(
+                c,
+                attempt,
+                Duration::from_millis(elapsed_ms),
+                true,
+                None,
+                jitter,
+            )
+        }
+
+        /// With the jitter at its top, the sleep is the cap: base * 2^attempt up to max_delay.
+        #[test]
+        fn caps_grow_exponentially_up_to_max_delay() {
+            let c = cfg();
+            let top = 1.0 - f64::EPSILON;
+            let caps: Vec<u64> = (1..10)
+                .map(|a| (delay(&c, a, 0, top).unwrap().as_secs_f64() * 1000.0).round() as u64)
+                .collect();
+            assert_eq!(caps, [200, 400, 800, 1600, 3200, 6400, 8000, 8000, 8000]);
+            // A huge attempt number neither overflows nor passes the cap.
+            let mut c2 = c.clone();
+            c2.max_attempts = u32::MAX;
+            assert_eq!(delay(&c2, 1_000, 0, top).unwrap().as_millis(), 8000);
+        }
+
+        /// Full jitter: every sleep is in [0, cap), and a seeded run covers that range.
+        #[test]
+        fn jitter_stays_within_zero_and_the_cap() {
+            let c = cfg();
+            let mut rng = fastrand::Rng::with_seed(42);
+            for attempt in 1..10 {
+                let cap = delay(&c, attempt, 0, 1.0).unwrap();
+                let samples: Vec<Duration> = (0..500)
+                    .map(|_| delay(&c, attempt, 0, rng.f64()).unwrap())
+                    .collect();
+                assert!(samples.iter().all(|d| *d < cap), "attempt {attempt}");
+                let (lo, hi) = (samples.iter().min().unwrap(), samples.iter().max().unwrap());
+                assert!(
+                    *lo < cap / 10 && *hi > cap * 9 / 10,
+                    "{lo:?}..{hi:?} of {cap:?}"
+                );
+            }
+            assert_eq!(delay(&c, 3, 0, 0.0), Some(Duration::ZERO));
+            assert_eq!(delay(&c, 3, 0, 0.5), Some(400 * MS));
+        }
+
+        #[test]
+        fn retry_after_is_a_floor_capped_by_max_delay() {
+            let c = cfg();
+            let ra = |secs, jitter| {
+                backoff_delay(
+                    &c,
+                    1,
+                    Duration::ZERO,
+                    true,
+                    Some(Duration::from_secs(secs)),
+                    jitter,
+                )
+                .unwrap()
+            };
+            // The server asks for more than the jitter drew: the server wins.
+            assert_eq!(ra(3, 0.0), Duration::from_secs(3));
+            assert_eq!(ra(3, 0.99), Duration::from_secs(3));
+            // Never longer than max_delay, whatever the server says.
+            assert_eq!(ra(3600, 0.5), Duration::from_secs(8));
+            // A Retry-After shorter than the drawn sleep changes nothing.
+            let late = backoff_delay(&c, 6, Duration::ZERO, true, Some(MS), 0.5).unwrap();
+            assert_eq!(late, 3200 * MS);
+        }
+
+        #[test]
+        fn deadline_attempts_and_permanent_errors_stop_retries() {
+            let c = cfg();
+            assert_eq!(delay(&c, 1, 60_000, 0.5), None, "deadline reached");
+            assert_eq!(delay(&c, 1, 70_000, 0.5), None, "deadline passed");
+            // Close to the deadline the sleep is cut to what is left.
+            assert_eq!(delay(&c, 7, 59_990, 0.9), Some(10 * MS));
+            let ra = Some(Duration::from_secs(5));
+            assert_eq!(
+                backoff_delay(&c, 1, 59_000 * MS, true, ra, 0.0),
+                Some(1000 * MS)
+            );
+            assert_eq!(delay(&c, 10, 0, 0.5), None, "max_attempts used");
+            assert!(delay(&c, 9, 0, 0.5).is_some());
+            assert_eq!(backoff_delay(&c, 1, Duration::ZERO, false, ra, 0.5), None);
+        }
+
+        /// A whole retry loop on a virtual clock (each attempt costs 50 ms, then the sleep):
+        /// it gives up at the deadline or at max_attempts, whichever comes first, and never
+        /// sleeps past the deadline.
+        #[test]
+        fn a_retry_loop_ends_by_its_budget() {
+            let run = |c: &RetryConfig, seed| {
+                let mut rng = fastrand::Rng::with_seed(seed);
+                let (mut clock, mut attempts) = (Duration::ZERO, 0u32);
+                loop {
+                    attempts += 1;
+                    clock += 50 * MS;
+                    match backoff_delay(c, attempts, clock, true, None, rng.f64()) {
+                        Some(d) => {
+                            clock += d;
+                            assert!(clock <= c.deadline, "slept past the deadline: {clock:?}");
+                        }
+                        None => return (attempts, clock),
+                    }
+                }
+            };
+            for seed in 0..50 {
+                let (n, _) = run(&cfg(), seed);
+                assert_eq!(n, 10, "a 60 s deadline outlasts 10 attempts (seed {seed})");
+                let short = RetryConfig {
+                    max_attempts: 1000,
+                    deadline: Duration::from_secs(5),
+                    ..cfg()
+                };
+                let (n, clock) = run(&short, seed);
+                assert!(n < 1000 && n > 3, "seed {seed}: {n} attempts");
+                assert!(clock >= short.deadline && clock <= short.deadline + 50 * MS);
+            }
+            // The default and mount-time policies keep their promises too.
+            let (n, _) = run(&RetryConfig::startup(), 1);
+            assert_eq!(n, RetryConfig::startup().max_attempts);
+        }
     }
 
     mod fuzz {
