@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod failure;
 pub mod fake;
 pub mod gcs;
 pub mod pool;

@@ -1,7 +1,14 @@
-//! An in-memory object store with GCS listing semantics and request counters, for unit tests
-//! of the core without a kernel or a network.
+//! An in-memory object store with request counters and fault hooks, for unit tests of the
+//! core without a kernel or a network.
+//!
+//! Listings are answered by the testbed's own listing function ([`listing::list_sorted`]), so
+//! paging, delimiters, offsets and page tokens behave here exactly as they do over HTTP
+//! against the testbed, which in turn is checked against fake-gcs-server and GCS's documented
+//! behaviour (tests/testbed_conformance.rs). Faults beyond `fail_next` are injected by
+//! wrapping this client in [`super::failure::FailureClient`].
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -10,12 +17,31 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta, ObjectVersion};
+use crate::testbed::listing::{self, ListError, ListParams, Named};
+
+impl Named for ObjectMeta {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The client's listing request as the listing function takes it.
+fn params(r: &ListRequest) -> ListParams {
+    ListParams {
+        prefix: r.prefix.clone(),
+        delimiter: r.delimiter.clone(),
+        page_token: r.page_token.clone(),
+        max_results: r.max_results.map(|m| m as usize),
+        start_offset: r.start_offset.clone(),
+        end_offset: r.end_offset.clone(),
+    }
+}
 
 #[derive(Default)]
 pub struct FakeClient {
     bucket: String,
     objects: Mutex<BTreeMap<String, (ObjectMeta, Bytes)>>,
-    /// Page size cap, like GCS's 1,000.
+    /// Page size cap, like GCS's 1,000 (`listing::MAX_PAGE`).
     pub page_cap: usize,
     pub list_calls: AtomicU64,
     pub stat_calls: AtomicU64,
@@ -28,7 +54,7 @@ impl FakeClient {
     pub fn new(bucket: &str) -> Self {
         FakeClient {
             bucket: bucket.to_string(),
-            page_cap: 1000,
+            page_cap: listing::MAX_PAGE,
             ..Default::default()
         }
     }
@@ -89,52 +115,28 @@ impl ObjectClient for FakeClient {
         self.list_calls.fetch_add(1, Ordering::Relaxed);
         self.injected()?;
         let objects = self.objects.lock().unwrap();
-        let cap = req
-            .max_results
-            .map_or(self.page_cap, |m| (m as usize).min(self.page_cap));
-        let mut start = req.prefix.clone();
-        if let Some(s) = &req.start_offset {
-            start = start.max(s.clone());
-        }
-        // The page token is the last name (or prefix) returned; continue strictly after it.
-        let after = req.page_token.clone();
-        let mut page = ListPage::default();
-        let mut last = None;
-        for (name, (meta, _)) in objects.range(start..) {
-            if !name.starts_with(&req.prefix) {
-                break;
-            }
-            if req.end_offset.as_ref().is_some_and(|e| name >= e) {
-                break;
-            }
-            let entry = match &req.delimiter {
-                Some(d) => match name[req.prefix.len()..].find(d.as_str()) {
-                    Some(i) => Err(name[..req.prefix.len() + i + d.len()].to_string()),
-                    None => Ok(meta),
+        let from = |start: &str, n: usize| {
+            Some(
+                objects
+                    .range::<str, _>((Bound::Included(start), Bound::Unbounded))
+                    .take(n)
+                    .map(|(_, (meta, _))| meta.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let page =
+            listing::list_sorted(from, &params(req), self.page_cap).map_err(|e| match e {
+                ListError::BadPageToken => ClientError::Http {
+                    status: 400,
+                    message: format!("Invalid page token {:?}.", req.page_token),
                 },
-                None => Ok(meta),
-            };
-            let key = match &entry {
-                Ok(m) => m.name.clone(),
-                Err(p) => p.clone(),
-            };
-            if after.as_ref().is_some_and(|a| key <= *a) {
-                continue;
-            }
-            if last.as_ref() == Some(&key) {
-                continue;
-            }
-            if page.items.len() + page.prefixes.len() == cap {
-                page.next_page_token = last.clone();
-                break;
-            }
-            match entry {
-                Ok(m) => page.items.push(m.clone()),
-                Err(p) => page.prefixes.push(p),
-            }
-            last = Some(key);
-        }
-        Ok(page)
+                ListError::NoSuchBucket => ClientError::NotFound(self.bucket.clone()),
+            })?;
+        Ok(ListPage {
+            items: page.items,
+            prefixes: page.prefixes,
+            next_page_token: page.next_page_token,
+        })
     }
 
     async fn stat(&self, name: &str) -> Result<ObjectMeta, ClientError> {
@@ -201,5 +203,36 @@ mod tests {
         assert_eq!(c.list_calls.load(Ordering::Relaxed), 2);
         let flat = list_all(&c, &ListRequest::default()).await.unwrap();
         assert_eq!(flat.items.len(), 7);
+    }
+
+    #[tokio::test]
+    async fn page_tokens_are_the_testbeds() {
+        let c = FakeClient::new("b").with_page_cap(2);
+        for n in ["a", "b", "c"] {
+            c.put(n, "x");
+        }
+        let first = c.list_page(&ListRequest::default()).await.unwrap();
+        let tok = first.next_page_token.expect("a second page");
+        // The same token the testbed hands out over HTTP for the same set.
+        let mut m = crate::testbed::MemSource::new();
+        for n in ["a", "b", "c"] {
+            m.insert("b", n, &b"x"[..]);
+        }
+        let over_http = listing::list(
+            &m,
+            "b",
+            &ListParams {
+                max_results: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(over_http.next_page_token.as_deref(), Some(tok.as_str()));
+        let bad = ListRequest {
+            page_token: Some("not base64 !".into()),
+            ..Default::default()
+        };
+        let e = c.list_page(&bad).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{e}");
     }
 }

@@ -104,24 +104,45 @@ impl<'a> Backoff<'a> {
 
     /// After attempt `self.attempt` failed with `e`: the sleep before the next, or None to give up.
     fn next_delay(&self, e: &ClientError, retry_after: Option<Duration>) -> Option<Duration> {
-        if !e.is_transient()
-            || self.attempt >= self.cfg.max_attempts
-            || self.since.elapsed() >= self.cfg.deadline
-        {
-            return None;
-        }
-        let cap = self
-            .cfg
-            .base_delay
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.cfg.max_delay);
-        let mut delay = cap.mul_f64(fastrand::f64());
-        if let Some(ra) = retry_after {
-            delay = delay.max(ra.min(self.cfg.max_delay));
-        }
-        // Never sleep past the deadline.
-        Some(delay.min(self.cfg.deadline.saturating_sub(self.since.elapsed())))
+        backoff_delay(
+            self.cfg,
+            self.attempt,
+            self.since.elapsed(),
+            e.is_transient(),
+            retry_after,
+            fastrand::f64(),
+        )
     }
+}
+
+/// The retry policy as a pure function: after `attempt` attempts (1 = the first one) of a
+/// streak that began `elapsed` ago have failed, the sleep before the next, or None to give up
+/// (the failure is not `transient`, or the attempts or the deadline are used up).
+///
+/// Exponential backoff with full jitter: the sleep is `jitter` (uniform in `[0, 1)`) times a
+/// cap of `base_delay * 2^attempt`, at most `max_delay`. A server's `Retry-After` raises it
+/// (to at most `max_delay`), and no sleep reaches past the deadline.
+fn backoff_delay(
+    cfg: &RetryConfig,
+    attempt: u32,
+    elapsed: Duration,
+    transient: bool,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Option<Duration> {
+    if !transient || attempt >= cfg.max_attempts || elapsed >= cfg.deadline {
+        return None;
+    }
+    let cap = cfg
+        .base_delay
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(cfg.max_delay);
+    let mut delay = cap.mul_f64(jitter);
+    if let Some(ra) = retry_after {
+        delay = delay.max(ra.min(cfg.max_delay));
+    }
+    // Never sleep past the deadline.
+    Some(delay.min(cfg.deadline.saturating_sub(elapsed)))
 }
 
 #[derive(Clone, Debug)]
@@ -901,6 +922,782 @@ mod tests {
             empty.next_page_token, None,
             "an empty token ends the listing"
         );
+    }
+
+    /// The retry policy, driven by a seeded jitter source and a virtual clock.
+    mod backoff {
+        use super::super::*;
+
+        fn cfg() -> RetryConfig {
+            RetryConfig {
+                max_attempts: 10,
+                base_delay: Duration::from_millis(100),
+                max_delay: Duration::from_secs(8),
+                deadline: Duration::from_secs(60),
+            }
+        }
+
+        const MS: Duration = Duration::from_millis(1);
+
+        fn delay(c: &RetryConfig, attempt: u32, elapsed_ms: u64, jitter: f64) -> Option<Duration> {
+            backoff_delay(
+                c,
+                attempt,
+                Duration::from_millis(elapsed_ms),
+                true,
+                None,
+                jitter,
+            )
+        }
+
+        /// With the jitter at its top, the sleep is the cap: base * 2^attempt up to max_delay.
+        #[test]
+        fn caps_grow_exponentially_up_to_max_delay() {
+            let c = cfg();
+            let top = 1.0 - f64::EPSILON;
+            let caps: Vec<u64> = (1..10)
+                .map(|a| (delay(&c, a, 0, top).unwrap().as_secs_f64() * 1000.0).round() as u64)
+                .collect();
+            assert_eq!(caps, [200, 400, 800, 1600, 3200, 6400, 8000, 8000, 8000]);
+            // A huge attempt number neither overflows nor passes the cap.
+            let mut c2 = c.clone();
+            c2.max_attempts = u32::MAX;
+            assert_eq!(delay(&c2, 1_000, 0, top).unwrap().as_millis(), 8000);
+        }
+
+        /// Full jitter: every sleep is in [0, cap), and a seeded run covers that range.
+        #[test]
+        fn jitter_stays_within_zero_and_the_cap() {
+            let c = cfg();
+            let mut rng = fastrand::Rng::with_seed(42);
+            for attempt in 1..10 {
+                let cap = delay(&c, attempt, 0, 1.0).unwrap();
+                let samples: Vec<Duration> = (0..500)
+                    .map(|_| delay(&c, attempt, 0, rng.f64()).unwrap())
+                    .collect();
+                assert!(samples.iter().all(|d| *d < cap), "attempt {attempt}");
+                let (lo, hi) = (samples.iter().min().unwrap(), samples.iter().max().unwrap());
+                assert!(
+                    *lo < cap / 10 && *hi > cap * 9 / 10,
+                    "{lo:?}..{hi:?} of {cap:?}"
+                );
+            }
+            assert_eq!(delay(&c, 3, 0, 0.0), Some(Duration::ZERO));
+            assert_eq!(delay(&c, 3, 0, 0.5), Some(400 * MS));
+        }
+
+        #[test]
+        fn retry_after_is_a_floor_capped_by_max_delay() {
+            let c = cfg();
+            let ra = |secs, jitter| {
+                backoff_delay(
+                    &c,
+                    1,
+                    Duration::ZERO,
+                    true,
+                    Some(Duration::from_secs(secs)),
+                    jitter,
+                )
+                .unwrap()
+            };
+            // The server asks for more than the jitter drew: the server wins.
+            assert_eq!(ra(3, 0.0), Duration::from_secs(3));
+            assert_eq!(ra(3, 0.99), Duration::from_secs(3));
+            // Never longer than max_delay, whatever the server says.
+            assert_eq!(ra(3600, 0.5), Duration::from_secs(8));
+            // A Retry-After shorter than the drawn sleep changes nothing.
+            let late = backoff_delay(&c, 6, Duration::ZERO, true, Some(MS), 0.5).unwrap();
+            assert_eq!(late, 3200 * MS);
+        }
+
+        #[test]
+        fn deadline_attempts_and_permanent_errors_stop_retries() {
+            let c = cfg();
+            assert_eq!(delay(&c, 1, 60_000, 0.5), None, "deadline reached");
+            assert_eq!(delay(&c, 1, 70_000, 0.5), None, "deadline passed");
+            // Close to the deadline the sleep is cut to what is left.
+            assert_eq!(delay(&c, 7, 59_990, 0.9), Some(10 * MS));
+            let ra = Some(Duration::from_secs(5));
+            assert_eq!(
+                backoff_delay(&c, 1, 59_000 * MS, true, ra, 0.0),
+                Some(1000 * MS)
+            );
+            assert_eq!(delay(&c, 10, 0, 0.5), None, "max_attempts used");
+            assert!(delay(&c, 9, 0, 0.5).is_some());
+            assert_eq!(backoff_delay(&c, 1, Duration::ZERO, false, ra, 0.5), None);
+        }
+
+        /// A whole retry loop on a virtual clock (each attempt costs 50 ms, then the sleep):
+        /// it gives up at the deadline or at max_attempts, whichever comes first, and never
+        /// sleeps past the deadline.
+        #[test]
+        fn a_retry_loop_ends_by_its_budget() {
+            let run = |c: &RetryConfig, seed| {
+                let mut rng = fastrand::Rng::with_seed(seed);
+                let (mut clock, mut attempts) = (Duration::ZERO, 0u32);
+                loop {
+                    attempts += 1;
+                    clock += 50 * MS;
+                    match backoff_delay(c, attempts, clock, true, None, rng.f64()) {
+                        Some(d) => {
+                            clock += d;
+                            assert!(clock <= c.deadline, "slept past the deadline: {clock:?}");
+                        }
+                        None => return (attempts, clock),
+                    }
+                }
+            };
+            for seed in 0..50 {
+                let (n, _) = run(&cfg(), seed);
+                assert_eq!(n, 10, "a 60 s deadline outlasts 10 attempts (seed {seed})");
+                let short = RetryConfig {
+                    max_attempts: 1000,
+                    deadline: Duration::from_secs(5),
+                    ..cfg()
+                };
+                let (n, clock) = run(&short, seed);
+                assert!(n < 1000 && n > 3, "seed {seed}: {n} attempts");
+                assert!(clock >= short.deadline && clock <= short.deadline + 50 * MS);
+            }
+            // The default and mount-time policies keep their promises too.
+            let (n, _) = run(&RetryConfig::startup(), 1);
+            assert_eq!(n, RetryConfig::startup().max_attempts);
+        }
+    }
+
+    /// `GcsClient` against the in-process testbed, one test per fault knob: what the client
+    /// returns and what its counters say (retries, resumes, checksum mismatches, bytes), next
+    /// to what the testbed says it injected. Counts and outcomes only; stall timeouts are short
+    /// and backoff sleeps are capped at a few milliseconds so the whole module runs in seconds.
+    mod against_testbed {
+        use super::super::*;
+        use crate::client::list_all;
+        use crate::testbed::{
+            self, KnobsUpdate, MemSource, StatsSnapshot, TestbedHandle, TestbedOptions,
+        };
+
+        const BUCKET: &str = "bkt";
+        /// Big enough for mid-body faults to fall after several chunks (the testbed sends
+        /// 256 KiB ones), odd so no range is aligned.
+        const BIG: usize = (2 << 20) + 123;
+        const BIG_NAME: &str = "dir/big.bin";
+        const SMALL_NAME: &str = "dir/small.txt";
+
+        fn content(len: usize, seed: u64) -> Vec<u8> {
+            let mut st = seed;
+            let mut v = Vec::with_capacity(len + 8);
+            while v.len() < len {
+                st = st
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                v.extend_from_slice(&(st >> 16).to_le_bytes());
+            }
+            v.truncate(len);
+            v
+        }
+
+        struct Bed {
+            server: TestbedHandle,
+            big: Vec<u8>,
+        }
+
+        async fn bed(opts: TestbedOptions) -> Bed {
+            let big = content(BIG, 7);
+            let mut m = MemSource::new();
+            m.insert(BUCKET, BIG_NAME, big.clone());
+            m.insert(BUCKET, SMALL_NAME, &b"small object"[..]);
+            for i in 0..5 {
+                m.insert(BUCKET, &format!("list/{i}"), &b"x"[..]);
+            }
+            let server = testbed::start(opts, Arc::new(m)).await.unwrap();
+            Bed { server, big }
+        }
+
+        fn retry(max_attempts: u32) -> RetryConfig {
+            RetryConfig {
+                max_attempts,
+                base_delay: Duration::from_millis(1),
+                // Also the cap on the testbed's `Retry-After: 1`.
+                max_delay: Duration::from_millis(5),
+                deadline: Duration::from_secs(60),
+            }
+        }
+
+        struct Opts {
+            max_attempts: u32,
+            stall_timeout: Duration,
+            billing: Option<&'static str>,
+            tokens: TokenSource,
+        }
+
+        impl Default for Opts {
+            fn default() -> Self {
+                Opts {
+                    max_attempts: 20,
+                    // Long next to anything a healthy loopback answer takes.
+                    stall_timeout: Duration::from_secs(2),
+                    billing: None,
+                    tokens: TokenSource::Anonymous,
+                }
+            }
+        }
+
+        fn client(bed: &Bed, o: Opts) -> GcsClient {
+            GcsClient::new(
+                GcsConfig {
+                    endpoint: bed.server.endpoint(),
+                    bucket: BUCKET.into(),
+                    billing_project: o.billing.map(String::from),
+                    retry: retry(o.max_attempts),
+                    pool_size: 4,
+                    stall_timeout: o.stall_timeout,
+                },
+                o.tokens,
+            )
+            .unwrap()
+        }
+
+        fn version(m: &ObjectMeta) -> ObjectVersion<'_> {
+            ObjectVersion {
+                name: &m.name,
+                generation: m.generation,
+                size: m.size,
+                crc32c: m.crc32c,
+            }
+        }
+
+        fn n(c: &AtomicU64) -> u64 {
+            c.load(Ordering::Relaxed)
+        }
+
+        /// The big object's metadata, read before any fault is switched on.
+        async fn big_meta(bed: &Bed) -> ObjectMeta {
+            let m = client(bed, Opts::default()).stat(BIG_NAME).await.unwrap();
+            assert!(m.crc32c.is_some(), "the testbed lists a CRC32C");
+            m
+        }
+
+        /// Turns knobs on after the metadata was read; counters start from zero.
+        fn set(bed: &Bed, json: &str) {
+            let u: KnobsUpdate = serde_json::from_str(json).unwrap();
+            bed.server.update_knobs(&u).unwrap();
+            bed.server.reset_stats();
+        }
+
+        /// Reads the big object whole (one GET without Range) and in two ranges (206s), and
+        /// checks every byte. Returns the bytes asked for.
+        async fn read_big(c: &GcsClient, bed: &Bed, m: &ObjectMeta) -> u64 {
+            let whole = c.get_range(version(m), 0, m.size).await.unwrap();
+            assert!(whole[..] == bed.big[..], "whole read differs");
+            let mid = (BIG / 3) as u64;
+            let a = c.get_range(version(m), 10, mid).await.unwrap();
+            assert!(
+                a[..] == bed.big[10..mid as usize],
+                "range 10..{mid} differs"
+            );
+            let b = c.get_range(version(m), mid, m.size - 1).await.unwrap();
+            assert!(
+                b[..] == bed.big[mid as usize..BIG - 1],
+                "range {mid}.. differs"
+            );
+            m.size + (mid - 10) + (m.size - 1 - mid)
+        }
+
+        fn media(s: &StatsSnapshot) -> u64 {
+            s.requests.get_media
+        }
+
+        #[tokio::test]
+        async fn no_knobs_no_retries() {
+            let bed = bed(TestbedOptions::default()).await;
+            let m = big_meta(&bed).await;
+            let c = client(&bed, Opts::default());
+            let asked = read_big(&c, &bed, &m).await;
+            let page = list_all(
+                &c,
+                &ListRequest {
+                    prefix: "list/".into(),
+                    max_results: Some(2),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            assert_eq!(page.items.len(), 5);
+            assert_eq!(n(&c.stats.list_requests), 3);
+            assert_eq!(n(&c.stats.get_requests), 3);
+            assert_eq!(n(&c.stats.retries), 0);
+            assert_eq!(n(&c.stats.resumes), 0);
+            assert_eq!(n(&c.stats.bytes_fetched), asked);
+            assert_eq!(bed.server.stats().requests.get_media, 3);
+        }
+
+        /// 429 and 503 answers (half of them with `Retry-After: 1`, capped by max_delay) are
+        /// retried: every failure costs one retry and the reads come out right; when every
+        /// answer fails the client gives up after max_attempts with the server's status.
+        #[tokio::test]
+        async fn fail_rate_is_retried_then_given_up() {
+            let bed = bed(TestbedOptions {
+                seed: 3,
+                ..Default::default()
+            })
+            .await;
+            let m = big_meta(&bed).await;
+            let c = client(&bed, Opts::default());
+            set(&bed, r#"{"fail_rate":0.5}"#);
+            let asked = read_big(&c, &bed, &m).await;
+            for _ in 0..10 {
+                assert_eq!(c.stat(SMALL_NAME).await.unwrap().size, 12);
+            }
+            let page = list_all(
+                &c,
+                &ListRequest {
+                    prefix: "list/".into(),
+                    max_results: Some(2),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            assert_eq!(page.items.len(), 5);
+            let s = bed.server.stats();
+            let failures = s.faults.fail_429 + s.faults.fail_503;
+            assert!(
+                failures > 5,
+                "rate 0.5 over 16+ requests injected only {failures}"
+            );
+            assert_eq!(n(&c.stats.retries), failures);
+            let sent =
+                n(&c.stats.list_requests) + n(&c.stats.stat_requests) + n(&c.stats.get_requests);
+            assert_eq!(sent, 16 + failures);
+            assert_eq!(
+                sent,
+                s.requests.list + s.requests.get_meta + s.requests.get_media
+            );
+            assert_eq!(
+                n(&c.stats.bytes_fetched),
+                asked,
+                "failed answers carry no media bytes"
+            );
+
+            set(&bed, r#"{"fail_rate":1.0}"#);
+            let c = client(
+                &bed,
+                Opts {
+                    max_attempts: 4,
+                    ..Default::default()
+                },
+            );
+            let e = c.get_range(version(&m), 0, 100).await.unwrap_err();
+            assert!(matches!(e.status(), Some(429 | 503)), "{e}");
+            assert_eq!(n(&c.stats.retries), 3);
+            assert_eq!(media(&bed.server.stats()), 4);
+        }
+
+        /// A connection reset mid-body is retried from the first missing byte: every reset
+        /// costs one retry, no byte is fetched twice, the bytes are exact.
+        #[tokio::test]
+        async fn reset_rate_resumes() {
+            let bed = bed(TestbedOptions {
+                seed: 5,
+                ..Default::default()
+            })
+            .await;
+            let m = big_meta(&bed).await;
+            let c = client(&bed, Opts::default());
+            set(&bed, r#"{"reset_rate":0.5}"#);
+            let mut asked = 0;
+            for _ in 0..3 {
+                asked += read_big(&c, &bed, &m).await;
+            }
+            let s = bed.server.stats();
+            assert!(s.faults.reset > 2, "only {} resets", s.faults.reset);
+            assert_eq!(n(&c.stats.retries), s.faults.reset);
+            assert_eq!(n(&c.stats.get_requests), media(&s));
+            assert_eq!(media(&s), 9 + s.faults.reset);
+            // Bytes that arrived before a reset are kept (a reset may also drop some in
+            // flight, which the resumed request then asks for): none is fetched twice.
+            assert!(n(&c.stats.resumes) <= s.faults.reset);
+            assert_eq!(n(&c.stats.bytes_fetched), asked);
+        }
+
+        /// A body that ends early is resumed from its first missing byte: one retry and one
+        /// resume per truncation, and the bytes fetched add up to exactly what was asked.
+        #[tokio::test]
+        async fn truncate_rate_resumes_exactly() {
+            let bed = bed(TestbedOptions {
+                seed: 11,
+                ..Default::default()
+            })
+            .await;
+            let m = big_meta(&bed).await;
+            let c = client(&bed, Opts::default());
+            set(&bed, r#"{"truncate_rate":0.5}"#);
+            let mut asked = 0;
+            for _ in 0..3 {
+                asked += read_big(&c, &bed, &m).await;
+            }
+            let s = bed.server.stats();
+            assert!(
+                s.faults.truncate > 2,
+                "only {} truncations",
+                s.faults.truncate
+            );
+            assert_eq!(n(&c.stats.retries), s.faults.truncate);
+            assert_eq!(n(&c.stats.resumes), s.faults.truncate);
+            assert_eq!(media(&s), 9 + s.faults.truncate);
+            assert_eq!(n(&c.stats.bytes_fetched), asked);
+            assert_eq!(n(&c.stats.checksum_mismatches), 0);
+        }
+
+        /// A body that stops sending (for far longer than the stall timeout) is abandoned
+        /// after `stall_timeout` and resumed from its first missing byte.
+        #[tokio::test]
+        async fn stall_rate_times_out_and_resumes() {
+            let bed = bed(TestbedOptions {
+                seed: 2,
+                ..Default::default()
+            })
+            .await;
+            let m = big_meta(&bed).await;
+            let c = client(
+                &bed,
+                Opts {
+                    stall_timeout: Duration::from_millis(700),
+                    ..Default::default()
+                },
+            );
+            set(&bed, r#"{"stall_rate":0.5,"stall_duration":"10min"}"#);
+            let asked = read_big(&c, &bed, &m).await;
+            let s = bed.server.stats();
+            assert!(s.faults.stall >= 1, "no stall injected");
+            assert_eq!(n(&c.stats.retries), s.faults.stall);
+            assert_eq!(n(&c.stats.resumes), s.faults.stall);
+            assert_eq!(media(&s), 3 + s.faults.stall);
+            assert_eq!(n(&c.stats.bytes_fetched), asked);
+            bed.server.shutdown().await;
+        }
+
+        /// A flipped byte in a whole-object answer fails its CRC32C: counted, asked again
+        /// (whole), and the bytes come out right. Every answer corrupt: the client gives up
+        /// with the checksum error. A ranged answer has no checksum to check (GCS gives one
+        /// per object): its flipped byte goes through, which is why the filesystem checks
+        /// what each handle served against the object's CRC32C.
+        #[tokio::test]
+        async fn corrupt_rate_fails_whole_reads_crc_and_passes_ranges() {
+            let bed = bed(TestbedOptions {
+                seed: 4,
+                ..Default::default()
+            })
+            .await;
+            let m = big_meta(&bed).await;
+            let c = client(&bed, Opts::default());
+            set(&bed, r#"{"corrupt_rate":0.5}"#);
+            for _ in 0..6 {
+                let whole = c.get_range(version(&m), 0, m.size).await.unwrap();
+                assert!(whole[..] == bed.big[..]);
+            }
+            let s = bed.server.stats();
+            assert!(
+                s.faults.corrupt >= 2,
+                "only {} corruptions",
+                s.faults.corrupt
+            );
+            assert_eq!(n(&c.stats.checksum_mismatches), s.faults.corrupt);
+            assert_eq!(n(&c.stats.retries), s.faults.corrupt);
+            assert_eq!(
+                n(&c.stats.resumes),
+                0,
+                "a corrupt body is fetched again whole"
+            );
+            assert_eq!(n(&c.stats.bytes_fetched), m.size * (6 + s.faults.corrupt));
+
+            set(&bed, r#"{"corrupt_rate":1.0}"#);
+            let c = client(
+                &bed,
+                Opts {
+                    max_attempts: 3,
+                    ..Default::default()
+                },
+            );
+            let e = c.get_range(version(&m), 0, m.size).await.unwrap_err();
+            assert!(
+                matches!(e, ClientError::Interrupted(_)) && e.to_string().contains("CRC32C"),
+                "{e}"
+            );
+            assert_eq!(n(&c.stats.checksum_mismatches), 3);
+            let part = c.get_range(version(&m), 100, 200_100).await.unwrap();
+            let diffs = (0..part.len())
+                .filter(|&i| part[i] != bed.big[100 + i])
+                .count();
+            assert_eq!(diffs, 1, "one flipped byte, passed through unchecked");
+            assert_eq!(n(&c.stats.checksum_mismatches), 3);
+        }
+
+        /// First-byte latency under the stall timeout costs nothing; over it, each attempt
+        /// times out waiting for headers and the client gives up after max_attempts.
+        #[tokio::test]
+        async fn first_byte_latency_within_and_past_the_stall_timeout() {
+            let bed = bed(TestbedOptions::default()).await;
+            let m = big_meta(&bed).await;
+            let c = client(&bed, Opts::default());
+            set(&bed, r#"{"first_byte_latency":"50ms"}"#);
+            let asked = read_big(&c, &bed, &m).await;
+            assert_eq!(n(&c.stats.retries), 0);
+            assert_eq!(n(&c.stats.bytes_fetched), asked);
+
+            set(&bed, r#"{"first_byte_latency":"10min"}"#);
+            let c = client(
+                &bed,
+                Opts {
+                    max_attempts: 3,
+                    stall_timeout: Duration::from_millis(200),
+                    ..Default::default()
+                },
+            );
+            let e = c.stat(SMALL_NAME).await.unwrap_err();
+            assert!(
+                matches!(e, ClientError::Network { .. }) && e.to_string().contains("stall timeout"),
+                "{e}"
+            );
+            assert_eq!(n(&c.stats.retries), 2);
+            assert_eq!(n(&c.stats.stat_requests), 3);
+            assert_eq!(bed.server.stats().requests.get_meta, 3);
+            bed.server.shutdown().await;
+        }
+
+        /// Jittered latency below the stall timeout: no retries, exact bytes.
+        #[tokio::test]
+        async fn latency_jitter_below_the_stall_timeout() {
+            let bed = bed(TestbedOptions::default()).await;
+            let m = big_meta(&bed).await;
+            let c = client(&bed, Opts::default());
+            set(&bed, r#"{"latency_jitter":"80ms"}"#);
+            let asked = read_big(&c, &bed, &m).await;
+            for _ in 0..5 {
+                c.stat(SMALL_NAME).await.unwrap();
+            }
+            assert_eq!(n(&c.stats.retries), 0);
+            assert_eq!(n(&c.stats.bytes_fetched), asked);
+            assert_eq!(bed.server.stats().requests.get_meta, 5);
+        }
+
+        /// A bandwidth cap is only slower; a trickle whose next bytes take longer than the
+        /// stall timeout (4 KiB pieces 200 ms apart, 100 ms timeout) cannot finish in one
+        /// answer, and completes by resuming, never fetching a byte twice.
+        #[tokio::test]
+        async fn bandwidth_caps_and_a_trickle_resumes() {
+            let bed = bed(TestbedOptions::default()).await;
+            let m = big_meta(&bed).await;
+            let c = client(&bed, Opts::default());
+            set(&bed, r#"{"bandwidth":"16MB/s"}"#);
+            let whole = c.get_range(version(&m), 0, m.size).await.unwrap();
+            assert!(whole[..] == bed.big[..]);
+            assert_eq!(n(&c.stats.retries), 0);
+            assert_eq!(n(&c.stats.bytes_fetched), m.size);
+
+            set(&bed, r#"{"bandwidth":20000}"#);
+            let c = client(
+                &bed,
+                Opts {
+                    stall_timeout: Duration::from_millis(100),
+                    ..Default::default()
+                },
+            );
+            let len = 5 * 4096 + 17;
+            let part = c.get_range(version(&m), 1000, 1000 + len).await.unwrap();
+            assert!(part[..] == bed.big[1000..1000 + len as usize]);
+            let resumes = n(&c.stats.resumes);
+            assert!(
+                (1..=5).contains(&resumes),
+                "{resumes} resumes for 6 paced pieces"
+            );
+            assert_eq!(n(&c.stats.bytes_fetched), len);
+            bed.server.shutdown().await;
+        }
+
+        /// A requester-pays bucket refuses a client without a billing project (400, not
+        /// retried, reported as access denied) and serves one with it.
+        #[tokio::test]
+        async fn requester_pays_needs_the_billing_project() {
+            let bed = bed(TestbedOptions {
+                requester_pays: true,
+                ..Default::default()
+            })
+            .await;
+            let c = client(&bed, Opts::default());
+            let e = c.stat(SMALL_NAME).await.unwrap_err();
+            assert!(matches!(e, ClientError::Denied { status: 400, .. }), "{e}");
+            assert!(e.to_string().contains("requester pays"), "{e}");
+            assert_eq!(n(&c.stats.retries), 0);
+            let c = client(
+                &bed,
+                Opts {
+                    billing: Some("my-project"),
+                    ..Default::default()
+                },
+            );
+            let m = c.stat(BIG_NAME).await.unwrap();
+            assert!(c.get_range(version(&m), 0, 10).await.unwrap()[..] == bed.big[..10]);
+            assert!(list_all(&c, &ListRequest::default()).await.is_ok());
+        }
+
+        /// Required tokens: no token is 401, an unknown one 403 (neither retried), a token
+        /// matching a `prefix*` entry is served.
+        #[tokio::test]
+        async fn require_tokens() {
+            let bed = bed(TestbedOptions {
+                require_tokens: vec!["tok-*".into()],
+                ..Default::default()
+            })
+            .await;
+            let anon = client(&bed, Opts::default());
+            let e = anon.stat(SMALL_NAME).await.unwrap_err();
+            assert!(matches!(e, ClientError::Denied { status: 401, .. }), "{e}");
+            let wrong = client(
+                &bed,
+                Opts {
+                    tokens: TokenSource::Static("other".into()),
+                    ..Default::default()
+                },
+            );
+            let e = wrong.list_page(&ListRequest::default()).await.unwrap_err();
+            assert!(matches!(e, ClientError::Denied { status: 403, .. }), "{e}");
+            assert_eq!(n(&anon.stats.retries) + n(&wrong.stats.retries), 0);
+            let ok = client(
+                &bed,
+                Opts {
+                    tokens: TokenSource::Static("tok-abc".into()),
+                    ..Default::default()
+                },
+            );
+            let m = ok.stat(BIG_NAME).await.unwrap();
+            assert!(ok.get_range(version(&m), 0, m.size).await.unwrap()[..] == bed.big[..]);
+        }
+
+        /// A token past its TTL (1 ns: only its first use is in time) is refused with 401
+        /// and not retried; forgetting tokens on the server restarts the TTL.
+        #[tokio::test]
+        async fn token_ttl_expires() {
+            let bed = bed(TestbedOptions {
+                require_tokens: vec!["tok".into()],
+                token_ttl: Some(Duration::from_nanos(1)),
+                ..Default::default()
+            })
+            .await;
+            let c = client(
+                &bed,
+                Opts {
+                    tokens: TokenSource::Static("tok".into()),
+                    ..Default::default()
+                },
+            );
+            c.stat(SMALL_NAME).await.unwrap();
+            let e = c.stat(SMALL_NAME).await.unwrap_err();
+            assert!(matches!(e, ClientError::Denied { status: 401, .. }), "{e}");
+            assert!(e.to_string().contains("Invalid Credentials"), "{e}");
+            assert_eq!(n(&c.stats.retries), 0);
+            set(&bed, r#"{"forget_tokens":true}"#);
+            c.stat(SMALL_NAME).await.unwrap();
+        }
+
+        /// An unavailable server resets every connection: retried up to max_attempts, then
+        /// a network error; once it is back, the same client reads again.
+        #[tokio::test]
+        async fn unavailable_is_retried_then_given_up() {
+            let bed = bed(TestbedOptions::default()).await;
+            let m = big_meta(&bed).await;
+            let c = client(
+                &bed,
+                Opts {
+                    max_attempts: 5,
+                    ..Default::default()
+                },
+            );
+            set(&bed, r#"{"unavailable":true}"#);
+            let e = c.get_range(version(&m), 0, m.size).await.unwrap_err();
+            assert!(matches!(e, ClientError::Network { .. }), "{e}");
+            assert_eq!(n(&c.stats.retries), 4);
+            assert_eq!(media(&bed.server.stats()), 5);
+            set(&bed, r#"{"unavailable":false}"#);
+            assert!(c.get_range(version(&m), 0, m.size).await.unwrap()[..] == bed.big[..]);
+            assert_eq!(n(&c.stats.retries), 4);
+        }
+
+        /// Every malformation is refused with an error that is not retried (the same server
+        /// would answer the same way); answers of other kinds are unaffected.
+        #[tokio::test]
+        async fn malformed_answers_are_refused_not_retried() {
+            let bed = bed(TestbedOptions::default()).await;
+            let m = big_meta(&bed).await;
+            let list = ListRequest {
+                prefix: "list/".into(),
+                ..Default::default()
+            };
+            for name in [
+                "bad-json",
+                "missing-size",
+                "non-numeric-size",
+                "bad-crc",
+                "huge-page",
+                "repeat-token",
+            ] {
+                set(&bed, &format!(r#"{{"malformed":"{name}"}}"#));
+                let c = client(&bed, Opts::default());
+                let e = list_all(&c, &list).await.unwrap_err();
+                let stat = c.stat(SMALL_NAME).await;
+                let media_ok = c.get_range(version(&m), 0, 10).await;
+                assert!(media_ok.is_ok(), "{name} broke a media read");
+                match name {
+                    // The testbed refuses its own "loop" token when it comes back (it is not one
+                    // of its tokens), so the listing ends with that 400 on the second page.
+                    "repeat-token" => {
+                        assert!(matches!(e, ClientError::Http { status: 400, .. }), "{e}");
+                        assert!(e.to_string().contains("page token"), "{e}");
+                        assert_eq!(n(&c.stats.list_requests), 2);
+                        assert!(stat.is_ok());
+                    }
+                    "huge-page" => {
+                        assert!(matches!(e, ClientError::Malformed(_)), "{name}: {e}");
+                        assert!(e.to_string().contains("larger than"), "{e}");
+                        assert!(stat.is_ok());
+                    }
+                    _ => {
+                        assert!(matches!(e, ClientError::Malformed(_)), "{name}: {e}");
+                        assert!(
+                            matches!(stat, Err(ClientError::Malformed(_))),
+                            "{name}: {stat:?}"
+                        );
+                    }
+                }
+                assert_eq!(n(&c.stats.retries), 0, "{name}");
+            }
+            for (name, whole_ok) in [
+                ("no-content-range", true),
+                ("wrong-content-range", true),
+                ("wrong-generation", false),
+                ("short-body", false),
+            ] {
+                set(&bed, &format!(r#"{{"malformed":"{name}"}}"#));
+                let c = client(&bed, Opts::default());
+                let e = c.get_range(version(&m), 5, 5000).await.unwrap_err();
+                match name {
+                    "wrong-generation" => {
+                        assert!(matches!(e, ClientError::Stale(_)), "{name}: {e}")
+                    }
+                    _ => assert!(matches!(e, ClientError::Malformed(_)), "{name}: {e}"),
+                }
+                let whole = c.get_range(version(&m), 0, m.size).await;
+                assert_eq!(whole.is_ok(), whole_ok, "{name}: {whole:?}");
+                assert!(c.stat(SMALL_NAME).await.is_ok(), "{name} broke metadata");
+                assert_eq!(n(&c.stats.retries), 0, "{name}");
+                assert_eq!(
+                    bed.server.stats().faults.malformed,
+                    if whole_ok { 1 } else { 2 },
+                    "{name}"
+                );
+            }
+        }
     }
 
     mod fuzz {

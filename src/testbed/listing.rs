@@ -1,35 +1,65 @@
-//! Object listing with prefix / delimiter / offsets / paging, on top of `ObjectSource::list_from`.
+//! Object listing with prefix / delimiter / offsets / paging: GCS's listing semantics, once.
 //!
-//! Cost is proportional to the page size (plus one `list_from` per distinct prefix whose
+//! [`list_sorted`] is a pure function of a name-ordered object set and a query. The testbed's
+//! HTTP handler answers with it (through [`list`], over an [`ObjectSource`]), and so does the
+//! in-memory `client::fake::FakeClient`, so the unit tests of the core and the tests that go
+//! over HTTP see one model of GCS listings, not two that could drift apart.
+//!
+//! Cost is proportional to the page size (plus one range query per distinct prefix whose
 //! objects overflow a batch), never to the bucket size.
 
 use base64::Engine;
 
 use super::source::{ObjectSource, SourceObject};
 
+/// The most entries (items + prefixes) GCS puts in one page.
 pub const MAX_PAGE: usize = 1000;
 
+/// One listing query, as the JSON API's `objects.list` takes it.
 #[derive(Debug, Default, Clone)]
 pub struct ListParams {
     pub prefix: String,
     pub delimiter: Option<String>,
     pub page_token: Option<String>,
+    /// `None` or `Some(0)`: the page cap.
     pub max_results: Option<usize>,
     pub start_offset: Option<String>,
     pub end_offset: Option<String>,
 }
 
-#[derive(Debug, Default)]
-pub struct ListPage {
-    pub items: Vec<SourceObject>,
+/// One page of a listing of objects of type `T`.
+#[derive(Debug)]
+pub struct ListPage<T = SourceObject> {
+    pub items: Vec<T>,
     pub prefixes: Vec<String>,
     pub next_page_token: Option<String>,
+}
+
+impl<T> Default for ListPage<T> {
+    fn default() -> Self {
+        ListPage {
+            items: Vec::new(),
+            prefixes: Vec::new(),
+            next_page_token: None,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ListError {
     NoSuchBucket,
     BadPageToken,
+}
+
+/// What a listing needs to know of an object: its name.
+pub trait Named {
+    fn name(&self) -> &str;
+}
+
+impl Named for SourceObject {
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// Smallest string greater than every string that starts with `s` (None if there is none).
@@ -67,10 +97,26 @@ fn decode_token(tok: &str) -> Option<String> {
     String::from_utf8(b).ok()
 }
 
+/// The testbed's listing of one bucket of `src` (what `GET /b/{bucket}/o` answers).
 pub fn list(src: &dyn ObjectSource, bucket: &str, p: &ListParams) -> Result<ListPage, ListError> {
+    list_sorted(|start, n| src.list_from(bucket, start, n), p, MAX_PAGE)
+}
+
+/// Answers the listing query `p` over a name-ordered object set, with pages of at most
+/// `page_cap` entries (GCS: [`MAX_PAGE`]; a smaller one exercises paging with few objects).
+///
+/// `from(start, n)` is the set: up to `n` objects whose names are `>= start`, in byte-wise
+/// lexicographic order, or None if there is no such bucket. Page tokens are opaque (the
+/// base64 of where the next page starts); a token this function did not make is refused.
+pub fn list_sorted<T: Named>(
+    mut from: impl FnMut(&str, usize) -> Option<Vec<T>>,
+    p: &ListParams,
+    page_cap: usize,
+) -> Result<ListPage<T>, ListError> {
+    let page_cap = page_cap.max(1);
     let max = match p.max_results {
-        Some(0) | None => MAX_PAGE,
-        Some(n) => n.min(MAX_PAGE),
+        Some(0) | None => page_cap,
+        Some(n) => n.min(page_cap),
     };
     let prefix = p.prefix.as_str();
     let delim = p.delimiter.as_deref().filter(|d| !d.is_empty());
@@ -96,36 +142,35 @@ pub fn list(src: &dyn ObjectSource, bucket: &str, p: &ListParams) -> Result<List
 
     'outer: loop {
         let want = (max - count + 1).clamp(2, MAX_PAGE + 1);
-        let batch = src
-            .list_from(bucket, &cursor, want)
-            .ok_or(ListError::NoSuchBucket)?;
+        let batch = from(&cursor, want).ok_or(ListError::NoSuchBucket)?;
         let exhausted = batch.len() < want;
         if batch.is_empty() {
             break;
         }
         for obj in batch {
-            if !obj.name.starts_with(prefix) {
+            let name = obj.name();
+            if !name.starts_with(prefix) {
                 break 'outer;
             }
             if let Some(e) = end
-                && obj.name.as_str() >= e
+                && name >= e
             {
                 break 'outer;
             }
             if let Some(sp) = &skip_prefix {
-                if obj.name.starts_with(sp.as_str()) {
+                if name.starts_with(sp.as_str()) {
                     continue;
                 }
                 skip_prefix = None;
             }
             let collapsed = delim.and_then(|d| {
-                obj.name[prefix.len()..]
+                name[prefix.len()..]
                     .find(d)
-                    .map(|i| obj.name[..prefix.len() + i + d.len()].to_string())
+                    .map(|i| name[..prefix.len() + i + d.len()].to_string())
             });
             if count == max {
                 // There is at least one more entry: resume right here.
-                page.next_page_token = Some(encode_token(&obj.name));
+                page.next_page_token = Some(encode_token(name));
                 break 'outer;
             }
             count += 1;
@@ -139,7 +184,7 @@ pub fn list(src: &dyn ObjectSource, bucket: &str, p: &ListParams) -> Result<List
                     skip_prefix = Some(pfx);
                 }
                 None => {
-                    cursor = successor(&obj.name);
+                    cursor = successor(name);
                     page.items.push(obj);
                 }
             }
