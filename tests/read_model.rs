@@ -16,9 +16,9 @@
 //!   reaches the end fails; and the wrong bytes are gone from the cache afterwards. That is
 //!   checked on episodes of such reads with corrupting answers.
 //!
-//! Short answers (fewer bytes than asked) are a fault class of their own, in an ignored
-//! property and an ignored regression case: the read path does not check the length a client
-//! returns yet, and panics on a short one.
+//! Short answers (fewer bytes than asked) are a fault class of their own, in a property and
+//! a regression case: the read path refuses an answer of another length than it asked for
+//! (it used to panic on one).
 //!
 //! `PHYSIOFS_READ_MODEL_CASES` sets the number of cases (default 1,000: seconds in release
 //! mode, well under a minute on two busy cores).
@@ -531,8 +531,6 @@ proptest! {
     /// The same with short answers among the faults (a get returning fewer bytes than asked,
     /// which a checked client never does): the read should fail, not serve or panic.
     #[test]
-    #[ignore = "the read path trusts get_range's length: a short answer panics in \
-                Block::new / Bytes::slice instead of failing the read (see short_answer_fails_the_read)"]
     fn reads_match_the_model_with_short_answers(c in case(true)) {
         let r = block_on(run_case(c));
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
@@ -550,8 +548,6 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// The minimized case the short-answer property found: a 16,383-byte object read near its
 /// end while the first get comes back short.
 #[test]
-#[ignore = "the read path trusts get_range's length: a short answer panics \
-            (Bytes::slice: range end out of bounds) instead of failing the read"]
 fn short_answer_fails_the_read() {
     let c = Case {
         setup: Setup {

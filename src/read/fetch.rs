@@ -219,10 +219,16 @@ impl Fetcher {
                 Some(b) => Ok(b),
                 None => {
                     let s = key.index * bs;
-                    client
-                        .get_range(obj.version(), s, (s + bs).min(obj.size))
-                        .await
-                        .map(Block::whole)
+                    let e = (s + bs).min(obj.size);
+                    let data = client.get_range(obj.version(), s, e).await?;
+                    if data.len() as u64 != e - s {
+                        return Err(ClientError::Malformed(format!(
+                            "{}: asked for bytes {s}..{e}, got {} bytes",
+                            obj.name,
+                            data.len()
+                        )));
+                    }
+                    Ok(Block::whole(data))
                 }
             }
         }
@@ -249,15 +255,31 @@ impl Fetcher {
             obj.clone(),
         );
         let span: SharedSpan = async move {
-            let r = client.get_range(o.version(), start, end).await.map(|data| {
-                (a..=b)
-                    .map(|i| {
-                        let from = ((i - a) * bs) as usize;
-                        let to = (from + bs as usize).min(data.len());
-                        Block::new(data.clone(), from, to - from)
-                    })
-                    .collect::<Arc<[Block]>>()
-            });
+            // An answer of another length than asked is refused before anything is cut from
+            // it or cached (a client bug or a broken server must fail the read, not panic).
+            let r = client
+                .get_range(o.version(), start, end)
+                .await
+                .and_then(|data| {
+                    if data.len() as u64 == end - start {
+                        Ok(data)
+                    } else {
+                        Err(ClientError::Malformed(format!(
+                            "{}: asked for bytes {start}..{end}, got {} bytes",
+                            o.name,
+                            data.len()
+                        )))
+                    }
+                })
+                .map(|data| {
+                    (a..=b)
+                        .map(|i| {
+                            let from = ((i - a) * bs) as usize;
+                            let to = (from + bs as usize).min(data.len());
+                            Block::new(data.clone(), from, to - from)
+                        })
+                        .collect::<Arc<[Block]>>()
+                });
             if let Ok(blocks) = &r {
                 cache.insert_run(&o, a, blocks).await;
             }
