@@ -104,6 +104,23 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 8, value_name = "N", help_heading = "Cache")]
     pub prefetch_files: usize,
 
+    /// Keep fetched file data on local disk here (e.g. a local NVMe SSD), across unmounts,
+    /// remounts and reboots: every epoch after the first reads from disk. Off unless given.
+    /// fstab: `cache_dir=DIR`.
+    #[arg(long, value_name = "DIR", help_heading = "Cache")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Most file data kept in --cache-dir: a size (`300GiB`) or a share of its filesystem
+    /// (`50%`). Least recently used objects are evicted beyond it, and writing stops while the
+    /// filesystem has less than 5% free, so the cache cannot fill the disk.
+    #[arg(long, default_value = "50%", value_name = "SIZE|N%", value_parser = crate::units::parse_size_or_share, help_heading = "Cache")]
+    pub disk_cache_size: crate::units::SizeOrShare,
+
+    /// Serve files complete in --cache-dir through physiofs instead of letting the kernel read
+    /// them directly (FUSE passthrough, used by default on root mounts on Linux 6.9+).
+    #[arg(long, help_heading = "Cache")]
+    pub no_passthrough: bool,
+
     /// Attempts per request, the first included, before a read fails with EIO. Throttling
     /// (429), server errors (5xx), timeouts and broken connections are retried with
     /// exponential backoff and full jitter; Retry-After is honoured.

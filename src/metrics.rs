@@ -77,6 +77,45 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         n(&f.verify_failures),
     );
     metric(
+        "passthrough_opens_total",
+        "counter",
+        "Opens of files complete in the disk cache answered with passthrough (the kernel reads the cached file; no read reaches physiofs).",
+        n(&f.passthrough_opens),
+    );
+    if let Some(d) = fs.reader().disk() {
+        let s = d.stats();
+        metric(
+            "disk_cache_hits_total",
+            "counter",
+            "Blocks served from the disk cache (each checked against its CRC32C).",
+            n(&s.hits),
+        );
+        metric(
+            "disk_cache_bytes_written_total",
+            "counter",
+            "Bytes written to the disk cache.",
+            n(&s.bytes_written),
+        );
+        metric(
+            "disk_cache_corrupt_total",
+            "counter",
+            "Cached blocks or files found not to match their CRC32C (dropped and fetched again).",
+            n(&s.corrupt),
+        );
+        metric(
+            "disk_cache_evicted_objects_total",
+            "counter",
+            "Object versions evicted from the disk cache to stay within --disk-cache-size.",
+            n(&s.evicted_objects),
+        );
+        metric(
+            "disk_cache_bytes",
+            "gauge",
+            "Bytes of object data in the disk cache.",
+            d.summary().bytes,
+        );
+    }
+    metric(
         "files_prefetched_total",
         "counter",
         "Files fetched before they were opened, for readers walking files in key order.",

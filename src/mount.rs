@@ -63,8 +63,22 @@ impl Mounted {
         let client = Arc::new(GcsClient::new(plan.gcs.clone(), tokens)?);
         // Access checks before mounting fail fast; reads later get the full retry budget.
         let probe_client = client.with_retry(RetryConfig::startup().min(&plan.gcs.retry));
-        let cache = Arc::new(MemoryCache::new(plan.block_cache));
-        let new_fs = || Arc::new(Fs::new(plan.fs.clone(), client.clone(), cache.clone()));
+        let disk = match &plan.disk {
+            Some(d) => Some(open_disk(d, &plan, &mountpoint).await?),
+            None => None,
+        };
+        let memory = MemoryCache::new(plan.block_cache);
+        let cache: Arc<dyn crate::cache::BlockCache> = match &disk {
+            Some(d) => Arc::new(crate::read::tiered::TieredCache::new(memory, d.clone())),
+            None => Arc::new(memory),
+        };
+        let passthrough = plan.disk.as_ref().is_some_and(|d| d.passthrough);
+        let new_fs = || {
+            Arc::new(
+                Fs::new(plan.fs.clone(), client.clone(), cache.clone())
+                    .with_disk(disk.clone(), passthrough),
+            )
+        };
         let mut fs = new_fs();
 
         // Metadata: from the snapshot if there is a good one, else (eager) a bulk load after
@@ -369,6 +383,39 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
         })
     }
+}
+
+/// Opens the disk tier of a mount: its size resolved against the filesystem holding it.
+async fn open_disk(
+    d: &crate::plan::DiskPlan,
+    plan: &MountPlan,
+    mountpoint: &std::path::Path,
+) -> anyhow::Result<Arc<crate::read::disk::DiskCache>> {
+    use crate::read::disk::{DiskCache, DiskConfig, filesystem_space, private_dir};
+    private_dir(&d.dir, true).map_err(|e| anyhow::anyhow!("--cache-dir: {e}"))?;
+    let (total, _) = filesystem_space(&d.dir)
+        .map_err(|e| anyhow::anyhow!("--cache-dir {}: {e}", d.dir.display()))?;
+    let cfg = DiskConfig {
+        dir: d.dir.clone(),
+        capacity: d.size.resolve(total),
+        block_size: plan.fs.block_size,
+        namespace: format!("{} {}", plan.gcs.endpoint, plan.gcs.bucket),
+        reserve: total / 20,
+    };
+    let holder = format!("mounted at {}", mountpoint.display());
+    let t = std::time::Instant::now();
+    let disk = tokio::task::spawn_blocking(move || DiskCache::open(cfg, &holder)).await??;
+    let s = disk.summary();
+    tracing::info!(
+        "disk cache: {} objects ({} complete, {}) of at most {} in {} (index read in {:?})",
+        s.objects,
+        s.complete,
+        bytesize::ByteSize::b(s.bytes),
+        bytesize::ByteSize::b(disk.capacity()),
+        d.dir.display(),
+        t.elapsed()
+    );
+    Ok(Arc::new(disk))
 }
 
 /// `physiofs mount`: mount and serve until unmounted. A background mount (`notify`) reports

@@ -72,6 +72,16 @@ pub struct MountPlan {
     /// Directory of metadata snapshots; None = off.
     pub snapshot_dir: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The disk tier; None = off.
+    pub disk: Option<DiskPlan>,
+}
+
+/// The disk tier asked for: where, and how big (resolved against its filesystem at mount).
+#[derive(Clone, Debug)]
+pub struct DiskPlan {
+    pub dir: PathBuf,
+    pub size: crate::units::SizeOrShare,
+    pub passthrough: bool,
 }
 
 /// Smallest block cache, whatever `--cache-size` says: a few reads' worth of blocks.
@@ -143,6 +153,11 @@ impl MountPlan {
             metadata: args.metadata,
             snapshot_dir,
             metrics_addr: args.metrics_addr,
+            disk: args.cache_dir.as_ref().map(|dir| DiskPlan {
+                dir: dir.clone(),
+                size: args.disk_cache_size,
+                passthrough: !args.no_passthrough,
+            }),
         })
     }
 

@@ -16,6 +16,36 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("{s:?} is not a size (try 512MiB or 2GiB): {e}"))
 }
 
+/// A size given as bytes or as a share of a filesystem.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SizeOrShare {
+    Bytes(u64),
+    /// Percent of the filesystem's size, in (0, 100].
+    Percent(f64),
+}
+
+impl SizeOrShare {
+    /// Bytes, given the size of the filesystem it is a share of.
+    pub fn resolve(self, filesystem: u64) -> u64 {
+        match self {
+            SizeOrShare::Bytes(b) => b,
+            SizeOrShare::Percent(p) => (filesystem as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+/// Parses `200GiB`, `1000000` or `80%`.
+pub fn parse_size_or_share(s: &str) -> Result<SizeOrShare, String> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        return match p.trim().parse::<f64>() {
+            Ok(v) if v > 0.0 && v <= 100.0 => Ok(SizeOrShare::Percent(v)),
+            _ => Err(format!("{s:?} is not a share of the disk (try 50%)")),
+        };
+    }
+    parse_size(t).map(SizeOrShare::Bytes)
+}
+
 /// Parses an octal mode like `0444` or `755`.
 pub fn parse_mode(s: &str) -> Result<u16, String> {
     let t = s.trim().trim_start_matches("0o");

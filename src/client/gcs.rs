@@ -1557,7 +1557,7 @@ mod tests {
             let wrong = client(
                 &bed,
                 Opts {
-                    tokens: TokenSource::Static("other".into()),
+                    tokens: TokenSource::fixed("other"),
                     ..Default::default()
                 },
             );
@@ -1567,7 +1567,7 @@ mod tests {
             let ok = client(
                 &bed,
                 Opts {
-                    tokens: TokenSource::Static("tok-abc".into()),
+                    tokens: TokenSource::fixed("tok-abc"),
                     ..Default::default()
                 },
             );
@@ -1588,7 +1588,7 @@ mod tests {
             let c = client(
                 &bed,
                 Opts {
-                    tokens: TokenSource::Static("tok".into()),
+                    tokens: TokenSource::fixed("tok"),
                     ..Default::default()
                 },
             );

@@ -51,6 +51,22 @@ pub struct DiskConfig {
     pub block_size: u64,
     /// Endpoint and bucket: with the object name and generation, the key of a version.
     pub namespace: String,
+    /// Free bytes the filesystem must keep: nothing is written while it has fewer.
+    pub reserve: u64,
+}
+
+/// Size and free bytes of the filesystem holding `dir`.
+pub fn filesystem_space(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let f = st.f_frsize as u64;
+    Ok((st.f_blocks as u64 * f, st.f_bavail as u64 * f))
 }
 
 /// Counters of the disk tier.
@@ -126,6 +142,10 @@ pub struct DiskCache {
     journal: Mutex<File>,
     /// Bytes queued for writing; beyond the cap, runs are skipped rather than queued.
     queued: AtomicU64,
+    /// Bytes written since the filesystem's free space was last checked, and whether it had
+    /// more than the reserve then.
+    since_space_check: AtomicU64,
+    space_ok: std::sync::atomic::AtomicBool,
     stats: DiskStats,
     _lock: File,
 }
@@ -173,6 +193,8 @@ impl DiskCache {
             state: Mutex::new(state),
             journal: Mutex::new(journal),
             queued: AtomicU64::new(0),
+            since_space_check: AtomicU64::new(u64::MAX / 2),
+            space_ok: std::sync::atomic::AtomicBool::new(true),
             stats: DiskStats::default(),
             _lock: lock,
         };
@@ -319,17 +341,41 @@ impl DiskCache {
             return;
         }
         let (me, obj, blocks) = (self.clone(), obj.clone(), blocks.to_vec());
-        let _ = tokio::task::spawn_blocking(move || {
+        // Detached: the JoinHandle is dropped; the write finishes on its own.
+        drop(tokio::task::spawn_blocking(move || {
             if let Err(e) = me.write_now(&obj, first, &blocks) {
                 tracing::warn!(object = %obj.name, "disk cache: write failed: {e}");
             }
             me.queued.fetch_sub(bytes, Ordering::Relaxed);
-        });
+        }));
+    }
+
+    /// Whether the filesystem has more free space than the reserve (checked every 64 MiB
+    /// written).
+    fn has_space(&self, bytes: u64) -> bool {
+        if self.since_space_check.fetch_add(bytes, Ordering::Relaxed) >= 64 << 20 {
+            self.since_space_check.store(0, Ordering::Relaxed);
+            let ok = filesystem_space(&self.root).is_ok_and(|(_, free)| free > self.cfg.reserve);
+            if !ok && self.space_ok.load(Ordering::Relaxed) {
+                tracing::warn!(
+                    "disk cache: the filesystem of {} has less than {} free: not caching more \
+                     until it has",
+                    self.root.display(),
+                    bytesize::ByteSize::b(self.cfg.reserve)
+                );
+            }
+            self.space_ok.store(ok, Ordering::Relaxed);
+        }
+        self.space_ok.load(Ordering::Relaxed)
     }
 
     /// Writes blocks `first..` of `obj` now: the bytes, then the record that names them.
     pub fn write_now(&self, obj: &Object, first: u64, blocks: &[Block]) -> anyhow::Result<()> {
         let bs = self.cfg.block_size;
+        if !self.has_space(blocks.iter().map(|b| b.len() as u64).sum()) {
+            self.stats.skipped_runs.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let mut st = self.state.lock().unwrap();
         let id = match self.lookup(&st, obj) {
             Some(id) => id,
@@ -919,6 +965,7 @@ mod tests {
             capacity,
             block_size: 1000,
             namespace: "http://e b".into(),
+            reserve: 0,
         }
     }
 

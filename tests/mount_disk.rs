@@ -1,0 +1,288 @@
+//! The disk tier through real mounts of the testbed: what one mount fetched, the next reads
+//! from local disk (with passthrough on this root mount, served by physiofs with
+//! `--no-passthrough`), every byte exact, no media request; corruption, a crash mid-fill and
+//! the size bound all fail safe.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+const BUCKET: &str = "mimic-cxr-2.0.0.physionet.org";
+
+fn media_gets(tb: &TestbedProc) -> u64 {
+    tb.stats()["requests"]["get_media"].as_u64().unwrap()
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop the page cache (needs root)");
+}
+
+/// A small DICOM model (about 40 files of ~0.7 MB) served by the testbed.
+fn testbed() -> TestbedProc {
+    TestbedProc::start(&[
+        "--model",
+        "dicom",
+        "--patients",
+        "12",
+        "--size-scale",
+        "0.05",
+        "--addr",
+        "127.0.0.1:0",
+    ])
+}
+
+struct Setup {
+    tb: TestbedProc,
+    _tmp: tempfile::TempDir,
+    cache: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    Setup {
+        tb: testbed(),
+        _tmp: tmp,
+        cache,
+    }
+}
+
+impl Setup {
+    fn mount(&self, extra: &[&str]) -> (Mount, String) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let cache = self.cache.to_str().unwrap();
+        let mut args = vec![
+            "--cache-dir",
+            cache,
+            "--metadata-cache",
+            "off",
+            "--metrics-addr",
+            &addr,
+        ];
+        args.extend_from_slice(extra);
+        let m = Mount::start_with(&self.tb.mount_args(BUCKET, &args), &[]);
+        (m, addr)
+    }
+}
+
+/// Stored object files under the cache dir.
+fn cache_files(cache: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let objects = cache.join("physiofs-cache-v1/objects");
+    for d in std::fs::read_dir(&objects).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Allocated bytes of the stored object files (they are sparse).
+fn cache_allocated(cache: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    cache_files(cache)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn a_remount_reads_every_byte_from_disk_with_passthrough_and_no_media_request() {
+    let s = setup();
+    let (m, _) = s.mount(&[]);
+    let files = sha256sum_check(&m.path);
+    assert!(files > 20, "{files} files checked");
+    m.unmount();
+
+    drop_page_cache();
+    let (m, addr) = s.mount(&[]);
+    s.tb.reset_stats();
+    assert_eq!(sha256sum_check(&m.path), files);
+    assert_eq!(
+        media_gets(&s.tb),
+        0,
+        "media requests after a remount: {}",
+        s.tb.stats()
+    );
+    let pt = prometheus_metric(&addr, "passthrough_opens_total");
+    assert!(
+        pt as usize >= files,
+        "{pt} passthrough opens for {files} files"
+    );
+    // The kernel read the cached files itself: no read request reached physiofs.
+    assert_eq!(prometheus_metric(&addr, "read_bytes_total"), 0);
+
+    // A file opened while another handle exists, both ways round, reads exactly (the kernel
+    // refuses to mix passthrough and served opens on one inode: physiofs never asks it to).
+    let name = "cxr-record-list.csv.gz";
+    let a = File::open(m.join(name)).unwrap();
+    let b = std::fs::read(m.join(name)).unwrap();
+    let mut head = vec![0u8; 64];
+    a.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&b[..64], &head[..]);
+    drop(a);
+    m.unmount();
+}
+
+#[test]
+fn without_passthrough_physiofs_serves_the_cached_bytes_itself() {
+    let s = setup();
+    let (m, _) = s.mount(&["--no-passthrough"]);
+    let files = sha256sum_check(&m.path);
+    m.unmount();
+    drop_page_cache();
+    let (m, addr) = s.mount(&["--no-passthrough"]);
+    s.tb.reset_stats();
+    assert_eq!(sha256sum_check(&m.path), files);
+    assert_eq!(media_gets(&s.tb), 0, "{}", s.tb.stats());
+    assert_eq!(prometheus_metric(&addr, "passthrough_opens_total"), 0);
+    assert!(prometheus_metric(&addr, "disk_cache_hits_total") > 0);
+    assert!(prometheus_metric(&addr, "read_bytes_total") > 0);
+    m.unmount();
+}
+
+#[test]
+fn a_flipped_byte_in_a_cache_file_is_refetched_and_logged() {
+    for extra in [&[][..], &["--no-passthrough"][..]] {
+        let s = setup();
+        let (m, _) = s.mount(extra);
+        let files = sha256sum_check(&m.path);
+        m.unmount();
+        // Flip one byte in the middle of every stored file.
+        let stored = cache_files(&s.cache);
+        assert!(stored.len() >= files, "{} stored for {files}", stored.len());
+        for p in &stored {
+            let f = OpenOptions::new().read(true).write(true).open(p).unwrap();
+            let len = f.metadata().unwrap().len();
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, len / 2).unwrap();
+            f.write_all_at(&[b[0] ^ 0x5a], len / 2).unwrap();
+        }
+        drop_page_cache();
+        let (m, addr) = s.mount(extra);
+        s.tb.reset_stats();
+        assert_eq!(sha256sum_check(&m.path), files, "{extra:?}");
+        assert!(
+            media_gets(&s.tb) > 0,
+            "the corrupt files were fetched again"
+        );
+        assert!(prometheus_metric(&addr, "disk_cache_corrupt_total") > 0);
+        assert!(
+            m.stderr_tail().contains("is corrupt"),
+            "no log line: {}",
+            m.stderr_tail()
+        );
+        m.unmount();
+    }
+}
+
+#[test]
+fn kill_9_while_filling_then_remount_reads_exactly() {
+    let s = setup();
+    let (mut m, _) = s.mount(&[]);
+    // Readers fill the cache; the mount is killed in the middle.
+    let root = m.path.clone();
+    let reader = std::thread::spawn(move || {
+        let _ = std::process::Command::new("sha256sum")
+            .args(["-c", "SHA256SUMS.txt"])
+            .current_dir(&root)
+            .output();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    m.signal(libc::SIGKILL);
+    let _ = m.wait_exit(Duration::from_secs(10));
+    reader.join().unwrap();
+    let _ = std::process::Command::new("umount")
+        .args(["-l"])
+        .arg(&m.path)
+        .status();
+    drop(m);
+    let (m, _) = s.mount(&[]);
+    assert!(sha256sum_check(&m.path) > 20);
+    m.unmount();
+    // And once more, now all from disk.
+    drop_page_cache();
+    let (m, _) = s.mount(&[]);
+    s.tb.reset_stats();
+    assert!(sha256sum_check(&m.path) > 20);
+    assert_eq!(media_gets(&s.tb), 0, "{}", s.tb.stats());
+    m.unmount();
+}
+
+#[test]
+fn reading_three_times_the_bound_keeps_the_cache_under_it() {
+    let s = setup();
+    let bound: u64 = 8 << 20;
+    let (m, addr) = s.mount(&["--disk-cache-size", "8MiB"]);
+    let files = sha256sum_check(&m.path);
+    let total: u64 = walk_files(&m.path)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        total > 3 * bound,
+        "the model ({total} bytes) must be 3x the bound"
+    );
+    // Writes land in the background: wait until the tier stopped changing.
+    let mut last = u64::MAX;
+    for _ in 0..50 {
+        let now = prometheus_metric(&addr, "disk_cache_bytes_written_total");
+        if now == last {
+            break;
+        }
+        last = now;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(prometheus_metric(&addr, "disk_cache_evicted_objects_total") > 0);
+    assert!(prometheus_metric(&addr, "disk_cache_bytes") <= bound);
+    let allocated = cache_allocated(&s.cache);
+    assert!(
+        allocated <= bound + (1 << 20),
+        "cache files hold {allocated} bytes, bound {bound}"
+    );
+    m.unmount();
+    // What is left still reads exactly after a remount.
+    let (m, _) = s.mount(&["--disk-cache-size", "8MiB"]);
+    assert_eq!(sha256sum_check(&m.path), files);
+    m.unmount();
+}
+
+#[test]
+fn a_second_mount_on_the_same_cache_dir_is_refused_naming_the_first() {
+    let s = setup();
+    let (m, _) = s.mount(&[]);
+    let (_tmp2, mp2) = mountpoint_dir();
+    let cache = s.cache.to_str().unwrap();
+    let args = s.tb.mount_args(BUCKET, &["--cache-dir", cache]);
+    let out = run_timeout(&mut physiofs_command(&args, &mp2), Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("in use") && err.contains(&m.path.display().to_string()),
+        "{err}"
+    );
+    assert_not_mounted(&mp2, "second mount on one cache dir");
+    m.unmount();
+}
+
+fn walk_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
