@@ -121,7 +121,12 @@ pub struct MountArgs {
 
     /// Also trust the certificate authorities in this PEM file (a TLS-inspecting proxy, a
     /// private endpoint, the testbed's `--tls-ca-out`). SSL_CERT_FILE works too.
-    #[arg(long, value_name = "FILE", env = "SSL_CERT_FILE", help_heading = "Network")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SSL_CERT_FILE",
+        help_heading = "Network"
+    )]
     pub ca_file: Option<PathBuf>,
 
     /// HTTP version spoken to storage over HTTPS: `http1` (a pool of connections, one request

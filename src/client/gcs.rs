@@ -555,10 +555,16 @@ fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
             .and_then(|io| io.get_ref())
             .and_then(|inner| inner.downcast_ref::<TlsError>())
     });
-    matches!(
-        tls,
-        Some(TlsError::InvalidCertificate(_) | TlsError::NoCertificatesPresented)
-    )
+    if let Some(tls) = tls {
+        return matches!(
+            tls,
+            TlsError::InvalidCertificate(_) | TlsError::NoCertificatesPresented
+        );
+    }
+    // reqwest's connector boxes the error on the way up, which defeats the downcast: rustls's
+    // own wording for the two refusals, then.
+    let text = e.to_string();
+    text.starts_with("invalid peer certificate") || text.contains("peer sent no certificates")
 }
 
 /// Turns a non-success response into the right error, with the server's own message.

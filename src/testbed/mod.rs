@@ -158,7 +158,11 @@ impl TestbedHandle {
     }
     /// `http://127.0.0.1:PORT`, or `https://` with TLS.
     pub fn endpoint(&self) -> String {
-        let scheme = if self.ca_pem.is_some() { "https" } else { "http" };
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{}", self.addr)
     }
     /// With TLS: the self-signed certificate (PEM) a client must trust.

@@ -230,7 +230,11 @@ pub(crate) struct TlsSetup {
 
 pub(crate) fn tls_setup(http2: bool) -> anyhow::Result<TlsSetup> {
     use tokio_rustls::rustls;
-    let names = vec!["127.0.0.1".to_string(), "localhost".to_string(), "::1".to_string()];
+    let names = vec![
+        "127.0.0.1".to_string(),
+        "localhost".to_string(),
+        "::1".to_string(),
+    ];
     let ck = rcgen::generate_simple_self_signed(names)?;
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
