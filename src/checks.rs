@@ -178,6 +178,16 @@ pub fn access(gcs: &GcsConfig, prefix: &str, probed: Result<String, &ClientError
              account you authenticate with; the billing project also needs serviceusage \
              permission"
             .to_string(),
+        ClientError::Network { cause, .. }
+            if cause.starts_with(crate::client::gcs::UNTRUSTED_CERTIFICATE) =>
+        {
+            format!(
+                "pass --ca-file FILE (or set SSL_CERT_FILE) with the PEM certificate of the \
+                 authority that signed {}'s certificate: a TLS-inspecting proxy's CA, or the \
+                 testbed's --tls-ca-out file",
+                gcs.endpoint
+            )
+        }
         ClientError::Network { .. } => format!(
             "is the endpoint {} right and reachable? (--endpoint, STORAGE_EMULATOR_HOST)",
             gcs.endpoint

@@ -136,6 +136,21 @@ pub struct MountArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Network")]
     pub stall_timeout: std::time::Duration,
 
+    /// Also trust the certificate authorities in this PEM file (a TLS-inspecting proxy, a
+    /// private endpoint, the testbed's `--tls-ca-out`). SSL_CERT_FILE works too.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SSL_CERT_FILE",
+        help_heading = "Network"
+    )]
+    pub ca_file: Option<PathBuf>,
+
+    /// HTTP version spoken to storage over HTTPS: `http1` (a pool of connections, one request
+    /// each: the faster for bulk reads) or `http2` (requests multiplexed over few connections).
+    #[arg(long, value_enum, default_value = "http1", help_heading = "Network")]
+    pub http_protocol: HttpProtocol,
+
     /// Owner uid of every file (default: the user running physiofs).
     #[arg(long, help_heading = "Mount")]
     pub uid: Option<u32>,
@@ -193,6 +208,20 @@ pub struct MountArgs {
     /// Append log lines to this file instead of stderr.
     #[arg(long, value_name = "FILE", help_heading = "Logging")]
     pub log_file: Option<PathBuf>,
+}
+
+/// `--http-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HttpProtocol {
+    Http1,
+    Http2,
+}
+
+/// `--http2` of the testbed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -324,6 +353,16 @@ pub struct TestbedArgs {
     /// Malform every answer of one kind (for client tests).
     #[arg(long, value_enum)]
     pub malformed: Option<Malformed>,
+    /// Serve HTTPS with a self-signed certificate for 127.0.0.1 and localhost, made at start.
+    #[arg(long)]
+    pub tls: bool,
+    /// Write the certificate (PEM) that clients must trust to this file (with --tls), e.g. for
+    /// `physiofs mount --ca-file`, `curl --cacert`, `rclone --ca-cert`.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    pub tls_ca_out: Option<PathBuf>,
+    /// Offer HTTP/2 by ALPN (with --tls); `off` leaves clients only http/1.1.
+    #[arg(long, value_enum, default_value = "on")]
+    pub http2: OnOff,
 }
 
 #[cfg(test)]

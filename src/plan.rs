@@ -143,8 +143,12 @@ impl MountPlan {
                     deadline: args.retry_deadline,
                     ..RetryConfig::default()
                 },
-                pool_size: 64,
+                // Requests in flight at most: the read-ahead budget in full-size requests, and
+                // the foreground reads and listings beside it.
+                pool_size: (fs.prefetch_budget / crate::client::FULL_REQUEST) as usize + 16,
                 stall_timeout: args.stall_timeout,
+                ca_file: args.ca_file.clone(),
+                protocol: args.http_protocol,
             },
             credentials,
             fs,

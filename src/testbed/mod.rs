@@ -61,6 +61,10 @@ pub struct TestbedOptions {
     pub corrupt_rate: f64,
     pub latency_jitter: Duration,
     pub malformed: Option<knobs::Malformed>,
+    /// Serve HTTPS with a certificate made at start ([`TestbedHandle::ca_pem`]).
+    pub tls: bool,
+    /// With `tls`: offer h2 by ALPN (else only http/1.1).
+    pub http2: bool,
 }
 
 impl Default for TestbedOptions {
@@ -81,6 +85,8 @@ impl Default for TestbedOptions {
             corrupt_rate: 0.0,
             latency_jitter: Duration::ZERO,
             malformed: None,
+            tls: false,
+            http2: true,
         }
     }
 }
@@ -124,6 +130,8 @@ impl From<&TestbedArgs> for TestbedOptions {
             corrupt_rate: a.corrupt_rate,
             latency_jitter: a.latency_jitter,
             malformed: a.malformed,
+            tls: a.tls,
+            http2: a.http2 == crate::cli::OnOff::On,
         }
     }
 }
@@ -141,15 +149,25 @@ pub struct TestbedHandle {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    ca_pem: Option<String>,
 }
 
 impl TestbedHandle {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://` with TLS.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+    /// With TLS: the self-signed certificate (PEM) a client must trust.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
@@ -187,6 +205,13 @@ pub async fn start(
     let listener = TcpListener::bind(opts.addr).await?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared::new(source, opts.knobs(), opts.seed));
+    let tls = if opts.tls {
+        Some(server::tls_setup(opts.http2)?)
+    } else {
+        None
+    };
+    let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
+    let acceptor = tls.map(|t| t.acceptor);
     let (stop, mut stop_rx) = watch::channel(false);
     let sh = shared.clone();
     let task = tokio::spawn(async move {
@@ -195,7 +220,12 @@ pub async fn start(
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((stream, _peer)) => {
-                        conns.spawn(server::serve_connection(sh.clone(), stream, addr));
+                        conns.spawn(server::serve_connection(
+                            sh.clone(),
+                            stream,
+                            addr,
+                            acceptor.clone(),
+                        ));
                     }
                     Err(e) => {
                         tracing::warn!("testbed accept failed: {e}");
@@ -214,15 +244,21 @@ pub async fn start(
         shared,
         stop,
         task,
+        ca_pem,
     })
 }
 
-/// Serve until Ctrl-C / SIGTERM. Prints `testbed listening on http://ADDR` to stdout first.
+/// Serve until Ctrl-C / SIGTERM. Prints `testbed listening on http://ADDR` (`https://` with
+/// --tls, after writing --tls-ca-out) to stdout first.
 pub async fn run(args: TestbedArgs, source: Arc<dyn ObjectSource>) -> anyhow::Result<()> {
     // Install the handlers before announcing readiness.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let handle = start(TestbedOptions::from(&args), source).await?;
+    if let (Some(path), Some(pem)) = (&args.tls_ca_out, handle.ca_pem()) {
+        std::fs::write(path, pem)
+            .map_err(|e| anyhow::anyhow!("--tls-ca-out {}: {e}", path.display()))?;
+    }
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();

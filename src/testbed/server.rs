@@ -1,4 +1,10 @@
-//! The HTTP/1.1 server (hyper 1): routing, GCS handlers, faults, streaming bodies.
+//! The server (hyper 1): routing, GCS handlers, faults, streaming bodies.
+//!
+//! Plain connections speak HTTP/1.1, as the emulators do. With TLS the client's ALPN choice
+//! decides between h2 and http/1.1, as with storage.googleapis.com, so the client's real
+//! HTTPS path (handshake, record layer, HTTP/2 flow control) is what a test exercises. A
+//! fault means the same on both: a reset kills the TCP connection (with every h2 stream on
+//! it), a truncation ends the body short of its Content-Length, a stall hangs one response.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -126,32 +132,125 @@ struct ConnCtx {
     local: SocketAddr,
     pacer: Arc<Mutex<Pacer>>,
     rst: Arc<AtomicBool>,
+    /// Woken by an injected reset: the connection is dropped (RST) at once, which on h2 also
+    /// breaks every other stream on it, as a real reset does.
+    kill: Arc<tokio::sync::Notify>,
+    /// `https` or `http`, for the URLs the server writes (`selfLink`, `mediaLink`).
+    scheme: &'static str,
+    h2: bool,
 }
 
-pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, local: SocketAddr) {
+pub(crate) async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    local: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let _ = stream.set_nodelay(true);
     let rst = Arc::new(AtomicBool::new(false));
+    let io = ConnIo {
+        stream,
+        rst: rst.clone(),
+    };
+    match tls {
+        None => serve_http(shared, io, local, rst, "http", false).await,
+        Some(acceptor) => match acceptor.accept(io).await {
+            Ok(tls) => {
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                serve_http(shared, tls, local, rst, "https", h2).await
+            }
+            Err(e) => {
+                shared.stats.tls_handshake_failed();
+                tracing::debug!("testbed TLS handshake failed: {e}");
+            }
+        },
+    }
+}
+
+async fn serve_http<I>(
+    shared: Arc<Shared>,
+    io: I,
+    local: SocketAddr,
+    rst: Arc<AtomicBool>,
+    scheme: &'static str,
+    h2: bool,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let kill = Arc::new(tokio::sync::Notify::new());
     let ctx = Arc::new(ConnCtx {
         shared,
         local,
         pacer: Arc::new(Mutex::new(Pacer {
             next: Instant::now(),
         })),
-        rst: rst.clone(),
+        rst,
+        kill: kill.clone(),
+        scheme,
+        h2,
     });
-    let io = hyper_util::rt::TokioIo::new(ConnIo { stream, rst });
+    let io = hyper_util::rt::TokioIo::new(io);
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { handle(ctx, req).await }
     });
-    let res = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .max_buf_size(4 << 20)
-        .serve_connection(io, svc)
-        .await;
+    let res = if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        // GCS's front ends advertise 100 concurrent streams; windows as large as a media
+        // block so flow control, not the testbed, is what a client's settings decide.
+        b.max_concurrent_streams(100)
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .max_frame_size(1 << 20)
+            .max_send_buf_size(4 << 20);
+        tokio::select! {
+            r = b.serve_connection(io, svc) => r,
+            _ = kill.notified() => Ok(()),
+        }
+    } else {
+        tokio::select! {
+            r = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .max_buf_size(4 << 20)
+                .serve_connection(io, svc) => r,
+            _ = kill.notified() => Ok(()),
+        }
+    };
     if let Err(e) = res {
         tracing::debug!("testbed connection ended: {e}");
     }
+}
+
+/// The TLS side of a `--tls` testbed: a fresh self-signed certificate and the ALPN offer.
+pub(crate) struct TlsSetup {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// The certificate (PEM) clients must trust.
+    pub ca_pem: String,
+}
+
+pub(crate) fn tls_setup(http2: bool) -> anyhow::Result<TlsSetup> {
+    use tokio_rustls::rustls;
+    let names = vec![
+        "127.0.0.1".to_string(),
+        "localhost".to_string(),
+        "::1".to_string(),
+    ];
+    let ck = rcgen::generate_simple_self_signed(names)?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)?;
+    cfg.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(TlsSetup {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        ca_pem: ck.cert.pem(),
+    })
 }
 
 // ---------------------------------------------------------------- bodies
@@ -189,6 +288,7 @@ struct MediaBody {
     done: bool,
     shared: Arc<Shared>,
     rst: Arc<AtomicBool>,
+    kill: Arc<tokio::sync::Notify>,
 }
 
 impl TBody {
@@ -275,6 +375,7 @@ impl MediaBody {
                     Some(Fault::Reset) => {
                         self.done = true;
                         self.rst.store(true, Ordering::Relaxed);
+                        self.kill.notify_one();
                         return Poll::Ready(Some(Err(Box::new(BodyAbort(
                             "testbed: injected reset",
                         )))));
@@ -456,9 +557,16 @@ fn route(path: &str) -> Route {
 }
 
 fn base_url(ctx: &ConnCtx, req: &Request<Incoming>) -> String {
-    match req.headers().get(HOST).and_then(|h| h.to_str().ok()) {
-        Some(h) => format!("http://{h}"),
-        None => format!("http://{}", ctx.local),
+    // h2 carries the host as :authority (in the URI), not as a Host header.
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) => format!("{}://{h}", ctx.scheme),
+        None => format!("{}://{}", ctx.scheme, ctx.local),
     }
 }
 
@@ -646,10 +754,12 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Resp, Abort
         _ => RequestKind::Other,
     };
     shared.stats.request(kind);
+    shared.stats.protocol(ctx.h2);
     let knobs = shared.knobs();
 
     if knobs.unavailable {
         ctx.rst.store(true, Ordering::Relaxed);
+        ctx.kill.notify_one();
         return Err(Abort);
     }
     let latency = knobs.first_byte_latency + knobs.latency_jitter.mul_f64(shared.unit());
@@ -1028,6 +1138,7 @@ async fn object(
                 done: false,
                 shared: shared.clone(),
                 rst: ctx.rst.clone(),
+                kill: ctx.kill.clone(),
                 corrupt_at,
             })),
         }

@@ -30,6 +30,9 @@ pub(crate) struct Stats {
     faults: [AtomicU64; 7],
     bytes_sent: AtomicU64,
     status: Box<[AtomicU64]>,
+    /// Storage requests served over [http/1.1, h2].
+    proto: [AtomicU64; 2],
+    tls_failed: AtomicU64,
 }
 
 impl Default for Stats {
@@ -39,6 +42,8 @@ impl Default for Stats {
             faults: Default::default(),
             bytes_sent: AtomicU64::new(0),
             status: (0..600).map(|_| AtomicU64::new(0)).collect(),
+            proto: Default::default(),
+            tls_failed: AtomicU64::new(0),
         }
     }
 }
@@ -49,6 +54,12 @@ impl Stats {
     }
     pub fn fault(&self, k: FaultKind) {
         self.faults[k as usize].fetch_add(1, Relaxed);
+    }
+    pub fn protocol(&self, h2: bool) {
+        self.proto[h2 as usize].fetch_add(1, Relaxed);
+    }
+    pub fn tls_handshake_failed(&self) {
+        self.tls_failed.fetch_add(1, Relaxed);
     }
     pub fn bytes(&self, n: u64) {
         self.bytes_sent.fetch_add(n, Relaxed);
@@ -64,6 +75,8 @@ impl Stats {
             .iter()
             .chain(self.faults.iter())
             .chain(self.status.iter())
+            .chain(self.proto.iter())
+            .chain(std::iter::once(&self.tls_failed))
         {
             c.store(0, Relaxed);
         }
@@ -89,6 +102,11 @@ impl Stats {
                 stall: f(FaultKind::Stall),
                 corrupt: f(FaultKind::Corrupt),
                 malformed: f(FaultKind::Malformed),
+            },
+            protocols: ProtocolCounts {
+                http1: self.proto[0].load(Relaxed),
+                http2: self.proto[1].load(Relaxed),
+                tls_handshake_failed: self.tls_failed.load(Relaxed),
             },
             responses: self
                 .status
@@ -131,7 +149,18 @@ pub struct StatsSnapshot {
     pub requests: RequestCounts,
     pub bytes_sent: u64,
     pub faults: FaultCounts,
+    #[serde(default)]
+    pub protocols: ProtocolCounts,
     pub responses: BTreeMap<String, u64>,
+}
+
+/// Which HTTP version served the storage requests, and TLS handshakes refused (e.g. by a
+/// client that does not trust the certificate).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProtocolCounts {
+    pub http1: u64,
+    pub http2: u64,
+    pub tls_handshake_failed: u64,
 }
 
 impl StatsSnapshot {

@@ -1238,7 +1238,7 @@ impl TestbedProc {
         let line = proc.wait_for_line(timeout, |l| l.starts_with(READY));
         let endpoint = line[READY.len()..].trim().to_string();
         assert!(
-            endpoint.starts_with("http://127.0.0.1:"),
+            endpoint.starts_with("http://127.0.0.1:") || endpoint.starts_with("https://127.0.0.1:"),
             "unexpected listening line {line:?}"
         );
         TestbedProc {
@@ -1430,4 +1430,83 @@ pub fn sha256sum_check(root: &Path) -> usize {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout.lines().filter(|l| l.ends_with(": OK")).count()
+}
+
+// =============================================================================================
+// The testbed over TLS (`--tls`): its certificate in a file, control calls that trust it.
+// =============================================================================================
+
+/// A `physiofs testbed --tls` process and the file holding the certificate clients must trust.
+pub struct TlsTestbed {
+    pub testbed: TestbedProc,
+    pub ca_file: PathBuf,
+    _dir: TempDir,
+}
+
+impl TlsTestbed {
+    /// `physiofs testbed --tls --tls-ca-out DIR/ca.pem ARGS...`.
+    pub fn start(args: &[&str]) -> TlsTestbed {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        let ca = ca_file.to_str().unwrap().to_string();
+        let mut full = vec!["--tls", "--tls-ca-out", &ca];
+        full.extend_from_slice(args);
+        let testbed = TestbedProc::start(&full);
+        assert!(
+            testbed.endpoint.starts_with("https://"),
+            "{}",
+            testbed.endpoint
+        );
+        TlsTestbed {
+            testbed,
+            ca_file,
+            _dir: dir,
+        }
+    }
+
+    fn client(&self) -> reqwest::Client {
+        let pem = std::fs::read(&self.ca_file).unwrap();
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(60))
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap()
+    }
+
+    /// The testbed's counters (`GET /_testbed/stats`, over HTTPS).
+    pub fn stats(&self) -> serde_json::Value {
+        let url = format!("{}/_testbed/stats", self.testbed.endpoint);
+        block_on(async {
+            let r = self.client().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200, "GET {url}");
+            r.json().await.unwrap()
+        })
+    }
+
+    /// Changes fault knobs at runtime (`POST /_testbed/faults`, over HTTPS).
+    pub fn set_faults(&self, json: &str) {
+        let url = format!("{}/_testbed/faults", self.testbed.endpoint);
+        block_on(async {
+            let r = self
+                .client()
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(json.to_string())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let text = r.text().await.unwrap_or_default();
+            assert_eq!(status, 200, "POST {url} {json}: {text}");
+        })
+    }
+
+    /// `TestbedProc::mount_args` plus `--ca-file CA`.
+    pub fn mount_args(&self, bucket: &str, extra: &[&str]) -> Vec<OsString> {
+        let mut v = self.testbed.mount_args(bucket, extra);
+        v.push("--ca-file".into());
+        v.push(self.ca_file.clone().into());
+        v
+    }
 }
