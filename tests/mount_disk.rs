@@ -325,3 +325,129 @@ fn walk_files(root: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Restores `/dev/fuse`'s mode when dropped (non-root mounts need Debian's 0666).
+struct DevFuseMode(u32);
+
+impl DevFuseMode {
+    fn open_to_all() -> DevFuseMode {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666)).unwrap();
+        DevFuseMode(mode)
+    }
+}
+
+impl Drop for DevFuseMode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+/// The uid and gid of a system user for non-root mounts, created if missing.
+fn test_user() -> (u32, u32) {
+    const USER: &str = "physiofs-test";
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id")
+            .args([flag, USER])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u32>()
+            .ok()
+    };
+    if id("-u").is_none() {
+        let st = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", USER])
+            .status()
+            .expect("useradd (passwd package)");
+        assert!(st.success() || id("-u").is_some(), "useradd {USER} failed");
+    }
+    (id("-u").unwrap(), id("-g").unwrap())
+}
+
+#[test]
+fn a_non_root_mount_falls_back_to_serving_cached_bytes_and_stays_exact() {
+    use std::os::unix::process::CommandExt;
+    let s = setup();
+    let (uid, gid) = test_user();
+    let _fuse = DevFuseMode::open_to_all();
+    // A tree the user can reach: a world-traversable temp dir with its own subdirectories.
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        base.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (mp, cache) = (base.path().join("mnt"), base.path().join("cache"));
+    for d in [&mp, &cache] {
+        std::fs::create_dir(d).unwrap();
+        std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+    }
+    let names: Vec<String> = s.want.keys().cloned().collect();
+    let round = |expect_no_media: bool| {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let args = s.tb.mount_args(
+            BUCKET,
+            &[
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--metadata-cache",
+                "off",
+                "--metrics-addr",
+                &addr,
+            ],
+        );
+        let mut cmd = physiofs_command(&args, &mp);
+        cmd.uid(uid).gid(gid).env("HOME", base.path());
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let t0 = std::time::Instant::now();
+        while mount_entry(&mp).is_none() {
+            assert!(
+                t0.elapsed() < MOUNT_TIMEOUT,
+                "non-root mount did not appear"
+            );
+            assert!(child.try_wait().unwrap().is_none(), "non-root mount exited");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s.tb.reset_stats();
+        // Read as the user (without --allow-other, even root may not read the mount).
+        let out = std::process::Command::new("sha256sum")
+            .args(&names)
+            .current_dir(&mp)
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for (sum, name) in parse_sums(&text) {
+            assert_eq!(
+                Some(&sum),
+                s.want.get(&name),
+                "{name} read by a non-root mount"
+            );
+        }
+        assert_eq!(parse_sums(&text).len(), names.len());
+        assert_eq!(prometheus_metric(&addr, "passthrough_opens_total"), 0);
+        if expect_no_media {
+            assert_eq!(media_gets(&s.tb), 0, "{}", s.tb.stats());
+            assert!(prometheus_metric(&addr, "disk_cache_hits_total") > 0);
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+        assert_not_mounted(&mp, "non-root mount after SIGTERM");
+    };
+    round(false);
+    drop_page_cache();
+    round(true);
+}
