@@ -101,6 +101,16 @@ const NO_BILLING_PROJECT: &str = "the bucket is requester-pays and no billing pr
      found: pass --billing-project YOUR_GCP_PROJECT (or set PHYSIOFS_BILLING_PROJECT or \
      GOOGLE_CLOUD_PROJECT, or run `gcloud config set project YOUR_GCP_PROJECT`)";
 
+/// What mounting needs of the machine: the FUSE device, `fusermount3` (not root), and
+/// `user_allow_other` (with `--allow-other`), for user `uid`.
+pub fn fuse(allow_other_wanted: bool, uid: u32) -> Vec<Check> {
+    vec![
+        fuse_device(Path::new("/dev/fuse")),
+        fusermount(uid, std::env::var_os("PATH").as_deref()),
+        allow_other(allow_other_wanted, uid, Path::new("/etc/fuse.conf")),
+    ]
+}
+
 /// The kernel's FUSE device exists (the fuse module is loaded, or built in).
 pub fn fuse_device(dev: &Path) -> Check {
     use std::os::unix::fs::FileTypeExt;

@@ -51,11 +51,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
 /// connection, a listed object) are skipped when it failed.
 pub async fn checklist(plan: &MountPlan, mount_point: bool) -> Vec<Check> {
     let uid = Env::capture().uid;
-    let mut out = vec![
-        checks::fuse_device(Path::new("/dev/fuse")),
-        checks::fusermount(uid, std::env::var_os("PATH").as_deref()),
-        checks::allow_other(plan.allow_other, uid, Path::new("/etc/fuse.conf")),
-    ];
+    let mut out = checks::fuse(plan.allow_other, uid);
     if mount_point {
         out.push(checks::mount_point(&plan.mountpoint));
     }

@@ -19,19 +19,12 @@ use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
 use crate::plan::{Env, MountPlan};
 
-/// The checks that need no mount point: the plan's (bucket, endpoint), then the credentials,
-/// whose token provider it returns. Stops at the first failure, with its error.
+/// The checks that need no mount point: FUSE on this machine, the plan's (bucket, endpoint),
+/// then the credentials, whose token provider it returns. Stops at the first failure, with
+/// its error.
 pub async fn prepare(plan: &MountPlan) -> anyhow::Result<TokenSource> {
     let uid = Env::capture().uid;
-    checks::first_failure([
-        checks::fuse_device(std::path::Path::new("/dev/fuse")),
-        checks::fusermount(uid, std::env::var_os("PATH").as_deref()),
-        checks::allow_other(
-            plan.allow_other,
-            uid,
-            std::path::Path::new("/etc/fuse.conf"),
-        ),
-    ])?;
+    checks::first_failure(checks::fuse(plan.allow_other, uid))?;
     checks::first_failure(checks::plan(plan))?;
     let tokens = TokenSource::build(&plan.credentials).await;
     checks::first_failure([checks::credentials(&tokens)])?;
