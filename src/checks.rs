@@ -6,6 +6,7 @@
 //! as values, means both say the same thing, and each explanation can be tested on its own.
 
 use std::path::Path;
+use std::time::Duration;
 
 use crate::client::ClientError;
 use crate::client::auth::{AuthError, TokenSource};
@@ -69,15 +70,15 @@ impl Check {
 }
 
 impl std::fmt::Display for Check {
-    /// One line per check for a report, e.g. `ok    bucket: b` or `FAIL  mount point: ...`
-    /// followed by an indented `fix:` line.
+    /// One line per check for a report, e.g. `✓ bucket: b` or `✗ mount point: ...` followed
+    /// by an indented `fix:` line; `-` for a check not made.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.outcome {
-            Outcome::Pass(found) => write!(f, "ok    {}: {found}", self.name),
+            Outcome::Pass(found) => write!(f, "✓ {}: {found}", self.name),
             Outcome::Fail { cause, fix } => {
-                write!(f, "FAIL  {}: {cause}\n      fix: {fix}", self.name)
+                write!(f, "✗ {}: {cause}\n    fix: {fix}", self.name)
             }
-            Outcome::Skip(why) => write!(f, "skip  {}: {why}", self.name),
+            Outcome::Skip(why) => write!(f, "- {}: {why}", self.name),
         }
     }
 }
@@ -93,6 +94,227 @@ pub fn first_failure(checks: impl IntoIterator<Item = Check>) -> anyhow::Result<
         done.push(c);
     }
     Ok(done)
+}
+
+/// What to do when a requester-pays bucket is asked without a billing project.
+const NO_BILLING_PROJECT: &str = "the bucket is requester-pays and no billing project was \
+     found: pass --billing-project YOUR_GCP_PROJECT (or set PHYSIOFS_BILLING_PROJECT or \
+     GOOGLE_CLOUD_PROJECT, or run `gcloud config set project YOUR_GCP_PROJECT`)";
+
+/// What mounting needs of the machine: the FUSE device, `fusermount3` (not root), and
+/// `user_allow_other` (with `--allow-other`), for user `uid`.
+pub fn fuse(allow_other_wanted: bool, uid: u32) -> Vec<Check> {
+    vec![
+        fuse_device(Path::new("/dev/fuse")),
+        fusermount(uid, std::env::var_os("PATH").as_deref()),
+        allow_other(allow_other_wanted, uid, Path::new("/etc/fuse.conf")),
+    ]
+}
+
+/// The kernel's FUSE device exists (the fuse module is loaded, or built in).
+pub fn fuse_device(dev: &Path) -> Check {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(dev) {
+        Ok(m) if m.file_type().is_char_device() => {
+            Check::pass("fuse device", format!("{} is present", dev.display()))
+        }
+        Ok(_) => Check::fail(
+            "fuse device",
+            format!("{} is not a character device", dev.display()),
+            "load the fuse module (`sudo modprobe fuse`); in a container pass --device /dev/fuse",
+        ),
+        Err(e) => Check::fail(
+            "fuse device",
+            format!("{} is missing: {e}", dev.display()),
+            "load the fuse module (`sudo modprobe fuse`) and install fuse3; in a container \
+             pass --device /dev/fuse --cap-add SYS_ADMIN",
+        ),
+    }
+}
+
+/// Who is not root mounts through `fusermount3` (fuse3's setuid helper), found on `path`
+/// (`PATH`'s value); root mounts with the mount syscall.
+pub fn fusermount(uid: u32, path: Option<&std::ffi::OsStr>) -> Check {
+    if uid == 0 {
+        return Check::skip(
+            "fusermount3",
+            "not needed: root mounts with the mount syscall",
+        );
+    }
+    let found = path
+        .map(std::env::split_paths)
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("fusermount3"))
+        .find(|p| p.is_file());
+    match found {
+        Some(p) => Check::pass("fusermount3", p.display().to_string()),
+        None => Check::fail(
+            "fusermount3",
+            "fusermount3 is not on PATH (mounting as a user needs it)",
+            "install fuse3 (`sudo apt install fuse3`, `sudo dnf install fuse3`)",
+        ),
+    }
+}
+
+/// With `--allow-other`, a user's mount needs `user_allow_other` in /etc/fuse.conf.
+pub fn allow_other(wanted: bool, uid: u32, fuse_conf: &Path) -> Check {
+    const NAME: &str = "user_allow_other";
+    if !wanted {
+        return Check::skip(NAME, "not needed without --allow-other");
+    }
+    if uid == 0 {
+        return Check::skip(NAME, "not needed: root may mount with --allow-other");
+    }
+    let enabled = std::fs::read_to_string(fuse_conf)
+        .map(|t| {
+            t.lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .any(|l| l == NAME)
+        })
+        .unwrap_or(false);
+    if enabled {
+        Check::pass(NAME, format!("enabled in {}", fuse_conf.display()))
+    } else {
+        Check::fail(
+            NAME,
+            format!("--allow-other needs {NAME} in {}", fuse_conf.display()),
+            format!(
+                "add a line `{NAME}` to {} (as root), or mount without --allow-other",
+                fuse_conf.display()
+            ),
+        )
+    }
+}
+
+/// The billing project found, and where; none is a failure only for PhysioNet's buckets,
+/// which are all requester-pays.
+pub fn billing(plan: &MountPlan) -> Check {
+    const NAME: &str = "billing project";
+    match &plan.billing {
+        Some(b) => Check::pass(NAME, b.to_string()),
+        None if plan.gcs.bucket.ends_with(".physionet.org") => Check::fail(
+            NAME,
+            format!(
+                "none found, and gs://{} is requester-pays (looked at --billing-project, \
+                 PHYSIOFS_BILLING_PROJECT, GOOGLE_CLOUD_PROJECT, CLOUDSDK_CORE_PROJECT, the \
+                 gcloud configuration's core/project, the key's project_id)",
+                plan.gcs.bucket
+            ),
+            NO_BILLING_PROJECT,
+        ),
+        None => Check::pass(NAME, "none (fine unless the bucket is requester-pays)"),
+    }
+}
+
+/// A TCP connection to the endpoint's host could be made (name resolution included):
+/// `connected` is the address reached, or why not.
+pub fn connection(endpoint: &str, connected: Result<std::net::SocketAddr, String>) -> Check {
+    match connected {
+        Ok(addr) => Check::pass("connection", format!("{endpoint} ({addr})")),
+        Err(e) => Check::fail(
+            "connection",
+            format!("cannot connect to {endpoint}: {e}"),
+            format!(
+                "is the endpoint {endpoint} right and reachable? (--endpoint, \
+                 STORAGE_EMULATOR_HOST; a proxy or firewall in between; DNS)"
+            ),
+        ),
+    }
+}
+
+/// One small ranged read of `object`, what it took, or why it failed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadSample {
+    pub object: String,
+    pub bytes: u64,
+    /// From sending the small request to its last byte (it is small, so this is about the
+    /// time to the first byte).
+    pub first_byte: Duration,
+    /// A larger read's bytes and time, for throughput.
+    pub bulk: Option<(u64, Duration)>,
+}
+
+/// The read check: `object` could be read (or which error), explained like the access check.
+pub fn read(gcs: &GcsConfig, read: Option<Result<ReadSample, (String, &ClientError)>>) -> Check {
+    const NAME: &str = "read";
+    let (object, e) = match read {
+        None => return Check::skip(NAME, "no object to read (the listing failed or was empty)"),
+        Some(Ok(r)) => {
+            return Check::pass(
+                NAME,
+                format!("gs://{}/{} ({} bytes)", gcs.bucket, r.object, r.bytes),
+            );
+        }
+        Some(Err((object, e))) => (object, e),
+    };
+    let fix = match e {
+        ClientError::Denied { status: 403, .. } | ClientError::Denied { status: 401, .. } => {
+            "listing works but reading does not: on PhysioNet, sign the data use agreement \
+             and click \"Request access using Google Cloud\" on the MIMIC-CXR (or \
+             MIMIC-CXR-JPG) page with the account above, then wait ten minutes"
+                .to_string()
+        }
+        ClientError::Denied { status: 400, .. } => NO_BILLING_PROJECT.to_string(),
+        _ => "see the message above".to_string(),
+    };
+    Check::fail(
+        NAME,
+        format!("cannot read gs://{}/{object}: {e}", gcs.bucket),
+        fix,
+    )
+}
+
+/// First-byte latency and throughput of the read (never a failure: slow still works).
+pub fn speed(read: Option<&ReadSample>) -> Check {
+    const NAME: &str = "speed";
+    let Some(r) = read else {
+        return Check::skip(NAME, "nothing was read");
+    };
+    let mut found = format!("first byte in {} ms", r.first_byte.as_millis());
+    if let Some((bytes, took)) = r.bulk {
+        let rate = bytes as f64 / took.as_secs_f64().max(1e-6) / 1e6;
+        found.push_str(&format!(", {rate:.1} MB/s over {bytes} bytes"));
+    }
+    Check::pass(NAME, found)
+}
+
+/// Whether the kernel can pass reads of cached files straight to them (FUSE passthrough,
+/// Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH, root only). Never a failure: without it reads
+/// go through physiofs. `config` is the kernel config text, if readable.
+pub fn passthrough(uid: u32, release: &str, config: Option<&str>) -> Check {
+    const NAME: &str = "passthrough";
+    let version: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    if version.len() < 2 || (version[0], version[1]) < (6, 9) {
+        return Check::skip(
+            NAME,
+            format!("kernel {release} has none (it needs 6.9 or later); reads go through physiofs"),
+        );
+    }
+    if let Some(c) = config
+        && !c.lines().any(|l| l.trim() == "CONFIG_FUSE_PASSTHROUGH=y")
+    {
+        return Check::skip(
+            NAME,
+            format!("kernel {release} is built without CONFIG_FUSE_PASSTHROUGH"),
+        );
+    }
+    let built = if config.is_some() {
+        "CONFIG_FUSE_PASSTHROUGH=y"
+    } else {
+        "kernel config not readable"
+    };
+    if uid != 0 {
+        return Check::skip(
+            NAME,
+            format!("kernel {release} ({built}), but it needs root (CAP_SYS_ADMIN)"),
+        );
+    }
+    Check::pass(NAME, format!("kernel {release} ({built})"))
 }
 
 /// What can be checked of a plan without I/O: the bucket name and the endpoint URL.
@@ -164,12 +386,20 @@ pub fn access(gcs: &GcsConfig, prefix: &str, probed: Result<String, &ClientError
     };
     let fix = match e {
         ClientError::NotFound(_) => format!(
-            "the bucket {} does not exist at {} (check --bucket; for an emulator check --endpoint)",
-            gcs.bucket, gcs.endpoint
+            "the bucket {} does not exist at {} (check --bucket; for an emulator check \
+             --endpoint). PhysioNet's buckets are {} (MIMIC-CXR, DICOM) and {} (MIMIC-CXR-JPG)",
+            gcs.bucket,
+            gcs.endpoint,
+            crate::model::DICOM_BUCKET,
+            crate::model::JPG_BUCKET
         ),
-        ClientError::Denied { status: 400, .. } => {
-            "the bucket is requester-pays: pass --billing-project YOUR_GCP_PROJECT".to_string()
+        ClientError::Denied { status: 400, .. } if gcs.billing_project.is_none() => {
+            NO_BILLING_PROJECT.to_string()
         }
+        ClientError::Denied { status: 400, .. } => format!(
+            "check that the billing project {} exists and is yours (--billing-project)",
+            gcs.billing_project.as_deref().unwrap_or_default()
+        ),
         ClientError::Denied { status: 401, .. } => "no valid credentials: run `gcloud auth \
              application-default login` (or pass --key-file)"
             .to_string(),
@@ -264,11 +494,11 @@ mod tests {
         assert_eq!(ran, ["a", "b", "c"]);
         let all = first_failure([Check::pass("a", "fine"), Check::skip("b", "why")]).unwrap();
         assert_eq!(all.len(), 2);
-        assert_eq!(all[0].to_string(), "ok    a: fine");
-        assert_eq!(all[1].to_string(), "skip  b: why");
+        assert_eq!(all[0].to_string(), "✓ a: fine");
+        assert_eq!(all[1].to_string(), "- b: why");
         assert_eq!(
             Check::fail("c", "broken", "mend it").to_string(),
-            "FAIL  c: broken\n      fix: mend it"
+            "✗ c: broken\n    fix: mend it"
         );
     }
 
@@ -339,5 +569,118 @@ mod tests {
         );
         let c = credentials(&Ok(TokenSource::Anonymous));
         assert_eq!(c, Check::pass("credentials", "anonymous"));
+    }
+
+    #[test]
+    fn fuse_device_fusermount_and_allow_other() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!fuse_device(Path::new("/dev/null")).failed());
+        let e = error_of(&fuse_device(&dir.path().join("fuse")));
+        assert!(
+            e.contains("is missing") && e.contains("modprobe fuse"),
+            "{e}"
+        );
+        assert!(error_of(&fuse_device(dir.path())).contains("not a character device"));
+
+        assert!(matches!(fusermount(0, None).outcome, Outcome::Skip(_)));
+        let e = error_of(&fusermount(1000, Some(dir.path().as_os_str())));
+        assert!(
+            e.contains("not on PATH") && e.contains("install fuse3"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("fusermount3"), b"").unwrap();
+        let path = std::env::join_paths(["/nonexistent".into(), dir.path().to_path_buf()]).unwrap();
+        assert_eq!(
+            fusermount(1000, Some(&path)),
+            Check::pass(
+                "fusermount3",
+                dir.path().join("fusermount3").display().to_string()
+            )
+        );
+
+        let conf = dir.path().join("fuse.conf");
+        assert!(matches!(
+            allow_other(false, 1000, &conf).outcome,
+            Outcome::Skip(_)
+        ));
+        assert!(matches!(
+            allow_other(true, 0, &conf).outcome,
+            Outcome::Skip(_)
+        ));
+        std::fs::write(&conf, "# user_allow_other\nmount_max = 1000\n").unwrap();
+        let e = error_of(&allow_other(true, 1000, &conf));
+        assert!(e.contains("add a line `user_allow_other`"), "{e}");
+        std::fs::write(&conf, "mount_max = 1000\n user_allow_other \n").unwrap();
+        assert!(!allow_other(true, 1000, &conf).failed());
+    }
+
+    #[test]
+    fn billing_is_required_only_for_physionet_buckets() {
+        let e = error_of(&billing(&plan(&[
+            "--bucket",
+            "mimic-cxr-2.0.0.physionet.org",
+        ])));
+        assert!(
+            e.contains("none found") && e.contains("GOOGLE_CLOUD_PROJECT"),
+            "{e}"
+        );
+        assert!(!billing(&plan(&["--bucket", "other"])).failed());
+        let ok = billing(&plan(&["--billing-project", "p"]));
+        assert_eq!(ok, Check::pass("billing project", "p (--billing-project)"));
+        // The access check says the same when a requester-pays bucket answers 400.
+        let gcs = plan(&["--bucket", "b"]).gcs;
+        let denied = ClientError::Denied {
+            status: 400,
+            message: "requester pays".into(),
+        };
+        assert!(error_of(&access(&gcs, "", Err(&denied))).contains(NO_BILLING_PROJECT));
+        let gcs = plan(&["--bucket", "b", "--billing-project", "p"]).gcs;
+        assert!(error_of(&access(&gcs, "", Err(&denied))).contains("billing project p exists"));
+    }
+
+    #[test]
+    fn reads_speed_and_passthrough() {
+        let gcs = plan(&["--bucket", "b"]).gcs;
+        let sample = ReadSample {
+            object: "LICENSE.txt".into(),
+            bytes: 4096,
+            first_byte: Duration::from_millis(12),
+            bulk: Some((2_000_000, Duration::from_secs(1))),
+        };
+        assert_eq!(
+            read(&gcs, Some(Ok(sample.clone()))),
+            Check::pass("read", "gs://b/LICENSE.txt (4096 bytes)")
+        );
+        let denied = ClientError::Denied {
+            status: 403,
+            message: "no".into(),
+        };
+        let e = error_of(&read(&gcs, Some(Err(("x".into(), &denied)))));
+        assert!(
+            e.starts_with("cannot read gs://b/x") && e.contains("wait ten minutes"),
+            "{e}"
+        );
+        assert!(matches!(read(&gcs, None).outcome, Outcome::Skip(_)));
+        assert_eq!(
+            speed(Some(&sample)),
+            Check::pass("speed", "first byte in 12 ms, 2.0 MB/s over 2000000 bytes")
+        );
+        let skipped = |c: Check| match c.outcome {
+            Outcome::Skip(why) => why,
+            o => panic!("{o:?}"),
+        };
+        assert!(skipped(passthrough(0, "6.8.0-45-generic", None)).contains("needs 6.9"));
+        assert!(
+            skipped(passthrough(0, "6.12.1", Some("CONFIG_FUSE_FS=y\n")))
+                .contains("without CONFIG_FUSE_PASSTHROUGH")
+        );
+        assert!(skipped(passthrough(1000, "6.12.1", None)).contains("needs root"));
+        assert_eq!(
+            passthrough(0, "6.18.44-fc", Some("CONFIG_FUSE_PASSTHROUGH=y\n")),
+            Check::pass(
+                "passthrough",
+                "kernel 6.18.44-fc (CONFIG_FUSE_PASSTHROUGH=y)"
+            )
+        );
     }
 }

@@ -40,6 +40,18 @@ pub enum Command {
     /// Serve a GCS JSON API testbed on loopback (a dataset model or a local folder), with
     /// latency, bandwidth and fault knobs, for tests and benchmarks.
     Testbed(TestbedArgs),
+    /// Check a setup without mounting: FUSE, credentials and whose they are, the billing
+    /// project, the connection, list and read access to the bucket, a sample read's speed.
+    /// Takes `mount`'s flags (the mount point is optional). Exit 0 only if a mount would work.
+    Doctor(DoctorArgs),
+}
+
+/// `physiofs doctor [MOUNTPOINT] [mount flags]`.
+#[derive(Debug, Clone, Args)]
+#[command(mut_arg("mountpoint", |a| a.required(false).default_value(".")))]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub mount: MountArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -56,8 +68,10 @@ pub struct MountArgs {
     pub prefix: Option<String>,
 
     /// Google Cloud project billed for requests, sent as `userProject` on every call.
-    /// PhysioNet's buckets are requester-pays, so this is required for them.
-    #[arg(long, env = "PHYSIOFS_BILLING_PROJECT", help_heading = "Bucket")]
+    /// PhysioNet's buckets are requester-pays, so one is required for them. If not given:
+    /// PHYSIOFS_BILLING_PROJECT, GOOGLE_CLOUD_PROJECT, CLOUDSDK_CORE_PROJECT, the active
+    /// gcloud configuration's core/project, then the service-account key's project_id.
+    #[arg(long, help_heading = "Bucket")]
     pub billing_project: Option<String>,
 
     /// Service root URL; `/storage/v1` is appended. For emulators and private endpoints.
@@ -368,6 +382,30 @@ pub struct TestbedArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doctor_takes_mount_flags_and_an_optional_mount_point() {
+        let doctor = |argv: &[&str]| match Cli::try_parse_from(argv).unwrap().command {
+            Command::Doctor(a) => a.mount,
+            other => panic!("{other:?}"),
+        };
+        let a = doctor(&[
+            "physiofs",
+            "doctor",
+            "--bucket",
+            "b",
+            "--billing-project",
+            "p",
+        ]);
+        assert_eq!(
+            (a.mountpoint, a.bucket, a.billing_project),
+            (".".into(), "b".into(), Some("p".into()))
+        );
+        assert_eq!(
+            doctor(&["physiofs", "doctor", "/mnt/x"]).mountpoint,
+            PathBuf::from("/mnt/x")
+        );
+    }
 
     #[test]
     fn mount_defaults_are_the_flags_defaults() {

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod demo;
+pub mod doctor;
 pub mod error;
 pub mod fs;
 pub mod fuse;

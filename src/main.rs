@@ -51,6 +51,7 @@ fn main() {
         Command::Mount(a) => (a.verbose, a.log_level.clone()),
         Command::Demo(a) => (a.verbose, None),
         Command::Testbed(_) => (0, None),
+        Command::Doctor(a) => (a.mount.verbose, a.mount.log_level.clone()),
     };
     physiofs::logging::init(verbose, level.as_deref(), log_file);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -62,6 +63,7 @@ fn main() {
         match cli.command {
             Command::Mount(a) => physiofs::mount::run(a, notify.as_ref()).await,
             Command::Demo(a) => physiofs::demo::run(a).await,
+            Command::Doctor(a) => physiofs::doctor::run(a).await,
             Command::Testbed(a) => {
                 let source: std::sync::Arc<dyn physiofs::testbed::ObjectSource> =
                     match physiofs::testbed::dir_source(&a)? {

@@ -19,9 +19,12 @@ use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
 use crate::plan::{Env, MountPlan};
 
-/// The checks that need no mount point: the plan's (bucket, endpoint), then the credentials,
-/// whose token provider it returns. Stops at the first failure, with its error.
+/// The checks that need no mount point: FUSE on this machine, the plan's (bucket, endpoint),
+/// then the credentials, whose token provider it returns. Stops at the first failure, with
+/// its error.
 pub async fn prepare(plan: &MountPlan) -> anyhow::Result<TokenSource> {
+    let uid = Env::capture().uid;
+    checks::first_failure(checks::fuse(plan.allow_other, uid))?;
     checks::first_failure(checks::plan(plan))?;
     let tokens = TokenSource::build(&plan.credentials).await;
     checks::first_failure([checks::credentials(&tokens)])?;
@@ -422,9 +425,13 @@ async fn open_disk(
 /// the mount ready to the waiting parent once it serves.
 pub async fn run(args: MountArgs, notify: Option<&Notify>) -> anyhow::Result<()> {
     crate::stale::check_mountpoint(&args.mountpoint, args.force)?;
-    let plan = MountPlan::resolve(&args, &Env::capture())?;
+    let plan = MountPlan::resolve(&args, &Env::capture_for(&args))?;
     let tokens = prepare(&plan).await?;
     eprintln!("physiofs: credentials: {}", tokens.credentials());
+    match &plan.billing {
+        Some(b) => eprintln!("physiofs: billing project: {b}"),
+        None => eprintln!("physiofs: billing project: none"),
+    }
     let target = plan.target();
     let endpoint = plan.gcs.endpoint.clone();
     let metrics_addr = plan.metrics_addr;

@@ -9,8 +9,9 @@
 //! needs the file system or the network (the mount point, building the token provider, the
 //! access probe) is checked afterwards, as `checks` in order.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
@@ -36,6 +37,16 @@ pub struct Env {
     /// Where metadata snapshots go by default (`XDG_CACHE_HOME`, `HOME`, or root's
     /// `/var/cache`); None = nowhere to put them.
     pub cache_dir: Option<PathBuf>,
+    /// `PHYSIOFS_BILLING_PROJECT`, `GOOGLE_CLOUD_PROJECT`, `CLOUDSDK_CORE_PROJECT` (empty
+    /// counts as unset).
+    pub physiofs_billing_project: Option<String>,
+    pub google_cloud_project: Option<String>,
+    pub cloudsdk_core_project: Option<String>,
+    /// The active gcloud configuration's `core/project`, and the file it was read from.
+    pub gcloud_project: Option<(String, PathBuf)>,
+    /// The `project_id` of the service-account keys that may be used (`--key-file`'s,
+    /// `GOOGLE_APPLICATION_CREDENTIALS`'s), by path.
+    pub key_projects: BTreeMap<PathBuf, String>,
 }
 
 impl Env {
@@ -44,15 +55,165 @@ impl Env {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        Env {
+        let mut env = Env {
             uid,
             gid,
             storage_emulator_host: var("STORAGE_EMULATOR_HOST"),
             google_application_credentials: var(GOOGLE_APPLICATION_CREDENTIALS),
             home: var("HOME").map(PathBuf::from),
             cache_dir: crate::snapshot::default_dir(),
+            physiofs_billing_project: var("PHYSIOFS_BILLING_PROJECT"),
+            google_cloud_project: var("GOOGLE_CLOUD_PROJECT"),
+            cloudsdk_core_project: var("CLOUDSDK_CORE_PROJECT"),
+            gcloud_project: gcloud_config_dir(var("CLOUDSDK_CONFIG"), var("HOME"))
+                .and_then(|dir| gcloud_project(&dir)),
+            key_projects: BTreeMap::new(),
+        };
+        if let Some(path) = env.google_application_credentials.clone() {
+            env.read_key_project(Path::new(&path));
+        }
+        env
+    }
+
+    /// [`Env::capture`], plus the `project_id` of `args`'s `--key-file`.
+    pub fn capture_for(args: &MountArgs) -> Env {
+        let mut env = Env::capture();
+        if let Some(key) = &args.key_file {
+            env.read_key_project(key);
+        }
+        env
+    }
+
+    /// Remembers a key file's `project_id`, if it is readable and has one.
+    fn read_key_project(&mut self, path: &Path) {
+        let project = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| Some(v.get("project_id")?.as_str()?.trim().to_string()))
+            .filter(|p| !p.is_empty());
+        if let Some(p) = project {
+            self.key_projects.insert(path.to_path_buf(), p);
         }
     }
+}
+
+/// gcloud's configuration directory: `CLOUDSDK_CONFIG`, else `~/.config/gcloud`.
+fn gcloud_config_dir(cloudsdk_config: Option<String>, home: Option<String>) -> Option<PathBuf> {
+    match (cloudsdk_config, home) {
+        (Some(dir), _) => Some(PathBuf::from(dir)),
+        (None, Some(home)) => Some(Path::new(&home).join(".config/gcloud")),
+        (None, None) => None,
+    }
+}
+
+/// The active configuration's `core/project`: `active_config` names it (default `default`),
+/// `configurations/config_NAME` is an INI file.
+pub fn gcloud_project(dir: &Path) -> Option<(String, PathBuf)> {
+    let name = std::fs::read_to_string(dir.join("active_config"))
+        .ok()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into());
+    let file = dir.join("configurations").join(format!("config_{name}"));
+    let text = std::fs::read_to_string(&file).ok()?;
+    ini_value(&text, "core", "project").map(|p| (p, file))
+}
+
+/// `key` in `[section]` of an INI text (gcloud's own format: `key = value`, `#`/`;` comments).
+fn ini_value(text: &str, section: &str, key: &str) -> Option<String> {
+    let mut current = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = s.trim().to_string();
+        } else if current == section
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim() == key
+        {
+            let v = v.trim();
+            return (!v.is_empty()).then(|| v.to_string());
+        }
+    }
+    None
+}
+
+/// Which project is billed for requests (`userProject`), and where it was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BillingProject {
+    pub project: String,
+    pub source: BillingSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BillingSource {
+    /// `--billing-project`.
+    Flag,
+    /// An environment variable.
+    Variable(&'static str),
+    /// `core/project` of the active gcloud configuration, in this file.
+    GcloudConfig(PathBuf),
+    /// `project_id` of the service-account key in use.
+    KeyFile(PathBuf),
+}
+
+impl std::fmt::Display for BillingProject {
+    /// e.g. `my-proj (from GOOGLE_CLOUD_PROJECT)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (", self.project)?;
+        match &self.source {
+            BillingSource::Flag => f.write_str("--billing-project")?,
+            BillingSource::Variable(name) => write!(f, "from {name}")?,
+            BillingSource::GcloudConfig(file) => {
+                write!(f, "core/project of gcloud configuration {}", file.display())?
+            }
+            BillingSource::KeyFile(file) => write!(f, "project_id of key {}", file.display())?,
+        }
+        f.write_str(")")
+    }
+}
+
+/// The billing project: `--billing-project`, then `PHYSIOFS_BILLING_PROJECT`,
+/// `GOOGLE_CLOUD_PROJECT`, `CLOUDSDK_CORE_PROJECT`, the active gcloud configuration's
+/// `core/project`, the service-account key's `project_id` (the first found).
+fn billing_project(
+    args: &MountArgs,
+    env: &Env,
+    credentials: &Credentials,
+) -> Option<BillingProject> {
+    let found = |project: &str, source| BillingProject {
+        project: project.to_string(),
+        source,
+    };
+    if let Some(p) = args.billing_project.as_deref().map(str::trim)
+        && !p.is_empty()
+    {
+        return Some(found(p, BillingSource::Flag));
+    }
+    let vars = [
+        ("PHYSIOFS_BILLING_PROJECT", &env.physiofs_billing_project),
+        ("GOOGLE_CLOUD_PROJECT", &env.google_cloud_project),
+        ("CLOUDSDK_CORE_PROJECT", &env.cloudsdk_core_project),
+    ];
+    if let Some((name, Some(p))) = vars.into_iter().find(|(_, v)| v.is_some()) {
+        return Some(found(p.trim(), BillingSource::Variable(name)));
+    }
+    if let Some((p, file)) = &env.gcloud_project {
+        return Some(found(p, BillingSource::GcloudConfig(file.clone())));
+    }
+    let key = match (&credentials.kind, &credentials.source) {
+        (CredentialKind::Anonymous, _) => None,
+        (_, CredentialSource::File(path)) => Some(path.clone()),
+        (_, CredentialSource::Variable { name, value })
+            if *name == GOOGLE_APPLICATION_CREDENTIALS =>
+        {
+            Some(PathBuf::from(value))
+        }
+        _ => None,
+    }?;
+    let p = env.key_projects.get(&key)?;
+    Some(found(p, BillingSource::KeyFile(key)))
 }
 
 /// Everything needed to mount, resolved from the command line and the environment.
@@ -64,6 +225,8 @@ pub struct MountPlan {
     pub gcs: GcsConfig,
     /// Which credentials; built into a token provider after resolution.
     pub credentials: Credentials,
+    /// The billing project and where it was found (its name is `gcs.billing_project`).
+    pub billing: Option<BillingProject>,
     pub fs: FsConfig,
     /// Bytes of the block cache: `--cache-size` less the read-ahead budget (`fs.prefetch_budget`).
     pub block_cache: u64,
@@ -106,6 +269,7 @@ impl MountPlan {
             (None, None) => GCS_ENDPOINT.to_string(),
         };
         let credentials = credentials(args, env);
+        let billing = billing_project(args, env, &credentials);
         let snapshot_dir = match args.metadata_cache.as_deref() {
             Some("off") | Some("none") => None,
             Some(d) => Some(PathBuf::from(d)),
@@ -137,7 +301,7 @@ impl MountPlan {
             gcs: GcsConfig {
                 endpoint,
                 bucket,
-                billing_project: args.billing_project.clone().filter(|p| !p.is_empty()),
+                billing_project: billing.as_ref().map(|b| b.project.clone()),
                 retry: RetryConfig {
                     max_attempts: args.retries.max(1),
                     deadline: args.retry_deadline,
@@ -151,6 +315,7 @@ impl MountPlan {
                 protocol: args.http_protocol,
             },
             credentials,
+            billing,
             fs,
             block_cache,
             allow_other: args.allow_other,
@@ -362,5 +527,112 @@ mod tests {
         let p = resolve(&["--metadata-cache", "/var/snap"], &Env::default());
         assert_eq!(p.snapshot_dir, Some("/var/snap".into()));
         assert_eq!(resolve(&[], &Env::default()).snapshot_dir, None);
+    }
+
+    #[test]
+    fn billing_project_is_found_in_order_and_says_where() {
+        let key = PathBuf::from("/k.json");
+        let full = Env {
+            physiofs_billing_project: Some("p-physiofs".into()),
+            google_cloud_project: Some("p-google".into()),
+            cloudsdk_core_project: Some("p-cloudsdk".into()),
+            gcloud_project: Some(("p-gcloud".into(), "/g/configurations/config_work".into())),
+            key_projects: [(key.clone(), "p-key".to_string())].into(),
+            ..env()
+        };
+        let found = |flags: &[&str], env: &Env| resolve(flags, env).billing.map(|b| b.to_string());
+        let key_flag = ["--key-file", "/k.json"];
+        let with = |flag: &'static str| {
+            let mut f = key_flag.to_vec();
+            f.extend(["--billing-project", flag]);
+            f
+        };
+        assert_eq!(
+            found(&with("p-flag"), &full).as_deref(),
+            Some("p-flag (--billing-project)")
+        );
+        // An empty flag counts as not given.
+        assert_eq!(
+            found(&with(""), &full).as_deref(),
+            Some("p-physiofs (from PHYSIOFS_BILLING_PROJECT)")
+        );
+        let mut e = full.clone();
+        e.physiofs_billing_project = None;
+        assert_eq!(
+            found(&key_flag, &e).as_deref(),
+            Some("p-google (from GOOGLE_CLOUD_PROJECT)")
+        );
+        e.google_cloud_project = None;
+        assert_eq!(
+            found(&key_flag, &e).as_deref(),
+            Some("p-cloudsdk (from CLOUDSDK_CORE_PROJECT)")
+        );
+        e.cloudsdk_core_project = None;
+        assert_eq!(
+            found(&key_flag, &e).as_deref(),
+            Some("p-gcloud (core/project of gcloud configuration /g/configurations/config_work)")
+        );
+        e.gcloud_project = None;
+        let p = resolve(&key_flag, &e);
+        assert_eq!(
+            p.billing.as_ref().map(|b| b.to_string()).as_deref(),
+            Some("p-key (project_id of key /k.json)")
+        );
+        // What was found is what is sent as userProject.
+        assert_eq!(p.gcs.billing_project.as_deref(), Some("p-key"));
+        // The key's project counts only when that key is used: not anonymous, not another.
+        assert_eq!(found(&["--anonymous"], &e), None);
+        assert_eq!(found(&["--key-file", "/other.json"], &e), None);
+        let gac = Env {
+            google_application_credentials: Some("/k.json".into()),
+            ..e.clone()
+        };
+        assert_eq!(
+            found(&[], &gac).as_deref(),
+            Some("p-key (project_id of key /k.json)")
+        );
+        assert_eq!(resolve(&[], &env()).gcs.billing_project, None);
+    }
+
+    #[test]
+    fn the_active_gcloud_configuration_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(gcloud_project(d), None);
+        std::fs::create_dir(d.join("configurations")).unwrap();
+        let default = d.join("configurations/config_default");
+        std::fs::write(&default, "[core]\naccount = a@b.org\nproject = p-default\n").unwrap();
+        assert_eq!(gcloud_project(d), Some(("p-default".into(), default)));
+        // active_config names another configuration; its [core] project, not another section's.
+        std::fs::write(d.join("active_config"), "work\n").unwrap();
+        let work = d.join("configurations/config_work");
+        std::fs::write(
+            &work,
+            "# comment\n[compute]\nproject = not-this\n[core]\n  project =  p-work \n",
+        )
+        .unwrap();
+        assert_eq!(gcloud_project(d), Some(("p-work".into(), work.clone())));
+        std::fs::write(&work, "[core]\naccount = a@b.org\nproject =\n").unwrap();
+        assert_eq!(gcloud_project(d), None);
+        // CLOUDSDK_CONFIG wins over HOME.
+        assert_eq!(
+            gcloud_config_dir(Some("/c".into()), Some("/h".into())),
+            Some("/c".into())
+        );
+        assert_eq!(
+            gcloud_config_dir(None, Some("/h".into())),
+            Some("/h/.config/gcloud".into())
+        );
+    }
+
+    #[test]
+    fn a_key_files_project_id_is_captured() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k.json");
+        std::fs::write(&k, r#"{"type":"service_account","project_id":"p-key"}"#).unwrap();
+        let mut e = Env::default();
+        e.read_key_project(&k);
+        e.read_key_project(&dir.path().join("missing.json"));
+        assert_eq!(e.key_projects, [(k, "p-key".to_string())].into());
     }
 }

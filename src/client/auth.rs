@@ -8,7 +8,10 @@
 //!
 //! Real use goes through `gcp_auth` (a service-account key file, gcloud's application-default
 //! user credentials, the GCE metadata server, or the gcloud CLI), which caches tokens and
-//! refreshes them before they expire, so asking for a token on every request is cheap.
+//! refreshes them before they expire, so asking for a token on every request is cheap. User
+//! credentials named by GOOGLE_APPLICATION_CREDENTIALS (which gcp_auth refuses, though
+//! `gcloud auth application-default login` writes them and Google's own libraries take them
+//! there) are refreshed here, the same way: one refresh-token grant, kept until near expiry.
 //! Emulators run anonymous; tests can pin a static token.
 
 use std::path::{Path, PathBuf};
@@ -121,6 +124,7 @@ enum Provider {
     None,
     Static(String),
     Gcp(Arc<dyn gcp_auth::TokenProvider>),
+    User(Arc<AuthorizedUser>),
 }
 
 /// Bearer tokens for requests, with the description of the credentials they come from.
@@ -203,6 +207,7 @@ impl TokenSource {
                 .await
                 .map(|t| Some(t.as_str().to_string()))
                 .map_err(|e| ClientError::Auth(format!("cannot obtain an access token: {e}"))),
+            Provider::User(u) => u.token().await.map(Some),
         }
     }
 }
@@ -225,8 +230,8 @@ fn service_account_key(path: &Path, source: CredentialSource) -> Result<TokenSou
     })
 }
 
-/// The key GOOGLE_APPLICATION_CREDENTIALS names. gcp_auth takes only service-account keys
-/// from it, so user credentials there are refused with the way out.
+/// The file GOOGLE_APPLICATION_CREDENTIALS names: a service-account key (through gcp_auth),
+/// or user credentials (`authorized_user`, which gcp_auth refuses there), refreshed here.
 fn application_default_key(
     path: &Path,
     source: CredentialSource,
@@ -239,15 +244,21 @@ fn application_default_key(
              (gcloud's default location is found automatically)"
         ),
     })?;
-    if text.contains("\"authorized_user\"") {
-        return Err(AuthError {
-            cause: format!(
-                "{var} holds user credentials, which must live at \
-                 ~/.config/gcloud/application_default_credentials.json"
-            ),
-            fix: "unset the variable (gcloud's default location is found automatically) or \
-                  pass a service-account key with --key-file"
+    let parsed: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+    if let Some(v) = parsed.as_ref().filter(|v| v["type"] == "authorized_user") {
+        let user = AuthorizedUser::from_json(v).map_err(|e| AuthError {
+            cause: format!("cannot use the user credentials in {var}: {e}"),
+            fix: "run `gcloud auth application-default login` again (it writes a complete \
+                  file), or unset the variable"
                 .into(),
+        })?;
+        return Ok(TokenSource {
+            provider: Provider::User(Arc::new(user)),
+            credentials: Credentials {
+                kind: CredentialKind::GcloudUser,
+                source,
+                account: v["account"].as_str().map(str::to_string),
+            },
         });
     }
     let sa = gcp_auth::CustomServiceAccount::from_json(&text).map_err(|e| AuthError {
@@ -304,6 +315,89 @@ async fn application_default(gcloud_file: Option<PathBuf>) -> Result<TokenSource
               --key-file KEY.json. For an emulator or public bucket use --anonymous"
             .into(),
     })
+}
+
+/// User credentials (`"type": "authorized_user"`, what `gcloud auth application-default
+/// login` writes): the refresh token is exchanged at the file's `token_uri` for an access
+/// token, which is kept until five minutes before it expires.
+struct AuthorizedUser {
+    http: reqwest::Client,
+    token_uri: String,
+    client_id: String,
+    client_secret: String,
+    refresh_token: String,
+    cached: tokio::sync::Mutex<Option<(String, std::time::Instant)>>,
+}
+
+/// How long before its expiry a token is replaced.
+const REFRESH_MARGIN: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl AuthorizedUser {
+    fn from_json(v: &serde_json::Value) -> Result<Self, String> {
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| format!("it has no {k}"))
+        };
+        Ok(AuthorizedUser {
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()
+                .map_err(|e| e.to_string())?,
+            token_uri: field("token_uri")
+                .unwrap_or_else(|_| "https://oauth2.googleapis.com/token".into()),
+            client_id: field("client_id")?,
+            client_secret: field("client_secret")?,
+            refresh_token: field("refresh_token")?,
+            cached: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    async fn token(&self) -> Result<String, ClientError> {
+        let mut cached = self.cached.lock().await;
+        let now = std::time::Instant::now();
+        if let Some((t, expires)) = cached.as_ref()
+            && now + REFRESH_MARGIN < *expires
+        {
+            return Ok(t.clone());
+        }
+        let fail = |e: String| {
+            ClientError::Auth(format!(
+                "cannot refresh the user's access token at {}: {e} (run `gcloud auth \
+                 application-default login` again)",
+                self.token_uri
+            ))
+        };
+        let resp = self
+            .http
+            .post(&self.token_uri)
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("client_id", self.client_id.as_str()),
+                ("client_secret", self.client_secret.as_str()),
+                ("refresh_token", self.refresh_token.as_str()),
+            ])
+            .send()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| fail(e.to_string()))?;
+        if !status.is_success() {
+            return Err(fail(format!("HTTP {status}: {body}")));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| fail(format!("bad JSON: {e}")))?;
+        let token = v["access_token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| fail("no access_token in the answer".into()))?
+            .to_string();
+        let lifetime = std::time::Duration::from_secs(v["expires_in"].as_u64().unwrap_or(3600));
+        *cached = Some((token.clone(), now + lifetime));
+        Ok(token)
+    }
 }
 
 /// A key file's `client_email`, if it has one.
@@ -395,18 +489,77 @@ mod tests {
 
         let user = dir.path().join("adc.json");
         std::fs::write(&user, r#"{"type": "authorized_user", "client_id": "x"}"#).unwrap();
-        let e = TokenSource::build(&Credentials {
+        let e = TokenSource::build(&adc(&user)).await.unwrap_err();
+        assert!(
+            e.cause.contains("user credentials") && e.cause.contains("no client_secret"),
+            "{e:?}"
+        );
+        assert!(e.fix.contains("application-default login"), "{e:?}");
+    }
+
+    fn adc(path: &Path) -> Credentials {
+        Credentials {
             kind: CredentialKind::ApplicationDefault,
             source: CredentialSource::Variable {
                 name: GOOGLE_APPLICATION_CREDENTIALS,
-                value: user.display().to_string(),
+                value: path.display().to_string(),
             },
             account: None,
-        })
+        }
+    }
+
+    /// GOOGLE_APPLICATION_CREDENTIALS naming gcloud's user credentials: the refresh token is
+    /// exchanged at the file's token_uri (the testbed's), and the token kept, not re-asked.
+    #[tokio::test]
+    async fn user_credentials_in_the_variable_are_refreshed_at_their_token_uri() {
+        let server = crate::testbed::start(
+            crate::testbed::TestbedOptions::default(),
+            Arc::new(crate::testbed::mem::MemSource::new()),
+        )
         .await
-        .unwrap_err();
-        assert!(e.cause.contains("holds user credentials"), "{e:?}");
-        assert!(e.fix.contains("unset the variable"), "{e:?}");
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adc.json");
+        let file = |token_uri: &str| {
+            serde_json::json!({
+                "type": "authorized_user",
+                "client_id": "cid.apps.googleusercontent.com",
+                "client_secret": "secret",
+                "refresh_token": "1//refresh",
+                "account": "me@example.org",
+                "token_uri": token_uri,
+            })
+            .to_string()
+        };
+        std::fs::write(&path, file(&format!("{}/token", server.endpoint()))).unwrap();
+        let t = TokenSource::build(&adc(&path)).await.unwrap();
+        assert_eq!(t.credentials().kind, CredentialKind::GcloudUser);
+        assert_eq!(
+            t.credentials().to_string(),
+            format!(
+                "gcloud application-default user credentials from \
+                 GOOGLE_APPLICATION_CREDENTIALS={} (me@example.org)",
+                path.display()
+            )
+        );
+        let first = t.token().await.unwrap().unwrap();
+        assert!(first.starts_with("tbtok-"), "{first}");
+        assert_eq!(t.token().await.unwrap().unwrap(), first);
+        assert!(!format!("{t:?}").contains(&first) && !format!("{t:?}").contains("1//refresh"));
+
+        // A token_uri that refuses: the error says where and what to do.
+        std::fs::write(
+            &path,
+            file(&format!("{}/no-such-endpoint", server.endpoint())),
+        )
+        .unwrap();
+        let t = TokenSource::build(&adc(&path)).await.unwrap();
+        let e = t.token().await.unwrap_err().to_string();
+        assert!(
+            e.contains("cannot refresh") && e.contains("no-such-endpoint") && e.contains("login"),
+            "{e}"
+        );
+        server.shutdown().await;
     }
 
     #[tokio::test]

@@ -591,9 +591,10 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Vec<u8>, String> 
 
 // ---------------------------------------------------------------- handling
 
-/// A stand-in for Google's OAuth token endpoint (`token_uri` of a service-account key):
-/// accepts a JWT-bearer grant asking for the read-only storage scope and hands out a fresh
-/// random `tbtok-…` token. Any other scope is refused, so a client that asks for more fails.
+/// A stand-in for Google's OAuth token endpoint (`token_uri` of a service-account key or of
+/// user credentials): accepts a JWT-bearer grant asking for the read-only storage scope, or
+/// a refresh-token grant, and hands out a fresh random `tbtok-…` token. Any other scope is
+/// refused, so a client that asks for more fails.
 async fn oauth_token(ctx: &ConnCtx, req: Request<Incoming>) -> Resp {
     use base64::Engine;
     if req.method() != Method::POST {
@@ -604,6 +605,17 @@ async fn oauth_token(ctx: &ConnCtx, req: Request<Incoming>) -> Resp {
         Err(e) => return err_resp(400, &e, "invalid"),
     };
     let form = parse_query(std::str::from_utf8(&body).ok());
+    let has = |k: &str| form.get(k).is_some_and(|v| !v.is_empty());
+    let refresh = form.get("grant_type").map(String::as_str) == Some("refresh_token");
+    if refresh && !(has("refresh_token") && has("client_id") && has("client_secret")) {
+        return json_resp(
+            400,
+            r#"{"error":"invalid_request","error_description":"refresh_token, client_id and client_secret are required"}"#.into(),
+        );
+    }
+    if refresh {
+        return json_resp(200, fresh_token(ctx));
+    }
     if form.get("grant_type").map(String::as_str)
         != Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
     {
@@ -630,15 +642,17 @@ async fn oauth_token(ctx: &ConnCtx, req: Request<Incoming>) -> Resp {
             ),
         );
     }
+    json_resp(200, fresh_token(ctx))
+}
+
+/// A new random `tbtok-…` bearer token, as a token endpoint's JSON answer.
+fn fresh_token(ctx: &ConnCtx) -> String {
     let token = format!(
         "tbtok-{:016x}{:016x}",
         ctx.shared.rng.lock().unwrap().next_u64(),
         fastrand::u64(..)
     );
-    json_resp(
-        200,
-        format!(r#"{{"access_token":"{token}","expires_in":3600,"token_type":"Bearer"}}"#),
-    )
+    format!(r#"{{"access_token":"{token}","expires_in":3600,"token_type":"Bearer"}}"#)
 }
 
 /// Breaks a successful answer the way `m` says (when `m` applies to this kind of request).
