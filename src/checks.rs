@@ -282,6 +282,48 @@ pub fn speed(read: Option<&ReadSample>) -> Check {
 /// Whether the kernel can pass reads of cached files straight to them (FUSE passthrough,
 /// Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH, root only). Never a failure: without it reads
 /// go through physiofs. `config` is the kernel config text, if readable.
+/// `--cache-dir`: a directory only this user can write, on a filesystem with room.
+pub fn cache_dir(disk: Option<&crate::plan::DiskPlan>) -> Check {
+    const NAME: &str = "cache dir";
+    let Some(d) = disk else {
+        return Check::skip(NAME, "no --cache-dir: file data is cached in memory only");
+    };
+    if let Err(e) = crate::read::disk::private_dir(&d.dir, true) {
+        return Check::fail(
+            NAME,
+            format!("{e:#}"),
+            "use a directory only you can write, e.g. on a local SSD: --cache-dir /mnt/disks/nvme/physiofs",
+        );
+    }
+    match crate::read::disk::filesystem_space(&d.dir) {
+        Ok((total, free)) if free > total / 20 => Check::pass(
+            NAME,
+            format!(
+                "{}: {} free of {}, cache bound {}",
+                d.dir.display(),
+                bytesize::ByteSize::b(free),
+                bytesize::ByteSize::b(total),
+                bytesize::ByteSize::b(d.size.resolve(total))
+            ),
+        ),
+        Ok((total, free)) => Check::fail(
+            NAME,
+            format!(
+                "{} has {} free of {}: under the 5% the cache leaves free, nothing would be cached",
+                d.dir.display(),
+                bytesize::ByteSize::b(free),
+                bytesize::ByteSize::b(total)
+            ),
+            "free space there, or use --cache-dir on another filesystem",
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("{}: {e}", d.dir.display()),
+            "pass an existing, writable --cache-dir",
+        ),
+    }
+}
+
 pub fn passthrough(uid: u32, release: &str, config: Option<&str>) -> Check {
     const NAME: &str = "passthrough";
     let version: Vec<u32> = release

@@ -84,10 +84,7 @@ pub async fn checklist(plan: &MountPlan, mount_point: bool) -> Vec<Check> {
         }
     }
     out.push(passthrough(uid));
-    out.push(Check::skip(
-        "cache dir",
-        "this build has no --cache-dir (data is cached in memory only)",
-    ));
+    out.push(crate::checks::cache_dir(plan.disk.as_ref()));
     out
 }
 

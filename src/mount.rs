@@ -394,8 +394,8 @@ async fn open_disk(
     plan: &MountPlan,
     mountpoint: &std::path::Path,
 ) -> anyhow::Result<Arc<crate::read::disk::DiskCache>> {
-    use crate::read::disk::{DiskCache, DiskConfig, filesystem_space, private_dir};
-    private_dir(&d.dir, true).map_err(|e| anyhow::anyhow!("--cache-dir: {e}"))?;
+    use crate::read::disk::{DiskCache, DiskConfig, filesystem_space};
+    checks::first_failure([checks::cache_dir(Some(d))])?;
     let (total, _) = filesystem_space(&d.dir)
         .map_err(|e| anyhow::anyhow!("--cache-dir {}: {e}", d.dir.display()))?;
     let cfg = DiskConfig {
