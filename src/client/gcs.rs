@@ -325,13 +325,20 @@ impl GcsClient {
         loop {
             backoff.attempt += 1;
             self.count(kind);
-            let (result, retry_after) = match self.send_once(&url, &[]).await {
-                Ok(resp) => {
-                    let ra = retry_after(&resp);
-                    (check(resp).await, ra)
+            let attempt = async {
+                match self.send_once(&url, &[]).await {
+                    Ok(resp) => {
+                        let ra = retry_after(&resp);
+                        (check(resp).await, ra)
+                    }
+                    Err(e) => (Err(e), None),
                 }
-                Err(e) => (Err(e), None),
             };
+            let (result, retry_after) =
+                match tokio::time::timeout(self.attempt_budget(&backoff), attempt).await {
+                    Ok(r) => r,
+                    Err(_) => (Err(self.past_deadline()), None),
+                };
             match result {
                 Ok(v) => return Ok(v),
                 Err(e) => match backoff.next_delay(&e, retry_after) {
@@ -463,6 +470,28 @@ impl GcsClient {
         Ok(())
     }
 
+    /// How long one attempt may take in all (headers and body): what is left of the retry
+    /// deadline. The stall timeout alone does not bound an attempt, since a body that keeps
+    /// trickling in never stalls; this does. At least a second, so a tiny deadline still
+    /// allows one real try.
+    fn attempt_budget(&self, backoff: &Backoff<'_>) -> Duration {
+        self.cfg
+            .retry
+            .deadline
+            .saturating_sub(backoff.since.elapsed())
+            .max(Duration::from_secs(1))
+    }
+
+    fn past_deadline(&self) -> ClientError {
+        ClientError::Network {
+            endpoint: self.cfg.endpoint.clone(),
+            cause: format!(
+                "the answer did not finish within the {} retry deadline (--retry-deadline)",
+                humantime::format_duration(self.cfg.retry.deadline)
+            ),
+        }
+    }
+
     fn network_error(&self, e: &reqwest::Error) -> ClientError {
         // reqwest's Display hides the cause chain; keep the innermost message, it says what happened.
         let mut cause = e.to_string();
@@ -481,7 +510,12 @@ impl GcsClient {
 /// Turns a non-success response into the right error, with the server's own message.
 async fn error_from(resp: reqwest::Response, what: &str) -> ClientError {
     let status = resp.status().as_u16();
-    let body = resp.text().await.unwrap_or_default();
+    // Only the first MAX_ERROR_BODY bytes are read (a broken or hostile server may send an
+    // endless error body); the rest is dropped with the connection.
+    let body = match read_capped(resp, what, MAX_ERROR_BODY).await {
+        Ok(Capped::Whole(b)) | Ok(Capped::Cut(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => String::new(),
+    };
     let message = serde_json::from_str::<ErrorJson>(&body)
         .ok()
         .and_then(|e| e.error.message)
@@ -638,7 +672,39 @@ pub fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
 /// anything this big is a broken server, and refusing it bounds memory.
 const MAX_JSON_BODY: usize = 32 << 20;
 
-async fn read_body(mut resp: reqwest::Response, what: &str) -> Result<Bytes, ClientError> {
+/// Largest error body read (the server's message is in its first few hundred bytes).
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// A body read up to a cap: all of it, or its first `cap` bytes.
+enum Capped {
+    Whole(Bytes),
+    Cut(Bytes),
+}
+
+/// Reads at most `cap` bytes of a body; never holds more than `cap` in memory whatever the
+/// server sends or announces.
+async fn read_capped(
+    mut resp: reqwest::Response,
+    what: &str,
+    cap: usize,
+) -> Result<Capped, ClientError> {
+    let mut out = BytesMut::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ClientError::Interrupted(format!("body of {what} broke: {e}")))?
+    {
+        if out.len() + chunk.len() > cap {
+            let room = cap - out.len();
+            out.extend_from_slice(&chunk[..room]);
+            return Ok(Capped::Cut(out.freeze()));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Capped::Whole(out.freeze()))
+}
+
+async fn read_body(resp: reqwest::Response, what: &str) -> Result<Bytes, ClientError> {
     let too_big = || {
         ClientError::Malformed(format!(
             "answer for {what} is larger than {} MiB",
@@ -651,18 +717,10 @@ async fn read_body(mut resp: reqwest::Response, what: &str) -> Result<Bytes, Cli
     {
         return Err(too_big());
     }
-    let mut out = BytesMut::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| ClientError::Interrupted(format!("body of {what} broke: {e}")))?
-    {
-        if out.len() + chunk.len() > MAX_JSON_BODY {
-            return Err(too_big());
-        }
-        out.extend_from_slice(&chunk);
+    match read_capped(resp, what, MAX_JSON_BODY).await? {
+        Capped::Whole(b) => Ok(b),
+        Capped::Cut(_) => Err(too_big()),
     }
-    Ok(out.freeze())
 }
 
 #[async_trait]
@@ -745,14 +803,20 @@ impl ObjectClient for GcsClient {
             }
             let had = buf.len();
             let mut retry_after_hint = None;
-            let mut result = match self.send_once(&url, &headers).await {
-                Ok(resp) => {
-                    retry_after_hint = retry_after(&resp);
-                    self.read_media(resp, &what, obj, (start, end), &mut buf)
-                        .await
+            let attempt = async {
+                match self.send_once(&url, &headers).await {
+                    Ok(resp) => {
+                        retry_after_hint = retry_after(&resp);
+                        self.read_media(resp, &what, obj, (start, end), &mut buf)
+                            .await
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
             };
+            // On the deadline the attempt is dropped; `buf` keeps the good bytes it received.
+            let mut result = tokio::time::timeout(self.attempt_budget(&backoff), attempt)
+                .await
+                .unwrap_or_else(|_| Err(self.past_deadline()));
             if result.is_ok()
                 && whole
                 && let Some(want) = obj.crc32c
