@@ -15,7 +15,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use serde::Deserialize;
 
-use super::auth::TokenSource;
+use super::auth::{CredentialKind, TokenSource};
 use super::pool::{BufferPool, PoolBuf};
 use super::{
     ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta, ObjectVersion, parse_crc32c,
@@ -181,12 +181,24 @@ impl GcsClient {
             // Backstop for list/stat bodies; media bodies are timed per chunk (`stall_timeout`).
             .read_timeout(cfg.stall_timeout + Duration::from_secs(1))
             .user_agent(concat!("physiofs/", env!("CARGO_PKG_VERSION")))
+            // The JSON API never redirects; following one would send the bearer token to
+            // whatever host the answer names. A 3xx is an error (see `error_from`).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientError::Network {
                 endpoint: cfg.endpoint.clone(),
                 cause: format!("cannot build HTTP client: {e}"),
             })?;
         let endpoint = cfg.endpoint.trim_end_matches('/').to_string();
+        if tokens.credentials().kind != CredentialKind::Anonymous
+            && plain_http(&endpoint) == Some(false)
+        {
+            return Err(ClientError::Auth(format!(
+                "refusing to send the bearer token of {} in clear to {endpoint}: use https://, \
+                 or --anonymous for a server that needs no credentials",
+                tokens.credentials()
+            )));
+        }
         let objects_url = format!(
             "{endpoint}/storage/v1/b/{}/o",
             utf8_percent_encode(&cfg.bucket, SEGMENT)
@@ -507,9 +519,37 @@ impl GcsClient {
     }
 }
 
+/// For a plain `http://` endpoint, whether its host is this machine (127.0.0.0/8, ::1,
+/// `localhost`); None for anything else (https, or not a URL).
+pub fn plain_http(endpoint: &str) -> Option<bool> {
+    let url = reqwest::Url::parse(endpoint).ok()?;
+    if url.scheme() != "http" {
+        return None;
+    }
+    Some(match url.host()? {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(a) => a.is_loopback(),
+        url::Host::Ipv6(a) => a.is_loopback(),
+    })
+}
+
 /// Turns a non-success response into the right error, with the server's own message.
 async fn error_from(resp: reqwest::Response, what: &str) -> ClientError {
     let status = resp.status().as_u16();
+    if resp.status().is_redirection() {
+        let to = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned())
+            .unwrap_or_default();
+        return ClientError::Http {
+            status,
+            message: format!(
+                "{what}: redirect to {to:?} not followed (the GCS JSON API never redirects, \
+                 so --endpoint is not a GCS endpoint, or something on the way rewrites answers)"
+            ),
+        };
+    }
     // Only the first MAX_ERROR_BODY bytes are read (a broken or hostile server may send an
     // endless error body); the rest is dropped with the connection.
     let body = match read_capped(resp, what, MAX_ERROR_BODY).await {
@@ -587,8 +627,19 @@ impl NumOrStr {
     }
 }
 
+/// GCS refuses object names longer than this many bytes (UTF-8); a longer one is a broken or
+/// hostile answer, and would cost a path walk of that length on every lookup.
+pub const MAX_NAME_BYTES: usize = 1024;
+
 impl ObjectJson {
     fn into_meta(self) -> Result<ObjectMeta, ClientError> {
+        if self.name.len() > MAX_NAME_BYTES {
+            return Err(ClientError::Malformed(format!(
+                "object name of {} bytes (GCS allows {MAX_NAME_BYTES}) starting {:?}",
+                self.name.len(),
+                self.name.chars().take(64).collect::<String>()
+            )));
+        }
         let size = self
             .size
             .as_ref()
@@ -641,13 +692,32 @@ impl ObjectJson {
 pub fn parse_list_page(body: &[u8], what: &str) -> Result<ListPage, ClientError> {
     let json: ObjectsJson = serde_json::from_slice(body)
         .map_err(|e| ClientError::Malformed(format!("listing of {what} is not valid JSON: {e}")))?;
+    // An entry with an over-long name is dropped with a warning rather than failing the whole
+    // listing: one bad name must not hide every good one.
+    let too_long = |name: &str, max: usize| {
+        let long = name.len() > max;
+        if long {
+            tracing::warn!(
+                bytes = name.len(),
+                start = ?name.chars().take(64).collect::<String>(),
+                "skipping a listed name longer than GCS allows ({MAX_NAME_BYTES} bytes)"
+            );
+        }
+        long
+    };
     Ok(ListPage {
         items: json
             .items
             .into_iter()
+            .filter(|o| !too_long(&o.name, MAX_NAME_BYTES))
             .map(ObjectJson::into_meta)
             .collect::<Result<_, _>>()?,
-        prefixes: json.prefixes,
+        prefixes: json
+            .prefixes
+            .into_iter()
+            // A prefix is a name followed by the delimiter.
+            .filter(|p| !too_long(p, MAX_NAME_BYTES + 1))
+            .collect(),
         next_page_token: json.next_page_token.filter(|t| !t.is_empty()),
     })
 }
@@ -761,7 +831,8 @@ impl ObjectClient for GcsClient {
             &self.object_url(name),
             &[("fields", "name,size,generation,updated,crc32c".to_string())],
         )?;
-        let what = format!("gs://{}/{name}", self.cfg.bucket);
+        // Escaped: a name is the server's text, and must not forge lines in the log.
+        let what = format!("gs://{}/{}", self.cfg.bucket, name.escape_debug());
         self.get_json(Kind::Stat, url, what, parse_object).await
     }
 
@@ -774,7 +845,12 @@ impl ObjectClient for GcsClient {
         if start >= end {
             return Ok(Bytes::new());
         }
-        let what = format!("gs://{}/{}#{}", self.cfg.bucket, obj.name, obj.generation);
+        let what = format!(
+            "gs://{}/{}#{}",
+            self.cfg.bucket,
+            obj.name.escape_debug(),
+            obj.generation
+        );
         if end > obj.size {
             return Err(ClientError::Malformed(format!(
                 "read of {what} asked bytes {start}..{end} of a {}-byte object",
