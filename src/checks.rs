@@ -494,7 +494,13 @@ mod tests {
 
     #[test]
     fn the_plan_checks_bucket_and_endpoint() {
-        let ok = super::plan(&plan(&["--bucket", "gs://b/p", "--endpoint", "http://h:1"]));
+        let ok = super::plan(&plan(&[
+            "--bucket",
+            "gs://b/p",
+            "--endpoint",
+            "http://h:1",
+            "--anonymous",
+        ]));
         assert_eq!(
             ok,
             [
@@ -566,7 +572,7 @@ mod tests {
 
     #[test]
     fn access_failures_are_explained() {
-        let gcs = plan(&["--bucket", "b", "--endpoint", "http://h:1"]).gcs;
+        let gcs = plan(&["--bucket", "b", "--endpoint", "http://h:1", "--anonymous"]).gcs;
         let explain = |e: ClientError| error_of(&access(&gcs, "p/", Err(&e)));
         let denied = |status| ClientError::Denied {
             status,

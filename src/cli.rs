@@ -91,6 +91,13 @@ pub struct MountArgs {
     )]
     pub key_file: Option<PathBuf>,
 
+    /// Send credentials to a plain-http:// `--endpoint` on this machine (127.0.0.1, ::1,
+    /// localhost). Without it such an endpoint with credentials is refused: any local user
+    /// could have bound that port first and would read the bearer token. Never allowed for
+    /// another host.
+    #[arg(long, help_heading = "Auth")]
+    pub allow_insecure_endpoint: bool,
+
     /// How directory metadata is loaded: `eager` lists the whole tree at mount with flat
     /// listings (about one request per 1,000 objects), in the background; `lazy` lists each
     /// directory when first used; `auto` is eager up to 3 million objects, and lazy when

@@ -105,6 +105,10 @@ pub trait ObjectClient: Send + Sync + 'static {
     ) -> Result<Bytes, ClientError>;
 }
 
+/// Most pages one listing may take: 20 million entries at GCS's 1,000 per page, far beyond
+/// any real bucket. A server handing out new page tokens forever is stopped here.
+pub const MAX_LIST_PAGES: usize = 20_000;
+
 /// Lists every page of `req` and merges them: items in order, prefixes de-duplicated
 /// (some servers repeat a prefix on several pages). Stops with an error on a page token
 /// that repeats, so a misbehaving server cannot loop us forever.
@@ -116,7 +120,7 @@ pub async fn list_all(
     let mut seen_prefixes = std::collections::HashSet::new();
     let mut seen_tokens = std::collections::HashSet::new();
     let mut req = req.clone();
-    loop {
+    for _ in 0..MAX_LIST_PAGES {
         let page = client.list_page(&req).await?;
         out.items.extend(page.items);
         for p in page.prefixes {
@@ -135,9 +139,16 @@ pub async fn list_all(
                 }
                 req.page_token = Some(tok);
             }
-            _ => break,
+            _ => {
+                out.prefixes.sort();
+                return Ok(out);
+            }
         }
     }
-    out.prefixes.sort();
-    Ok(out)
+    Err(ClientError::Malformed(format!(
+        "listing of gs://{}/{} did not end after {MAX_LIST_PAGES} pages: the server keeps \
+         sending new nextPageTokens; refusing to go on",
+        client.bucket(),
+        req.prefix
+    )))
 }

@@ -95,15 +95,52 @@ fn absolutize(args: &mut MountArgs) -> anyhow::Result<()> {
 
 /// Opens (creating its directory) the log file for appending.
 pub fn open_log(path: &Path) -> anyhow::Result<File> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
+    // A directory another user owns, or may write in (not sticky), lets them plant a symlink
+    // where the log goes; a root mount would then append to a file of their choosing.
+    let m = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("cannot read the log directory {}", dir.display()))?;
+    let open_to_others = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+    if !m.is_dir() || (m.uid() != 0 && m.uid() != me) || open_to_others {
+        bail!(
+            "refusing the log directory {}: owned by uid {} with mode {:o}, so another user \
+             could replace the log with a symlink; pass --log-file in a directory only this \
+             user (or root) can write",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        );
     }
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .with_context(|| format!("cannot open the log file {} (--log-file)", path.display()))
+        .with_context(|| {
+            format!(
+                "cannot open the log file {} (--log-file; a symlink there is refused)",
+                path.display()
+            )
+        })?;
+    let fm = file.metadata()?;
+    if fm.uid() != me || !fm.is_file() {
+        bail!(
+            "refusing the log file {}: it is owned by uid {}, not {me}; remove it or pass \
+             another --log-file",
+            path.display(),
+            fm.uid()
+        );
+    }
+    Ok(file)
 }
 
 /// Forks. In the parent this waits for the child's report and exits; in the child it returns

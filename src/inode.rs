@@ -255,32 +255,32 @@ impl InodeTable {
         &self,
         f: &mut dyn FnMut(&str, Option<&FileInfo>) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
-        fn walk(
-            nodes: &[Node],
-            dir: Ino,
-            path: &mut String,
-            f: &mut dyn FnMut(&str, Option<&FileInfo>) -> std::io::Result<()>,
-        ) -> std::io::Result<()> {
-            let NodeData::Dir { children, .. } = &nodes[dir as usize].data else {
-                return Ok(());
-            };
-            for (name, &ino) in children {
-                let len = path.len();
-                path.push_str(name);
-                match &nodes[ino as usize].data {
-                    NodeData::File(info) => f(path, Some(info))?,
-                    NodeData::Dir { .. } => {
-                        f(path, None)?;
-                        path.push('/');
-                        walk(nodes, ino, path, f)?;
-                    }
-                }
-                path.truncate(len);
-            }
-            Ok(())
-        }
+        // Iterative (a stack of open directories), so a name of thousands of components
+        // cannot overflow the thread's stack; the order is the recursive pre-order.
         let nodes = self.inner.read().unwrap();
-        walk(&nodes, ROOT, &mut String::new(), f)
+        let NodeData::Dir { children, .. } = &nodes[ROOT as usize].data else {
+            return Ok(());
+        };
+        let mut path = String::new();
+        let mut stack = vec![(children.iter(), 0usize)];
+        while let Some((iter, base)) = stack.last_mut() {
+            let base = *base;
+            let Some((name, &ino)) = iter.next() else {
+                stack.pop();
+                continue;
+            };
+            path.truncate(base);
+            path.push_str(name);
+            match &nodes[ino as usize].data {
+                NodeData::File(info) => f(&path, Some(info))?,
+                NodeData::Dir { children, .. } => {
+                    f(&path, None)?;
+                    path.push('/');
+                    stack.push((children.iter(), path.len()));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Children of a directory, in name order.
@@ -498,7 +498,7 @@ fn ensure_dirs(nodes: &mut Vec<Node>, rel: &str) -> Result<Ino, String> {
                 // A file of this name was listed first: the directory wins. The file node is
                 // unlinked (a new inode is made so no cached handle sees its kind change).
                 tracing::warn!(
-                    object = %&rel[..end],
+                    object = ?&rel[..end],
                     "skipping object: an object and a directory share this name; the directory is shown"
                 );
                 add_child(nodes, cur, comp, new_dir())

@@ -160,21 +160,43 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
     out
 }
 
-/// Serves `GET /metrics` (any path, in fact) on `addr` until the process ends.
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Serves `GET /metrics` (any path, in fact) on `addr` until the process ends. Bounded against
+/// a misbehaving scraper: a few connections at once, each given 5 s for its request head and
+/// 30 s in all, and a failing `accept` (out of descriptors) is retried after a pause instead
+/// of in a busy loop.
 pub async fn serve(
     addr: SocketAddr,
     client: Arc<ClientStats>,
     fs: Arc<Fs>,
 ) -> std::io::Result<SocketAddr> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            "--metrics-addr {addr} is not a loopback address: anyone who can reach it reads \
+             the counters; use 127.0.0.1:PORT unless it is firewalled"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::debug!("metrics: accept failed: {e}; retrying in 100 ms");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let (client, fs) = (client.clone(), fs.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = hyper::service::service_fn(move |_req| {
                     let body = render(&client, &fs);
                     async move {
@@ -183,9 +205,11 @@ pub async fn serve(
                             .body(http_body_util::Full::new(Bytes::from(body)))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(5))
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
             });
         }
     });

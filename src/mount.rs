@@ -127,7 +127,9 @@ impl Mounted {
                         "ignoring metadata snapshot {}: {e}; listing afresh",
                         path.display()
                     );
-                    let _ = std::fs::remove_file(path);
+                    if !matches!(e, crate::snapshot::LoadError::Untrusted(_)) {
+                        let _ = std::fs::remove_file(path);
+                    }
                     fs = new_fs();
                 }
             }

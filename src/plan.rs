@@ -19,7 +19,7 @@ use crate::cli::{GCS_ENDPOINT, MetadataMode, MountArgs};
 use crate::client::auth::{
     CredentialKind, CredentialSource, Credentials, GOOGLE_APPLICATION_CREDENTIALS,
 };
-use crate::client::gcs::{GcsConfig, RetryConfig};
+use crate::client::gcs::{GcsConfig, RetryConfig, plain_http};
 use crate::fs::FsConfig;
 use crate::units::{emulator_endpoint, normalize_prefix, parse_bucket};
 
@@ -270,6 +270,25 @@ impl MountPlan {
         };
         let credentials = credentials(args, env);
         let billing = billing_project(args, env, &credentials);
+        if credentials.kind != CredentialKind::Anonymous
+            && let Some(loopback) = plain_http(&endpoint)
+        {
+            if !loopback {
+                bail!(
+                    "--endpoint {endpoint} is plain HTTP to another host: the bearer token of \
+                     {credentials} would travel in clear; use https://, or --anonymous for a \
+                     server that needs no credentials"
+                );
+            }
+            if !args.allow_insecure_endpoint {
+                bail!(
+                    "--endpoint {endpoint} is plain HTTP: the bearer token of {credentials} would \
+                     travel in clear, to whoever bound that port first; use https://, \
+                     --anonymous for an emulator, or --allow-insecure-endpoint to send it to \
+                     this loopback endpoint anyway"
+                );
+            }
+        }
         let snapshot_dir = match args.metadata_cache.as_deref() {
             Some("off") | Some("none") => None,
             Some(d) => Some(PathBuf::from(d)),
@@ -398,6 +417,48 @@ mod tests {
 
     fn resolve(flags: &[&str], env: &Env) -> MountPlan {
         MountPlan::resolve(&mount_args(flags), env).unwrap()
+    }
+
+    #[test]
+    fn credentials_never_go_in_clear_unless_asked_for_on_loopback() {
+        let refused = |flags: &[&str]| {
+            MountPlan::resolve(&mount_args(flags), &env())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused(&[
+            "--endpoint",
+            "http://127.0.0.1:4443",
+            "--key-file",
+            "/k.json",
+        ]);
+        assert!(e.contains("--allow-insecure-endpoint"), "{e}");
+        let e = refused(&[
+            "--endpoint",
+            "http://10.0.0.1:4443",
+            "--key-file",
+            "/k.json",
+            "--allow-insecure-endpoint",
+        ]);
+        assert!(e.contains("another host"), "{e}");
+        // Application-default credentials are credentials too.
+        let e = refused(&["--endpoint", "http://localhost:1"]);
+        assert!(e.contains("in clear"), "{e}");
+        resolve(
+            &[
+                "--endpoint",
+                "http://[::1]:4443",
+                "--key-file",
+                "/k.json",
+                "--allow-insecure-endpoint",
+            ],
+            &env(),
+        );
+        resolve(&["--endpoint", "http://10.0.0.1:1", "--anonymous"], &env());
+        resolve(
+            &["--endpoint", "https://10.0.0.1", "--key-file", "/k"],
+            &env(),
+        );
     }
 
     #[test]

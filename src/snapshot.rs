@@ -10,8 +10,16 @@
 //! `kind:u8 (0 dir, 1 file, 2 file with crc32c) | name_len:u32 | name |
 //! [size:u64 generation:i64 secs:i64 nanos:u32 [crc32c:u32]]`,
 //! then `0xFF | count:u64 | crc32c:u32` over all record bytes. Integers little-endian.
+//!
+//! The CRC catches damage, not forgery, so who could have written the file is checked
+//! instead: a snapshot is only read from, and written in, a directory owned by the user
+//! physiofs runs as (0700 when created here) whose ancestors no other user can rename, and
+//! only if the file itself is owned by that user and writable by no one else. Files are
+//! opened without following symlinks, and the temporary file is created exclusively under a
+//! random name, so a root mount never writes through a link another user planted.
 
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,16 +45,78 @@ struct Header {
 }
 
 /// The default snapshot directory: `$XDG_CACHE_HOME/physiofs` or `~/.cache/physiofs`; for
-/// root with neither set (a mount from /etc/fstab at boot), `/var/cache/physiofs`.
+/// root, `/var/cache/physiofs` unless that base directory is root's own (under `sudo -E` or
+/// in a notebook image `HOME` may be a user's, and root must not write there).
 pub fn default_dir() -> Option<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
-        return Some(PathBuf::from(x).join("physiofs"));
-    }
-    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
-        return Some(PathBuf::from(h).join(".cache/physiofs"));
-    }
     // SAFETY: geteuid cannot fail.
-    (unsafe { libc::geteuid() } == 0).then(|| PathBuf::from("/var/cache/physiofs"))
+    let root = unsafe { libc::geteuid() } == 0;
+    let owned_by_root = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == 0);
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|x| !x.is_empty())
+        .map(|x| (PathBuf::from(&x), PathBuf::from(x).join("physiofs")))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(|h| (PathBuf::from(&h), PathBuf::from(h).join(".cache/physiofs")))
+        });
+    match base {
+        Some((b, dir)) if !root || owned_by_root(&b) => Some(dir),
+        _ => root.then(|| PathBuf::from("/var/cache/physiofs")),
+    }
+}
+
+/// Why a directory is not safe for state: owned by another user, or it or an ancestor
+/// writable by others (who could swap in a symlink). None when it is fine.
+pub fn unsafe_dir(dir: &Path) -> Option<String> {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let m = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("{}: {e}", dir.display())),
+    };
+    if !m.file_type().is_dir() {
+        return Some(format!("{} is not a directory (a symlink?)", dir.display()));
+    }
+    if m.uid() != me {
+        return Some(format!(
+            "{} is owned by uid {}, not by uid {me} that physiofs runs as",
+            dir.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Some(format!(
+            "{} is writable by group or others (mode {:o})",
+            dir.display(),
+            m.mode() & 0o7777
+        ));
+    }
+    // Ancestors: owned by root or us, and not open to others unless sticky (like /tmp, where
+    // others cannot rename what is not theirs).
+    let canon = std::fs::canonicalize(dir).ok()?;
+    for a in canon.ancestors().skip(1) {
+        let Ok(m) = std::fs::metadata(a) else {
+            continue;
+        };
+        let foreign = m.uid() != 0 && m.uid() != me;
+        let open = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+        if foreign || open {
+            return Some(format!(
+                "{} (above it) is owned by uid {} with mode {:o}, so another user can replace it",
+                a.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ));
+        }
+    }
+    None
+}
+
+fn refused_dir(why: String) -> String {
+    format!(
+        "{why}; give --metadata-cache a directory only this user can write (created 0700 if \
+         missing; /var/cache/physiofs for root), or --metadata-cache off"
+    )
 }
 
 /// The snapshot file for `key` inside `dir`.
@@ -89,12 +159,30 @@ fn put_record(buf: &mut Vec<u8>, name: &str, file: Option<&FileInfo>) {
 
 /// Writes the table atomically (temp file + rename). Returns the entry count.
 pub fn save(path: &Path, key: &SnapshotKey, table: &InodeTable) -> std::io::Result<u64> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    if let Some(why) = unsafe_dir(dir) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            refused_dir(why),
+        ));
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = path.with_extension(format!(
+        "tmp{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
     let result = (|| {
-        let mut out = BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut out = BufWriter::new(file);
         out.write_all(MAGIC)?;
         let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
         let header = Header {
@@ -147,6 +235,9 @@ pub enum LoadError {
     TooOld(Duration),
     #[error("snapshot is corrupt: {0}")]
     Corrupt(String),
+    /// Another user could have written it: not read, and left where it is.
+    #[error("snapshot not trusted: {0}")]
+    Untrusted(String),
 }
 
 fn corrupt(e: impl std::fmt::Display) -> LoadError {
@@ -161,11 +252,36 @@ pub fn load(
     max_age: Option<Duration>,
     table: &InodeTable,
 ) -> Result<u64, LoadError> {
-    let f = match std::fs::File::open(path) {
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LoadError::Missing),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(LoadError::Untrusted(format!(
+                "{} is a symlink; remove it",
+                path.display()
+            )));
+        }
         Err(e) => return Err(corrupt(e)),
     };
+    if let Some(why) = unsafe_dir(path.parent().unwrap_or(Path::new("."))) {
+        return Err(LoadError::Untrusted(refused_dir(why)));
+    }
+    let m = f.metadata().map_err(corrupt)?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me || m.mode() & 0o022 != 0 {
+        return Err(LoadError::Untrusted(format!(
+            "{} is owned by uid {} with mode {:o}, and only a file of uid {me} that no one \
+             else can write is read; remove it (the next mount writes a fresh one)",
+            path.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
     let mut r = BufReader::new(f);
     let mut magic = vec![0u8; MAGIC.len()];
     r.read_exact(&mut magic).map_err(corrupt)?;

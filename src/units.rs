@@ -50,7 +50,14 @@ pub fn parse_size_or_share(s: &str) -> Result<SizeOrShare, String> {
 pub fn parse_mode(s: &str) -> Result<u16, String> {
     let t = s.trim().trim_start_matches("0o");
     match u16::from_str_radix(t, 8) {
-        Ok(m) if m <= 0o7777 => Ok(m),
+        Ok(m) if m <= 0o777 => Ok(m),
+        // Files of a remote bucket have no use for them, and a setuid or setgid file shown by
+        // a root mount is one more thing for a local user to aim at.
+        Ok(m) if m <= 0o7777 => Err(format!(
+            "{s:?} sets setuid, setgid or sticky bits (04000/02000/01000), which physiofs \
+             refuses; give permission bits only, like {:04o}",
+            m & 0o777
+        )),
         _ => Err(format!("{s:?} is not an octal mode like 0444")),
     }
 }
@@ -107,6 +114,9 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert_eq!(parse_mode("0444").unwrap(), 0o444);
         assert!(parse_mode("999").is_err());
+        let e = parse_mode("4755").unwrap_err();
+        assert!(e.contains("setuid") && e.contains("0755"), "{e}");
+        assert!(parse_mode("1777").is_err());
         assert_eq!(parse_rate("0.25").unwrap(), 0.25);
         assert!(parse_rate("1.5").is_err());
         assert!(parse_rate("often").is_err());

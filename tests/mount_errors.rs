@@ -118,6 +118,7 @@ fn missing_key_file_fails_naming_it() {
         gcs.endpoint().into(),
         "--key-file".into(),
         key.clone().into(),
+        "--allow-insecure-endpoint".into(),
         "--bucket".into(),
         "present".into(),
     ];

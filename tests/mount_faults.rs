@@ -596,6 +596,7 @@ fn tokens_never_logged() {
         "test-project".into(),
         "--key-file".into(),
         key_path.clone().into(),
+        "--allow-insecure-endpoint".into(),
         "--metadata-cache".into(),
         "off".into(),
         "--log-level".into(),

@@ -15,7 +15,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use serde::Deserialize;
 
-use super::auth::TokenSource;
+use super::auth::{CredentialKind, TokenSource};
 use super::pool::{BufferPool, PoolBuf};
 use super::{
     ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta, ObjectVersion, parse_crc32c,
@@ -267,12 +267,24 @@ impl GcsClient {
             // Backstop for list/stat bodies; media bodies are timed per chunk (`stall_timeout`).
             .read_timeout(cfg.stall_timeout + Duration::from_secs(1))
             .user_agent(concat!("physiofs/", env!("CARGO_PKG_VERSION")))
+            // The JSON API never redirects; following one would send the bearer token to
+            // whatever host the answer names. A 3xx is an error (see `error_from`).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientError::Network {
                 endpoint: cfg.endpoint.clone(),
                 cause: format!("cannot build HTTP client: {e}"),
             })?;
         let endpoint = cfg.endpoint.trim_end_matches('/').to_string();
+        if tokens.credentials().kind != CredentialKind::Anonymous
+            && plain_http(&endpoint) == Some(false)
+        {
+            return Err(ClientError::Auth(format!(
+                "refusing to send the bearer token of {} in clear to {endpoint}: use https://, \
+                 or --anonymous for a server that needs no credentials",
+                tokens.credentials()
+            )));
+        }
         let objects_url = format!(
             "{endpoint}/storage/v1/b/{}/o",
             utf8_percent_encode(&cfg.bucket, SEGMENT)
@@ -411,13 +423,20 @@ impl GcsClient {
         loop {
             backoff.attempt += 1;
             self.count(kind);
-            let (result, retry_after) = match self.send_once(&url, &[]).await {
-                Ok(resp) => {
-                    let ra = retry_after(&resp);
-                    (check(resp).await, ra)
+            let attempt = async {
+                match self.send_once(&url, &[]).await {
+                    Ok(resp) => {
+                        let ra = retry_after(&resp);
+                        (check(resp).await, ra)
+                    }
+                    Err(e) => (Err(e), None),
                 }
-                Err(e) => (Err(e), None),
             };
+            let (result, retry_after) =
+                match tokio::time::timeout(self.attempt_budget(&backoff), attempt).await {
+                    Ok(r) => r,
+                    Err(_) => (Err(self.past_deadline()), None),
+                };
             match result {
                 Ok(v) => return Ok(v),
                 Err(e) => match backoff.next_delay(&e, retry_after) {
@@ -549,6 +568,28 @@ impl GcsClient {
         Ok(())
     }
 
+    /// How long one attempt may take in all (headers and body): what is left of the retry
+    /// deadline. The stall timeout alone does not bound an attempt, since a body that keeps
+    /// trickling in never stalls; this does. At least a second, so a tiny deadline still
+    /// allows one real try.
+    fn attempt_budget(&self, backoff: &Backoff<'_>) -> Duration {
+        self.cfg
+            .retry
+            .deadline
+            .saturating_sub(backoff.since.elapsed())
+            .max(Duration::from_secs(1))
+    }
+
+    fn past_deadline(&self) -> ClientError {
+        ClientError::Network {
+            endpoint: self.cfg.endpoint.clone(),
+            cause: format!(
+                "the answer did not finish within the {} retry deadline (--retry-deadline)",
+                humantime::format_duration(self.cfg.retry.deadline)
+            ),
+        }
+    }
+
     fn network_error(&self, e: &reqwest::Error) -> ClientError {
         // reqwest's Display hides the cause chain; keep the innermost message, it says what happened.
         let mut cause = e.to_string();
@@ -590,10 +631,43 @@ fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
     text.starts_with("invalid peer certificate") || text.contains("peer sent no certificates")
 }
 
+/// For a plain `http://` endpoint, whether its host is this machine (127.0.0.0/8, ::1,
+/// `localhost`); None for anything else (https, or not a URL).
+pub fn plain_http(endpoint: &str) -> Option<bool> {
+    let url = reqwest::Url::parse(endpoint).ok()?;
+    if url.scheme() != "http" {
+        return None;
+    }
+    Some(match url.host()? {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(a) => a.is_loopback(),
+        url::Host::Ipv6(a) => a.is_loopback(),
+    })
+}
+
 /// Turns a non-success response into the right error, with the server's own message.
 async fn error_from(resp: reqwest::Response, what: &str) -> ClientError {
     let status = resp.status().as_u16();
-    let body = resp.text().await.unwrap_or_default();
+    if resp.status().is_redirection() {
+        let to = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned())
+            .unwrap_or_default();
+        return ClientError::Http {
+            status,
+            message: format!(
+                "{what}: redirect to {to:?} not followed (the GCS JSON API never redirects, \
+                 so --endpoint is not a GCS endpoint, or something on the way rewrites answers)"
+            ),
+        };
+    }
+    // Only the first MAX_ERROR_BODY bytes are read (a broken or hostile server may send an
+    // endless error body); the rest is dropped with the connection.
+    let body = match read_capped(resp, what, MAX_ERROR_BODY).await {
+        Ok(Capped::Whole(b)) | Ok(Capped::Cut(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => String::new(),
+    };
     let message = serde_json::from_str::<ErrorJson>(&body)
         .ok()
         .and_then(|e| e.error.message)
@@ -665,8 +739,19 @@ impl NumOrStr {
     }
 }
 
+/// GCS refuses object names longer than this many bytes (UTF-8); a longer one is a broken or
+/// hostile answer, and would cost a path walk of that length on every lookup.
+pub const MAX_NAME_BYTES: usize = 1024;
+
 impl ObjectJson {
     fn into_meta(self) -> Result<ObjectMeta, ClientError> {
+        if self.name.len() > MAX_NAME_BYTES {
+            return Err(ClientError::Malformed(format!(
+                "object name of {} bytes (GCS allows {MAX_NAME_BYTES}) starting {:?}",
+                self.name.len(),
+                self.name.chars().take(64).collect::<String>()
+            )));
+        }
         let size = self
             .size
             .as_ref()
@@ -719,13 +804,32 @@ impl ObjectJson {
 pub fn parse_list_page(body: &[u8], what: &str) -> Result<ListPage, ClientError> {
     let json: ObjectsJson = serde_json::from_slice(body)
         .map_err(|e| ClientError::Malformed(format!("listing of {what} is not valid JSON: {e}")))?;
+    // An entry with an over-long name is dropped with a warning rather than failing the whole
+    // listing: one bad name must not hide every good one.
+    let too_long = |name: &str, max: usize| {
+        let long = name.len() > max;
+        if long {
+            tracing::warn!(
+                bytes = name.len(),
+                start = ?name.chars().take(64).collect::<String>(),
+                "skipping a listed name longer than GCS allows ({MAX_NAME_BYTES} bytes)"
+            );
+        }
+        long
+    };
     Ok(ListPage {
         items: json
             .items
             .into_iter()
+            .filter(|o| !too_long(&o.name, MAX_NAME_BYTES))
             .map(ObjectJson::into_meta)
             .collect::<Result<_, _>>()?,
-        prefixes: json.prefixes,
+        prefixes: json
+            .prefixes
+            .into_iter()
+            // A prefix is a name followed by the delimiter.
+            .filter(|p| !too_long(p, MAX_NAME_BYTES + 1))
+            .collect(),
         next_page_token: json.next_page_token.filter(|t| !t.is_empty()),
     })
 }
@@ -750,7 +854,39 @@ pub fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
 /// anything this big is a broken server, and refusing it bounds memory.
 const MAX_JSON_BODY: usize = 32 << 20;
 
-async fn read_body(mut resp: reqwest::Response, what: &str) -> Result<Bytes, ClientError> {
+/// Largest error body read (the server's message is in its first few hundred bytes).
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// A body read up to a cap: all of it, or its first `cap` bytes.
+enum Capped {
+    Whole(Bytes),
+    Cut(Bytes),
+}
+
+/// Reads at most `cap` bytes of a body; never holds more than `cap` in memory whatever the
+/// server sends or announces.
+async fn read_capped(
+    mut resp: reqwest::Response,
+    what: &str,
+    cap: usize,
+) -> Result<Capped, ClientError> {
+    let mut out = BytesMut::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ClientError::Interrupted(format!("body of {what} broke: {e}")))?
+    {
+        if out.len() + chunk.len() > cap {
+            let room = cap - out.len();
+            out.extend_from_slice(&chunk[..room]);
+            return Ok(Capped::Cut(out.freeze()));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Capped::Whole(out.freeze()))
+}
+
+async fn read_body(resp: reqwest::Response, what: &str) -> Result<Bytes, ClientError> {
     let too_big = || {
         ClientError::Malformed(format!(
             "answer for {what} is larger than {} MiB",
@@ -763,18 +899,10 @@ async fn read_body(mut resp: reqwest::Response, what: &str) -> Result<Bytes, Cli
     {
         return Err(too_big());
     }
-    let mut out = BytesMut::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| ClientError::Interrupted(format!("body of {what} broke: {e}")))?
-    {
-        if out.len() + chunk.len() > MAX_JSON_BODY {
-            return Err(too_big());
-        }
-        out.extend_from_slice(&chunk);
+    match read_capped(resp, what, MAX_JSON_BODY).await? {
+        Capped::Whole(b) => Ok(b),
+        Capped::Cut(_) => Err(too_big()),
     }
-    Ok(out.freeze())
 }
 
 #[async_trait]
@@ -815,7 +943,8 @@ impl ObjectClient for GcsClient {
             &self.object_url(name),
             &[("fields", "name,size,generation,updated,crc32c".to_string())],
         )?;
-        let what = format!("gs://{}/{name}", self.cfg.bucket);
+        // Escaped: a name is the server's text, and must not forge lines in the log.
+        let what = format!("gs://{}/{}", self.cfg.bucket, name.escape_debug());
         self.get_json(Kind::Stat, url, what, parse_object).await
     }
 
@@ -828,7 +957,12 @@ impl ObjectClient for GcsClient {
         if start >= end {
             return Ok(Bytes::new());
         }
-        let what = format!("gs://{}/{}#{}", self.cfg.bucket, obj.name, obj.generation);
+        let what = format!(
+            "gs://{}/{}#{}",
+            self.cfg.bucket,
+            obj.name.escape_debug(),
+            obj.generation
+        );
         if end > obj.size {
             return Err(ClientError::Malformed(format!(
                 "read of {what} asked bytes {start}..{end} of a {}-byte object",
@@ -857,14 +991,20 @@ impl ObjectClient for GcsClient {
             }
             let had = buf.len();
             let mut retry_after_hint = None;
-            let mut result = match self.send_once(&url, &headers).await {
-                Ok(resp) => {
-                    retry_after_hint = retry_after(&resp);
-                    self.read_media(resp, &what, obj, (start, end), &mut buf)
-                        .await
+            let attempt = async {
+                match self.send_once(&url, &headers).await {
+                    Ok(resp) => {
+                        retry_after_hint = retry_after(&resp);
+                        self.read_media(resp, &what, obj, (start, end), &mut buf)
+                            .await
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
             };
+            // On the deadline the attempt is dropped; `buf` keeps the good bytes it received.
+            let mut result = tokio::time::timeout(self.attempt_budget(&backoff), attempt)
+                .await
+                .unwrap_or_else(|_| Err(self.past_deadline()));
             if result.is_ok()
                 && whole
                 && let Some(want) = obj.crc32c
