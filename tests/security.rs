@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use physiofs::client::ObjectClient;
 use physiofs::client::auth::TokenSource;
-use physiofs::client::gcs::{GcsClient, GcsConfig, RetryConfig};
+use physiofs::client::gcs::{GcsClient, GcsConfig, HttpProtocol, RetryConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -143,6 +143,8 @@ fn client(endpoint: String, retry: RetryConfig) -> GcsClient {
             retry,
             pool_size: 4,
             stall_timeout: Duration::from_secs(5),
+            ca_file: None,
+            protocol: HttpProtocol::Http1,
         },
         TokenSource::Anonymous,
     )
@@ -202,6 +204,8 @@ async fn a_redirect_is_an_error_and_is_not_followed() {
             retry: quick_retry(Duration::from_secs(10)),
             pool_size: 4,
             stall_timeout: Duration::from_secs(5),
+            ca_file: None,
+            protocol: HttpProtocol::Http1,
         },
         TokenSource::fixed("secret-token"),
     )
@@ -232,6 +236,8 @@ async fn credentials_never_go_in_clear_to_another_host() {
             retry: RetryConfig::default(),
             pool_size: 1,
             stall_timeout: Duration::from_secs(5),
+            ca_file: None,
+            protocol: HttpProtocol::Http1,
         },
         TokenSource::fixed("secret-token"),
     );

@@ -1384,6 +1384,8 @@ mod tests {
                     retry: retry(o.max_attempts),
                     pool_size: 4,
                     stall_timeout: o.stall_timeout,
+                    ca_file: None,
+                    protocol: HttpProtocol::Http1,
                 },
                 o.tokens,
             )
