@@ -50,7 +50,12 @@ struct Header {
 pub fn default_dir() -> Option<PathBuf> {
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    let owned_by_root = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == 0);
+    // The directory, or (not made yet) its nearest existing ancestor, is root's.
+    let owned_by_root = |p: &Path| {
+        p.ancestors()
+            .find_map(|a| std::fs::symlink_metadata(a).ok())
+            .is_some_and(|m| m.uid() == 0)
+    };
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|x| !x.is_empty())
         .map(|x| (PathBuf::from(&x), PathBuf::from(x).join("physiofs")))

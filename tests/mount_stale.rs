@@ -103,9 +103,12 @@ fn a_stale_mount_point_is_reported_then_cleared_with_force() {
         "the killed mount must still be in place"
     );
     let err = fs::read_dir(&mnt).map(|_| ()).unwrap_err();
-    assert_eq!(
-        err.raw_os_error(),
-        Some(libc::ENOTCONN),
+    // ENOTCONN, or ECONNABORTED once the kernel has aborted the connection.
+    assert!(
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED)
+        ),
         "a dead FUSE mount answers ENOTCONN: {err}"
     );
 

@@ -1657,7 +1657,7 @@ mod tests {
             );
             let e = c.get_range(version(&m), 0, m.size).await.unwrap_err();
             assert!(
-                matches!(e, ClientError::Interrupted(_)) && e.to_string().contains("CRC32C"),
+                matches!(e, ClientError::Checksum(_)) && e.to_string().contains("CRC32C"),
                 "{e}"
             );
             assert_eq!(n(&c.stats.checksum_mismatches), 3);

@@ -175,21 +175,19 @@ impl ReadPath {
 
     /// Opens file `ino`, pinned to `object`. Returns the handle number.
     pub fn open(&self, ino: Ino, object: Object) -> u64 {
-        let h = Arc::new(Handle::new(
-            ino,
-            object,
-            OpenMode::Served,
-            self.readahead_for(),
-        ));
+        let readahead = self.readahead_for(&object);
+        let h = Arc::new(Handle::new(ino, object, OpenMode::Served, readahead));
         self.handles.lock().unwrap().insert(h)
     }
 
-    /// The read-ahead state of a new handle: a wide first window when readers have been
-    /// reading big objects whole (it only applies to objects read in several requests).
-    fn readahead_for(&self) -> Readahead {
+    /// The read-ahead state of a new handle on `obj`: a wide first window when readers have
+    /// been reading big objects whole. Never for a small object, which its first read fetches
+    /// whole in one request (checked against its CRC32C by the client): a window would fetch
+    /// part of it in a ranged request first.
+    fn readahead_for(&self, obj: &Object) -> Readahead {
         let r = Readahead::new(self.cfg.readahead_min, self.cfg.readahead_max)
             .aligned(self.cfg.max_request);
-        if self.whole_readers.trusted() {
+        if obj.size > self.cfg.small_object && self.whole_readers.trusted() {
             r.warm(self.cfg.readahead_max / 4)
         } else {
             r
@@ -212,7 +210,8 @@ impl ReadPath {
             if let Some(file) = file {
                 let mut handles = self.handles.lock().unwrap();
                 if handles.on_inode(ino).served == 0 {
-                    let h = Handle::new(ino, object, OpenMode::Passthrough, self.readahead_for());
+                    let readahead = self.readahead_for(&object);
+                    let h = Handle::new(ino, object, OpenMode::Passthrough, readahead);
                     let fh = handles.insert(Arc::new(h));
                     self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                     return Opened {
