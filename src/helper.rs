@@ -87,7 +87,8 @@ pub fn is_mount_form(argv: &[OsString]) -> bool {
     }
     match argv.get(1).map(|a| a.to_string_lossy()) {
         Some(a) => {
-            !a.starts_with('-') && !["mount", "demo", "testbed", "help"].contains(&a.as_ref())
+            !a.starts_with('-')
+                && !["mount", "demo", "testbed", "warm", "cache", "help"].contains(&a.as_ref())
         }
         None => false,
     }
