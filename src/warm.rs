@@ -760,10 +760,10 @@ pub async fn cache_command(a: CacheArgs) -> anyhow::Result<()> {
             println!("complete objects: {}", s.complete);
             println!("bytes: {} ({})", s.bytes, bytesize::ByteSize::b(s.bytes));
             println!("journal bytes: {}", s.journal_bytes);
-            if let Some(mp) = lock_holder_mountpoint(&d.cache_dir) {
-                if fuse_mountpoints().contains(&mp) {
-                    println!("in use by the mount at {}", mp.display());
-                }
+            if let Some(mp) = lock_holder_mountpoint(&d.cache_dir)
+                && fuse_mountpoints().contains(&mp)
+            {
+                println!("in use by the mount at {}", mp.display());
             }
             Ok(())
         }
