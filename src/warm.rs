@@ -831,7 +831,7 @@ mod tests {
     }
 
     #[test]
-    fn mount_point_paths_become_names_and_warm_flags_resolve_as_a_mount() {
+    fn mount_point_paths_become_names_and_the_lock_file_names_the_mount_point() {
         let m = vec![PathBuf::from("/mnt/cxr/sub"), PathBuf::from("/mnt/cxr")];
         assert_eq!(
             relative_name("/mnt/cxr/files/p10/", &m).unwrap(),
