@@ -44,6 +44,108 @@ pub enum Command {
     /// project, the connection, list and read access to the bucket, a sample read's speed.
     /// Takes `mount`'s flags (the mount point is optional). Exit 0 only if a mount would work.
     Doctor(DoctorArgs),
+    /// Fetch objects into --cache-dir ahead of a training run (straight into the cache dir,
+    /// or through the mount that holds it), so every epoch reads from local disk.
+    Warm(WarmArgs),
+    /// Inspect, empty or re-check a --cache-dir.
+    Cache(CacheArgs),
+}
+
+/// `physiofs warm`: the bucket flags of `mount` (same names and meaning), what to fetch, and
+/// how many at once. Resolved through a mount's plan, so warm and mount agree on every default.
+#[derive(Debug, Clone, Args)]
+pub struct WarmArgs {
+    /// Object names relative to the bucket prefix (`files/p10/p10000032/s50414267/x.dcm`),
+    /// paths under a physiofs mount point, or sub-trees (`files/p10/`).
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<String>,
+
+    /// A file of paths, one a line, or a CSV (optionally .gz) with a `path` column, such as
+    /// MIMIC-CXR's `cxr-record-list.csv.gz`.
+    #[arg(long, value_name = "FILE")]
+    pub from_list: Option<PathBuf>,
+
+    /// Objects fetched at once.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub jobs: usize,
+
+    /// Also check every warmed file against the bucket's SHA256SUMS.txt and list mismatches.
+    #[arg(long)]
+    pub verify_sums: bool,
+
+    /// The cache dir to fill (the mount's --cache-dir).
+    #[arg(long, value_name = "DIR", help_heading = "Cache")]
+    pub cache_dir: PathBuf,
+
+    /// As `mount --disk-cache-size`.
+    #[arg(
+        long,
+        default_value = "50%",
+        value_name = "SIZE|N%",
+        help_heading = "Cache"
+    )]
+    pub disk_cache_size: String,
+
+    /// As `mount --bucket`.
+    #[arg(long, default_value = DEFAULT_BUCKET, help_heading = "Bucket")]
+    pub bucket: String,
+
+    /// As `mount --prefix`: names are relative to it.
+    #[arg(long, help_heading = "Bucket")]
+    pub prefix: Option<String>,
+
+    /// As `mount --billing-project`.
+    #[arg(long, env = "PHYSIOFS_BILLING_PROJECT", help_heading = "Bucket")]
+    pub billing_project: Option<String>,
+
+    /// As `mount --endpoint`.
+    #[arg(long, help_heading = "Bucket")]
+    pub endpoint: Option<String>,
+
+    /// As `mount --anonymous`.
+    #[arg(long, help_heading = "Auth")]
+    pub anonymous: bool,
+
+    /// As `mount --key-file`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Auth",
+        conflicts_with = "anonymous"
+    )]
+    pub key_file: Option<PathBuf>,
+
+    /// As `mount --retries`.
+    #[arg(long, help_heading = "Network")]
+    pub retries: Option<u32>,
+
+    /// More log output (-v, -vv).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// `physiofs cache`.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub action: CacheAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CacheAction {
+    /// Objects, complete objects, bytes and journal size (works next to a running mount).
+    Stats(CacheDirArg),
+    /// Delete everything the cache dir holds (refused while a mount or warm uses it).
+    Clear(CacheDirArg),
+    /// Re-check every stored block against its CRC32C; drop versions with a bad one.
+    Verify(CacheDirArg),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CacheDirArg {
+    /// The cache dir (a mount's --cache-dir).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: PathBuf,
 }
 
 /// `physiofs doctor [MOUNTPOINT] [mount flags]`.

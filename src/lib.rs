@@ -29,6 +29,7 @@ pub mod snapshot;
 pub mod stale;
 pub mod testbed;
 pub mod units;
+pub mod warm;
 
 /// The block cache, where it was before the read path had its own module.
 pub use read::cache;

@@ -52,6 +52,8 @@ fn main() {
         Command::Demo(a) => (a.verbose, None),
         Command::Testbed(_) => (0, None),
         Command::Doctor(a) => (a.mount.verbose, a.mount.log_level.clone()),
+        Command::Warm(a) => (a.verbose, None),
+        Command::Cache(_) => (0, None),
     };
     physiofs::logging::init(verbose, level.as_deref(), log_file);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -64,6 +66,8 @@ fn main() {
             Command::Mount(a) => physiofs::mount::run(a, notify.as_ref()).await,
             Command::Demo(a) => physiofs::demo::run(a).await,
             Command::Doctor(a) => physiofs::doctor::run(a).await,
+            Command::Warm(a) => physiofs::warm::run(a).await,
+            Command::Cache(a) => physiofs::warm::cache_command(a).await,
             Command::Testbed(a) => {
                 let source: std::sync::Arc<dyn physiofs::testbed::ObjectSource> =
                     match physiofs::testbed::dir_source(&a)? {
