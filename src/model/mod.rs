@@ -301,21 +301,25 @@ impl DatasetModel {
             return Some((Entry::Top(i), None));
         }
         // files/pNN/pSSSSSSSS/sTTTTTTTT.txt | files/pNN/pSSSSSSSS/sTTTTTTTT/<44>.ext
+        // The name comes from a request: check the fixed fields byte by byte before slicing,
+        // so a multi-byte character anywhere is a miss, never a slice inside a character.
         let rest = name.strip_prefix("files/p")?;
         let b = rest.as_bytes();
+        let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
         if b.len() < 2 + 2 + 8 + 2 + 8 + 1
             || b[2] != b'/'
             || b[3] != b'p'
             || b[12] != b'/'
             || b[13] != b's'
+            || !digits(0..2)
+            || !digits(4..12)
+            || !digits(14..22)
+            || b[4..6] != b[0..2]
         {
             return None;
         }
-        let digits = |s: &str| s.bytes().all(|c| c.is_ascii_digit());
-        let (pnn, subj, study) = (&rest[0..2], &rest[4..12], &rest[14..22]);
-        if !digits(pnn) || !digits(subj) || !digits(study) || subj[..2] != *pnn {
-            return None;
-        }
+        // Bytes 0..22 are ASCII, so these are character boundaries.
+        let (subj, study) = (&rest[4..12], &rest[14..22]);
         let subject: u32 = subj.parse().ok()?;
         let study: u32 = study.parse().ok()?;
         let si = self.pop.find_subject(subject)?;

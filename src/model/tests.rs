@@ -488,3 +488,34 @@ fn sha256sums_coverage() {
         assert_eq!(names, want);
     }
 }
+
+/// Object names come from requests: `stat` must refuse a malformed one, never panic on it. A
+/// multi-byte character across a fixed field boundary (`é` at bytes 21..23 after `files/p`,
+/// across the end of the study id; or inside the dicom id, at the same byte length) once
+/// panicked in a slice taken before the bytes were checked.
+#[test]
+fn stat_refuses_names_with_multibyte_characters_anywhere() {
+    let m = model(ModelKind::Dicom, 5, 3, 0.001);
+    let objs = all_objects(&m);
+    let image = objs.iter().find(|o| o.name.ends_with(".dcm")).unwrap();
+    let report = objs.iter().find(|o| o.name.ends_with(".txt")).unwrap();
+    for base in [image.name.as_str(), report.name.as_str()] {
+        let chars: Vec<char> = base.chars().collect();
+        for i in 0..chars.len() {
+            for c in ['é', '€', '😀'] {
+                // In place of as many ASCII characters as it has bytes (same byte length), in
+                // place of one, and inserted.
+                let w = c.len_utf8();
+                let edits = [(i, (i + w).min(chars.len())), (i, i + 1), (i, i)];
+                for (a, z) in edits {
+                    let mut v = chars.clone();
+                    v.splice(a..z, [c]);
+                    let bad: String = v.iter().collect();
+                    assert_eq!(m.stat(&bad), None, "{bad}");
+                }
+            }
+        }
+    }
+    assert_eq!(m.stat("files/p10/p10000032/s5041426é.txt"), None);
+    assert_eq!(m.stat("files/p10/p10000032/s5041426é/x.dcm"), None);
+}

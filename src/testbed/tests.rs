@@ -1082,3 +1082,52 @@ async fn seeded_faults_are_deterministic_and_concurrency_is_safe() {
     );
     h.shutdown().await;
 }
+
+/// A request naming a model object with a multi-byte character where the model expects digits
+/// is a 404 (the name is checked before it is sliced), and the server keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_names_with_multibyte_characters_are_404() {
+    use crate::model::{DICOM_BUCKET, DatasetModel, ModelConfig, ModelKind};
+    let m = Arc::new(DatasetModel::new(ModelConfig {
+        kind: ModelKind::Dicom,
+        patients: 3,
+        seed: 1,
+        size_scale: 0.001,
+    }));
+    let real = m
+        .list_from("files/", 100)
+        .into_iter()
+        .find(|o| o.name.ends_with(".dcm"))
+        .unwrap()
+        .name;
+    let h = start(
+        TestbedOptions::default(),
+        Arc::new(ModelSource::new(vec![m])),
+    )
+    .await
+    .unwrap();
+    let a = h.addr();
+    // `files/p` + 21 bytes, then a 2-byte character across the end of the study id; and one in
+    // the dicom id, at the same byte length.
+    let across_study = format!("{}é{}", &real[..28], &real[29..]);
+    let in_dicom_id = format!("{}é{}", &real[..35], &real[37..]);
+    for bad in [across_study, in_dicom_id] {
+        for q in ["", "?alt=media"] {
+            let g = get(
+                a,
+                &format!("/storage/v1/b/{DICOM_BUCKET}/o/{}{q}", enc(&bad)),
+            )
+            .await;
+            assert_eq!(
+                g.status,
+                404,
+                "{bad}{q}: {}",
+                String::from_utf8_lossy(&g.body)
+            );
+        }
+    }
+    let g = get(a, &format!("/storage/v1/b/{DICOM_BUCKET}/o/{}", enc(&real))).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(h.stats().responses_with(404), 4);
+    h.shutdown().await;
+}
