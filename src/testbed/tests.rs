@@ -1071,13 +1071,20 @@ async fn listing_at_full_scale() {
             2 => 1001,
             _ => 9,
         };
-        let prefixes = j.get("prefixes").and_then(Value::as_array);
-        let bound = 1001 + ni as u64 + prefixes.into_iter().flatten().map(under).sum::<u64>();
+        let mut prefixes: Vec<&Value> = j
+            .get("prefixes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .collect();
+        prefixes.dedup();
+        let bound = 1001 + ni as u64 + prefixes.iter().map(|p| under(p)).sum::<u64>();
         assert!(
             scanned <= bound,
             "{p}: {scanned} objects read from the source for {ni} items + {np} prefixes \
              (bound {bound}; the bucket has 605,000)"
         );
+        assert_eq!(prefixes.len(), np, "{p}: a prefix repeated");
     }
     let j = get(a, "/storage/v1/b/mimic/o?prefix=files/&delimiter=/")
         .await
