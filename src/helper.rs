@@ -88,7 +88,10 @@ pub fn is_mount_form(argv: &[OsString]) -> bool {
     match argv.get(1).map(|a| a.to_string_lossy()) {
         Some(a) => {
             !a.starts_with('-')
-                && !["mount", "demo", "testbed", "doctor", "warm", "cache", "help"].contains(&a.as_ref())
+                && ![
+                    "mount", "demo", "testbed", "doctor", "warm", "cache", "help",
+                ]
+                .contains(&a.as_ref())
         }
         None => false,
     }

@@ -134,6 +134,30 @@ pub struct DatasetModel {
     pixel_gens: Vec<OnceLock<dicom::PixelGen>>,
     /// Direct-mapped cache of recently read images (bounded, tiny).
     img_cache: Vec<Mutex<Option<Arc<ImageCtx>>>>,
+    #[cfg(test)]
+    work: Work,
+}
+
+/// What the model computed, counted so that unit tests can check costs by counts instead of
+/// by the clock: a listing page touches the studies of that page (not the bucket), and the
+/// reads of one image share one context (its header or JPG layout is not rebuilt per read).
+#[cfg(test)]
+#[derive(Default)]
+struct Work {
+    /// Studies whose attributes or first name were computed.
+    studies: std::sync::atomic::AtomicU64,
+    /// Image contexts (DICOM header, JPG padding length) built for a read.
+    image_ctxs: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(test)]
+impl Work {
+    fn count(c: &std::sync::atomic::AtomicU64) {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn take(c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 const IMG_CACHE_SLOTS: usize = 256;
@@ -180,6 +204,8 @@ impl DatasetModel {
             jpeg_bases,
             pixel_gens,
             img_cache,
+            #[cfg(test)]
+            work: Work::default(),
         }
     }
 
@@ -255,6 +281,8 @@ impl DatasetModel {
     }
 
     fn study(&self, g: usize) -> StudyInfo {
+        #[cfg(test)]
+        Work::count(&self.work.studies);
         let si = self.pop.subject_of(g);
         study_info(
             self.cfg.seed,
@@ -285,6 +313,8 @@ impl DatasetModel {
 
     /// Name of the first tree entry of study `g` (cheap for DICOM).
     fn first_name(&self, g: usize) -> String {
+        #[cfg(test)]
+        Work::count(&self.work.studies);
         let si = self.pop.subject_of(g);
         let (subject, study) = (self.pop.subjects[si], self.pop.studies[g]);
         match self.cfg.kind {
@@ -301,21 +331,25 @@ impl DatasetModel {
             return Some((Entry::Top(i), None));
         }
         // files/pNN/pSSSSSSSS/sTTTTTTTT.txt | files/pNN/pSSSSSSSS/sTTTTTTTT/<44>.ext
+        // The name comes from a request: check the fixed fields byte by byte before slicing,
+        // so a multi-byte character anywhere is a miss, never a slice inside a character.
         let rest = name.strip_prefix("files/p")?;
         let b = rest.as_bytes();
+        let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
         if b.len() < 2 + 2 + 8 + 2 + 8 + 1
             || b[2] != b'/'
             || b[3] != b'p'
             || b[12] != b'/'
             || b[13] != b's'
+            || !digits(0..2)
+            || !digits(4..12)
+            || !digits(14..22)
+            || b[4..6] != b[0..2]
         {
             return None;
         }
-        let digits = |s: &str| s.bytes().all(|c| c.is_ascii_digit());
-        let (pnn, subj, study) = (&rest[0..2], &rest[4..12], &rest[14..22]);
-        if !digits(pnn) || !digits(subj) || !digits(study) || subj[..2] != *pnn {
-            return None;
-        }
+        // Bytes 0..22 are ASCII, so these are character boundaries.
+        let (subj, study) = (&rest[4..12], &rest[14..22]);
         let subject: u32 = subj.parse().ok()?;
         let study: u32 = study.parse().ok()?;
         let si = self.pop.find_subject(subject)?;
@@ -498,6 +532,8 @@ impl DatasetModel {
     }
 
     fn image_ctx(&self, st: &StudyInfo, pos: usize, name: String) -> Arc<ImageCtx> {
+        #[cfg(test)]
+        Work::count(&self.work.image_ctxs);
         let img = &st.images[pos];
         let (header, pad) = match self.cfg.kind {
             ModelKind::Dicom => (self.dicom_header(st, pos), 0),

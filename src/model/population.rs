@@ -173,6 +173,8 @@ pub fn format_dicom_id(id: &DicomId) -> String {
     )
 }
 
+/// The id a name spells, or None. The name comes from a request, so its bytes are checked
+/// before anything is sliced (a multi-byte character is a miss, not a panic).
 pub fn parse_dicom_id(s: &str) -> Option<DicomId> {
     let b = s.as_bytes();
     if b.len() != 44 {
@@ -180,17 +182,19 @@ pub fn parse_dicom_id(s: &str) -> Option<DicomId> {
     }
     let mut id = [0u32; 5];
     for (k, v) in id.iter_mut().enumerate() {
-        let part = &s[k * 9..k * 9 + 8];
+        let part = &b[k * 9..k * 9 + 8];
         if k < 4 && b[k * 9 + 8] != b'-' {
             return None;
         }
         if !part
-            .bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
         {
             return None;
         }
-        *v = u32::from_str_radix(part, 16).ok()?;
+        *v = part.iter().fold(0u32, |acc, c| {
+            (acc << 4) | (*c as char).to_digit(16).unwrap()
+        });
     }
     Some(id)
 }

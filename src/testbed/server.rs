@@ -112,15 +112,16 @@ impl AsyncWrite for ConnIo {
     }
 }
 
-/// Per-connection token bucket (virtual-time pacing).
+/// Per-connection token bucket (virtual-time pacing). On tokio's clock, so that a test with
+/// the clock paused measures the pacing exactly.
 struct Pacer {
-    next: Instant,
+    next: tokio::time::Instant,
 }
 
 impl Pacer {
     /// Reserve `n` bytes at `rate`; returns when they may be sent.
-    fn reserve(&mut self, n: usize, rate: u64) -> Instant {
-        let now = Instant::now();
+    fn reserve(&mut self, n: usize, rate: u64) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
         let start = self.next.max(now);
         self.next = start + Duration::from_secs_f64(n as f64 / rate as f64);
         start
@@ -182,7 +183,7 @@ async fn serve_http<I>(
         shared,
         local,
         pacer: Arc::new(Mutex::new(Pacer {
-            next: Instant::now(),
+            next: tokio::time::Instant::now(),
         })),
         rst,
         kill: kill.clone(),
@@ -438,9 +439,10 @@ impl MediaBody {
             }
             if let Some(rate) = self.bandwidth {
                 let at = self.pacer.lock().unwrap().reserve(piece.len(), rate);
-                if at > Instant::now() + Duration::from_millis(1) {
+                if at > tokio::time::Instant::now() + Duration::from_millis(1) {
+                    self.shared.stats.throttled(piece.len() as u64);
                     self.ready = Some(piece);
-                    self.sleep = Some(Box::pin(tokio::time::sleep_until(at.into())));
+                    self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
                     continue;
                 }
             }
@@ -778,6 +780,7 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Resp, Abort
     }
     let latency = knobs.first_byte_latency + knobs.latency_jitter.mul_f64(shared.unit());
     if !latency.is_zero() {
+        shared.stats.delayed(latency);
         tokio::time::sleep(latency).await;
     }
 
@@ -875,8 +878,10 @@ async fn respond(
                 start_offset: query.get("startOffset").cloned(),
                 end_offset: query.get("endOffset").cloned(),
             };
+            let scan = Arc::new(ScanCounter::new(src.clone()));
+            let counted = scan.clone();
             let res = tokio::task::spawn_blocking(move || {
-                listing::list(&*src, &b, &p).map(|page| {
+                listing::list(&*counted, &b, &p).map(|page| {
                     let items = page
                         .items
                         .iter()
@@ -892,6 +897,7 @@ async fn respond(
             })
             .await
             .expect("list task");
+            shared.stats.scanned(scan.scanned.load(Ordering::Relaxed));
             match res {
                 Ok(body) => json_resp(200, body),
                 Err(ListError::NoSuchBucket) => {
@@ -905,6 +911,47 @@ async fn respond(
             object(ctx, &req, &base, bucket, name, media, query, knobs).await
         }
         _ => err_resp(404, "Not Found", "notFound"),
+    }
+}
+
+/// The source as the listing code sees it, counting the objects it reads (`list_scanned`).
+struct ScanCounter {
+    inner: Arc<dyn ObjectSource>,
+    scanned: std::sync::atomic::AtomicU64,
+}
+
+impl ScanCounter {
+    fn new(inner: Arc<dyn ObjectSource>) -> Self {
+        ScanCounter {
+            inner,
+            scanned: Default::default(),
+        }
+    }
+}
+
+impl ObjectSource for ScanCounter {
+    fn buckets(&self) -> Vec<String> {
+        self.inner.buckets()
+    }
+    fn list_from(&self, bucket: &str, start: &str, limit: usize) -> Option<Vec<SourceObject>> {
+        let v = self.inner.list_from(bucket, start, limit)?;
+        self.scanned.fetch_add(v.len() as u64, Ordering::Relaxed);
+        Some(v)
+    }
+    fn stat(&self, bucket: &str, name: &str) -> Option<SourceObject> {
+        self.inner.stat(bucket, name)
+    }
+    fn read_at(
+        &self,
+        bucket: &str,
+        obj: &SourceObject,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
+        self.inner.read_at(bucket, obj, offset, buf)
+    }
+    fn hashes(&self, bucket: &str, obj: &SourceObject) -> Option<(String, Option<String>)> {
+        self.inner.hashes(bucket, obj)
     }
 }
 

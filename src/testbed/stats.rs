@@ -29,6 +29,10 @@ pub(crate) struct Stats {
     req: [AtomicU64; 5],
     faults: [AtomicU64; 7],
     bytes_sent: AtomicU64,
+    delayed_requests: AtomicU64,
+    delayed_micros: AtomicU64,
+    throttled_bytes: AtomicU64,
+    list_scanned: AtomicU64,
     status: Box<[AtomicU64]>,
     /// Storage requests served over [http/1.1, h2].
     proto: [AtomicU64; 2],
@@ -41,6 +45,10 @@ impl Default for Stats {
             req: Default::default(),
             faults: Default::default(),
             bytes_sent: AtomicU64::new(0),
+            delayed_requests: AtomicU64::new(0),
+            delayed_micros: AtomicU64::new(0),
+            throttled_bytes: AtomicU64::new(0),
+            list_scanned: AtomicU64::new(0),
             status: (0..600).map(|_| AtomicU64::new(0)).collect(),
             proto: Default::default(),
             tls_failed: AtomicU64::new(0),
@@ -64,6 +72,20 @@ impl Stats {
     pub fn bytes(&self, n: u64) {
         self.bytes_sent.fetch_add(n, Relaxed);
     }
+    /// A request whose answer the latency knobs held back by `d`.
+    pub fn delayed(&self, d: std::time::Duration) {
+        self.delayed_requests.fetch_add(1, Relaxed);
+        self.delayed_micros
+            .fetch_add(d.as_micros().try_into().unwrap_or(u64::MAX), Relaxed);
+    }
+    /// Body bytes that waited for the bandwidth cap before they were sent.
+    pub fn throttled(&self, n: u64) {
+        self.throttled_bytes.fetch_add(n, Relaxed);
+    }
+    /// Objects the listing code read from the source to answer one listing.
+    pub fn scanned(&self, n: u64) {
+        self.list_scanned.fetch_add(n, Relaxed);
+    }
     pub fn status(&self, code: u16) {
         if let Some(c) = self.status.get(code as usize) {
             c.fetch_add(1, Relaxed);
@@ -77,10 +99,16 @@ impl Stats {
             .chain(self.status.iter())
             .chain(self.proto.iter())
             .chain(std::iter::once(&self.tls_failed))
+            .chain([
+                &self.bytes_sent,
+                &self.delayed_requests,
+                &self.delayed_micros,
+                &self.throttled_bytes,
+                &self.list_scanned,
+            ])
         {
             c.store(0, Relaxed);
         }
-        self.bytes_sent.store(0, Relaxed);
     }
     pub fn snapshot(&self) -> StatsSnapshot {
         let r = |k: RequestKind| self.req[k as usize].load(Relaxed);
@@ -94,6 +122,10 @@ impl Stats {
                 other: r(RequestKind::Other),
             },
             bytes_sent: self.bytes_sent.load(Relaxed),
+            delayed_requests: self.delayed_requests.load(Relaxed),
+            delayed_micros: self.delayed_micros.load(Relaxed),
+            throttled_bytes: self.throttled_bytes.load(Relaxed),
+            list_scanned: self.list_scanned.load(Relaxed),
             faults: FaultCounts {
                 fail_429: f(FaultKind::Fail429),
                 fail_503: f(FaultKind::Fail503),
@@ -144,10 +176,27 @@ pub struct FaultCounts {
 }
 
 /// What `GET /_testbed/stats` returns. `responses` maps status code (as a string) to count.
+///
+/// The knobs that slow answers down count what they did (`delayed_*`, `throttled_bytes`), and
+/// listings count what they cost (`list_scanned`), so that tests check them by counts rather
+/// than by timing a client, which a loaded machine makes slow and a fast one makes anything.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StatsSnapshot {
     pub requests: RequestCounts,
     pub bytes_sent: u64,
+    /// Storage requests whose answer `first_byte_latency` / `latency_jitter` held back.
+    #[serde(default)]
+    pub delayed_requests: u64,
+    /// The delay they were held back by, in all (microseconds).
+    #[serde(default)]
+    pub delayed_micros: u64,
+    /// Media body bytes that waited for the `bandwidth` cap before they were sent.
+    #[serde(default)]
+    pub throttled_bytes: u64,
+    /// Objects the listing code read from the source, over every listing: a page costs about
+    /// its own size (plus the objects under the prefixes it collapses), never the bucket's.
+    #[serde(default)]
+    pub list_scanned: u64,
     pub faults: FaultCounts,
     #[serde(default)]
     pub protocols: ProtocolCounts,

@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use hyper::HeaderMap;
@@ -17,6 +19,7 @@ struct Got {
     headers: HeaderMap,
     body: Vec<u8>,
     body_err: Option<String>,
+    /// On tokio's clock: exact (virtual) time in a test with the clock paused.
     headers_at: Duration,
     total: Duration,
 }
@@ -229,15 +232,16 @@ async fn listing_pages_and_offsets() {
     assert_eq!(j["prefixes"], serde_json::json!(["other/"]));
     assert!(j.get("nextPageToken").is_none());
 
-    // Timing: a page out of 2,500 is quick.
-    let t0 = Instant::now();
+    // A page out of 2,500 reads one batch from the source (a page and the one after it).
+    let before = h.stats().list_scanned;
     let g = get(
         a,
         "/storage/v1/b/bkt/o?prefix=many/&startOffset=many/obj01200",
     )
     .await;
     assert_eq!(g.status, 200);
-    println!("list page of 1000 took {:?}", t0.elapsed());
+    assert_eq!(g.json()["items"].as_array().unwrap().len(), 1000);
+    assert_eq!(h.stats().list_scanned - before, 1001);
 
     // Missing bucket.
     let g = get(a, "/storage/v1/b/nope/o").await;
@@ -463,7 +467,20 @@ async fn odd_names() {
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Tokio's clock advances only by the timers that fire; with it paused, a delay is measured
+/// exactly, whatever the load on the machine. Timer resolution is 1 ms.
+///
+/// The clock cannot advance while a blocking task runs, and the server reads bodies in one
+/// (`produce`), blocked while its channel of four 256 KiB chunks is full: paused-clock tests
+/// use bodies of one chunk, whose producer is done before the body is sent.
+fn assert_about(what: &str, got: Duration, want: Duration) {
+    assert!(
+        got >= want && got <= want + Duration::from_millis(3),
+        "{what}: {got:?} on the paused clock, want {want:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn latency_knob() {
     let opts = TestbedOptions {
         first_byte_latency: Duration::from_millis(150),
@@ -471,56 +488,72 @@ async fn latency_knob() {
     };
     let h = server(opts, small_source()).await;
     let a = h.addr();
-    for p in [
+    let paths = [
         "/storage/v1/b/bkt/o",
         "/storage/v1/b/bkt/o/empty",
         "/storage/v1/b/bkt/o/empty?alt=media",
         "/storage/v1/b/bkt",
-    ] {
+    ];
+    for p in paths {
         let g = get(a, p).await;
-        assert!(
-            g.headers_at >= Duration::from_millis(150),
-            "{p}: {:?}",
-            g.headers_at
-        );
+        assert_eq!(g.status, 200, "{p}");
+        assert_about(p, g.headers_at, Duration::from_millis(150));
     }
+    let st = h.stats();
+    assert_eq!(st.delayed_requests, 4, "{st:?}");
+    assert_eq!(st.delayed_micros, 4 * 150_000, "{st:?}");
     // Not for the control endpoints.
     let g = get(a, "/_testbed/stats").await;
-    assert!(
-        g.headers_at < Duration::from_millis(100),
-        "{:?}",
-        g.headers_at
-    );
-    // Changed at runtime.
+    assert_about("/_testbed/stats", g.headers_at, Duration::ZERO);
+    // Changed at runtime, jitter included.
     let g = post(a, "/_testbed/faults", r#"{"first_byte_latency":"0s"}"#).await;
     assert_eq!(g.status, 200);
+    assert_about("/_testbed/faults", g.headers_at, Duration::ZERO);
     let g = get(a, "/storage/v1/b/bkt").await;
+    assert_about("latency 0", g.headers_at, Duration::ZERO);
+    assert_eq!(h.stats().delayed_requests, 4);
+    post(a, "/_testbed/faults", r#"{"latency_jitter":"100ms"}"#).await;
+    let mut waited = Duration::ZERO;
+    for p in paths {
+        waited += get(a, p).await.headers_at;
+    }
+    let st = h.stats();
+    assert_eq!(st.delayed_requests, 8, "{st:?}");
+    let jitter = Duration::from_micros(st.delayed_micros - 4 * 150_000);
+    assert!(jitter > Duration::ZERO && jitter < Duration::from_millis(400));
     assert!(
-        g.headers_at < Duration::from_millis(100),
-        "{:?}",
-        g.headers_at
+        waited >= jitter && waited <= jitter + Duration::from_millis(8),
+        "clients waited {waited:?} for {jitter:?} of jitter"
     );
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn bandwidth_knob() {
     let opts = TestbedOptions {
-        bandwidth: Some(4_000_000),
+        bandwidth: Some(500_000),
         ..Default::default()
     };
     let h = server(opts, small_source()).await;
     let a = h.addr();
-    let g = get(a, "/storage/v1/b/bkt/o/big.bin?alt=media").await;
-    assert_eq!(g.body.len(), 4_000_000);
-    // 4 MB at 4 MB/s: ~1s.
-    assert!(g.total >= Duration::from_millis(900), "{:?}", g.total);
-    assert!(g.total < Duration::from_millis(2500), "{:?}", g.total);
+    const OBJ: &str = "/storage/v1/b/bkt/o/files%2Fp10%2Fb.dcm?alt=media";
+    let g = get(a, OBJ).await;
+    assert_eq!(g.body.len(), 100_000);
+    // 100 kB at 500 kB/s, paced in pieces of 1/50 s (10 kB, 20 ms): the first piece goes at
+    // once, the tenth after 9 × 20 ms.
+    assert_about("100 kB at 500 kB/s", g.total, Duration::from_millis(180));
+    let st = h.stats();
+    assert_eq!(st.throttled_bytes, 90_000, "{st:?}");
+    // The cap is per connection: a new one starts with a full allowance.
+    let g = get(a, OBJ).await;
+    assert_about("second connection", g.total, Duration::from_millis(180));
+    assert_eq!(h.stats().throttled_bytes, 180_000);
     // Runtime change to unlimited.
     post(a, "/_testbed/faults", r#"{"bandwidth":"unlimited"}"#).await;
-    let g = get(a, "/storage/v1/b/bkt/o/big.bin?alt=media").await;
-    assert_eq!(g.body.len(), 4_000_000);
-    assert!(g.total < Duration::from_millis(500), "{:?}", g.total);
+    let g = get(a, OBJ).await;
+    assert_eq!(g.body.len(), 100_000);
+    assert_about("unlimited", g.total, Duration::ZERO);
+    assert_eq!(h.stats().throttled_bytes, 180_000);
     h.shutdown().await;
 }
 
@@ -616,30 +649,43 @@ async fn reset_truncate_stall() {
     );
     assert_eq!(h.stats().faults.truncate, 1);
 
-    // Stall.
-    post(
-        a,
-        "/_testbed/faults",
-        r#"{"truncate_rate":0,"stall_rate":1,"stall_duration":"600ms"}"#,
-    )
-    .await;
+    // Back to normal.
+    post(a, "/_testbed/faults", r#"{"truncate_rate":0}"#).await;
     let g = get(a, "/storage/v1/b/bkt/o/big.bin?alt=media").await;
-    assert!(g.total >= Duration::from_millis(600), "{:?}", g.total);
-    assert!(g.body.len() < 4_000_000);
+    assert!(g.body_err.is_none() && g.body.len() == 4_000_000);
+    h.shutdown().await;
+}
+
+/// A stalled body stops part-way for `stall_duration`, then the connection closes (measured
+/// on the paused clock); a client with a shorter timeout gives up first.
+#[tokio::test(start_paused = true)]
+async fn stall_knob() {
+    let opts = TestbedOptions {
+        stall_rate: 1.0,
+        stall_duration: Duration::from_millis(600),
+        ..Default::default()
+    };
+    let h = server(opts, small_source()).await;
+    let a = h.addr();
+    const OBJ: &str = "/storage/v1/b/bkt/o/files%2Fp10%2Fb.dcm?alt=media";
+    let g = get(a, OBJ).await;
+    assert_eq!(g.status, 200);
+    assert_about("stalled body", g.total, Duration::from_millis(600));
+    assert!(g.body.len() < 100_000);
     assert!(g.body_err.is_some());
     assert_eq!(h.stats().faults.stall, 1);
     // A stalled body hangs: a client timeout fires first.
-    let r = tokio::time::timeout(
-        Duration::from_millis(300),
-        get(a, "/storage/v1/b/bkt/o/big.bin?alt=media"),
-    )
-    .await;
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_millis(300), get(a, OBJ)).await;
     assert!(r.is_err(), "stalled read should time out");
+    assert_about("client timeout", t0.elapsed(), Duration::from_millis(300));
+    assert_eq!(h.stats().faults.stall, 2);
 
     // Back to normal.
     post(a, "/_testbed/faults", r#"{"stall_rate":0}"#).await;
-    let g = get(a, "/storage/v1/b/bkt/o/big.bin?alt=media").await;
-    assert!(g.body_err.is_none() && g.body.len() == 4_000_000);
+    let g = get(a, OBJ).await;
+    assert!(g.body_err.is_none() && g.body.len() == 100_000);
+    assert_about("no stall", g.total, Duration::ZERO);
     h.shutdown().await;
 }
 
@@ -971,7 +1017,8 @@ async fn throughput_1gib() {
     h.shutdown().await;
 }
 
-/// A full-scale (~605,000 objects) bucket: listing pages must cost milliseconds, not a scan.
+/// A full-scale (~605,000 objects) bucket: a listing page reads about a page of objects from
+/// the source (plus those under the prefixes it collapses), never the bucket. Counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_at_full_scale() {
     let mut m = MemSource::new();
@@ -1003,9 +1050,11 @@ async fn listing_at_full_scale() {
         "/storage/v1/b/mimic/o?prefix=files/p19/&delimiter=/",
         "/storage/v1/b/mimic/o?startOffset=files/p17/p17003000&delimiter=/&prefix=files/p17/",
     ] {
-        let t0 = Instant::now();
+        h.reset_stats();
+        let t0 = std::time::Instant::now();
         let g = get(a, p).await;
         let el = t0.elapsed();
+        let scanned = h.stats().list_scanned;
         assert_eq!(g.status, 200);
         let j = g.json();
         let ni = j.get("items").and_then(Value::as_array).map_or(0, Vec::len);
@@ -1013,9 +1062,29 @@ async fn listing_at_full_scale() {
             .get("prefixes")
             .and_then(Value::as_array)
             .map_or(0, Vec::len);
-        println!("full-scale list {p}: {ni} items + {np} prefixes in {el:?}");
+        println!("full-scale list {p}: {ni} items + {np} prefixes, {scanned} objects read, {el:?}");
         assert!(ni + np > 0 && ni + np <= 1000);
-        assert!(el < Duration::from_millis(500), "{p}: {el:?}");
+        // One batch (1,001) for the page, each item, and for each prefix the objects under
+        // it up to one batch before the listing jumps past it: 60,500 under `files/pNN/`,
+        // 9 under a patient's.
+        let under = |pfx: &Value| match pfx.as_str().unwrap().matches('/').count() {
+            2 => 1001,
+            _ => 9,
+        };
+        let mut prefixes: Vec<&Value> = j
+            .get("prefixes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .collect();
+        prefixes.dedup();
+        let bound = 1001 + ni as u64 + prefixes.iter().map(|p| under(p)).sum::<u64>();
+        assert!(
+            scanned <= bound,
+            "{p}: {scanned} objects read from the source for {ni} items + {np} prefixes \
+             (bound {bound}; the bucket has 605,000)"
+        );
+        assert_eq!(prefixes.len(), np, "{p}: a prefix repeated");
     }
     let j = get(a, "/storage/v1/b/mimic/o?prefix=files/&delimiter=/")
         .await
@@ -1080,5 +1149,54 @@ async fn seeded_faults_are_deterministic_and_concurrency_is_safe() {
         st.faults.fail_429 + st.faults.fail_503,
         st.responses_with(429) + st.responses_with(503)
     );
+    h.shutdown().await;
+}
+
+/// A request naming a model object with a multi-byte character where the model expects digits
+/// is a 404 (the name is checked before it is sliced), and the server keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_names_with_multibyte_characters_are_404() {
+    use crate::model::{DICOM_BUCKET, DatasetModel, ModelConfig, ModelKind};
+    let m = Arc::new(DatasetModel::new(ModelConfig {
+        kind: ModelKind::Dicom,
+        patients: 3,
+        seed: 1,
+        size_scale: 0.001,
+    }));
+    let real = m
+        .list_from("files/", 100)
+        .into_iter()
+        .find(|o| o.name.ends_with(".dcm"))
+        .unwrap()
+        .name;
+    let h = start(
+        TestbedOptions::default(),
+        Arc::new(ModelSource::new(vec![m])),
+    )
+    .await
+    .unwrap();
+    let a = h.addr();
+    // `files/p` + 21 bytes, then a 2-byte character across the end of the study id; and one in
+    // the dicom id, at the same byte length.
+    let across_study = format!("{}é{}", &real[..28], &real[29..]);
+    let in_dicom_id = format!("{}é{}", &real[..35], &real[37..]);
+    for bad in [across_study, in_dicom_id] {
+        for q in ["", "?alt=media"] {
+            let g = get(
+                a,
+                &format!("/storage/v1/b/{DICOM_BUCKET}/o/{}{q}", enc(&bad)),
+            )
+            .await;
+            assert_eq!(
+                g.status,
+                404,
+                "{bad}{q}: {}",
+                String::from_utf8_lossy(&g.body)
+            );
+        }
+    }
+    let g = get(a, &format!("/storage/v1/b/{DICOM_BUCKET}/o/{}", enc(&real))).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(h.stats().responses_with(404), 4);
     h.shutdown().await;
 }

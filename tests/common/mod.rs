@@ -1510,3 +1510,144 @@ impl TlsTestbed {
         v
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Readers that report every read's outcome
+// ---------------------------------------------------------------------------------------------
+
+/// What parallel reader processes (`tests/py/read_files.py`) saw. Each reports, per file, the
+/// SHA-256 of the bytes it read to the end, or the errno of the call that failed; the test
+/// compares the hashes with the expected ones itself, so a reader that took an error for an
+/// end of file, skipped a file or died is caught too.
+#[derive(Debug, Default)]
+pub struct ReadReport {
+    /// Name → SHA-256 of what was read, for files read to the end.
+    pub read: BTreeMap<String, String>,
+    /// Name → the failed call (`"EIO in read at offset N"`).
+    pub failed: BTreeMap<String, String>,
+    /// errno name → number of calls that failed with it, over every reader.
+    pub errnos: BTreeMap<String, u64>,
+    /// Readers that did not exit 0: their status and stderr.
+    pub bad_exits: Vec<String>,
+    /// Lines that are not a report, and names reported more than once.
+    pub garbled: Vec<String>,
+    /// Reader processes started.
+    pub readers: usize,
+}
+
+impl ReadReport {
+    /// Everything that differs from "every file of `want` (`(sha256, name)`) read to the end
+    /// with exactly its bytes, no call failing, every reader exiting 0". Empty when all is right.
+    pub fn problems(&self, want: &[(String, String)]) -> Vec<String> {
+        let mut p: Vec<String> = Vec::new();
+        for (sha, name) in want {
+            match (self.read.get(name), self.failed.get(name)) {
+                (Some(got), _) if got == sha => {}
+                (Some(got), _) => p.push(format!("{name}: read {got}, want {sha}")),
+                (None, Some(call)) => p.push(format!("{name}: {call}")),
+                (None, None) => p.push(format!("{name}: not reported by any reader")),
+            }
+        }
+        if !self.errnos.is_empty() {
+            p.push(format!("failed calls by errno: {:?}", self.errnos));
+        }
+        p.extend(self.bad_exits.iter().cloned());
+        p.extend(self.garbled.iter().map(|g| format!("garbled: {g}")));
+        p
+    }
+
+    /// Panics listing every problem (see [`ReadReport::problems`]), with `context`.
+    pub fn assert_all_right(&self, want: &[(String, String)], context: &str) {
+        let p = self.problems(want);
+        assert!(
+            p.is_empty(),
+            "{} problem(s) reading {} files with {} readers:\n{}\n{context}",
+            p.len(),
+            want.len(),
+            self.readers,
+            p.join("\n")
+        );
+    }
+}
+
+/// Reads every file of `want` (`(sha256, name)`, names relative to `root`) with `readers`
+/// parallel `tests/py/read_files.py` processes (plain 1 MiB `read(2)` calls, no retries) and
+/// returns what they saw. Panics if a reader is still running after `timeout` (killed).
+pub fn read_files(
+    root: &Path,
+    want: &[(String, String)],
+    readers: usize,
+    timeout: Duration,
+) -> ReadReport {
+    let script = repo_root().join("tests/py/read_files.py");
+    let chunk = want.len().div_ceil(readers).max(1);
+    let (tx, rx) = mpsc::channel();
+    let mut pids = Vec::new();
+    for part in want.chunks(chunk) {
+        let names: String = part.iter().map(|(_, n)| format!("{n}\n")).collect();
+        let mut c = Command::new(python())
+            .arg(&script)
+            .arg(root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", script.display()));
+        pids.push(c.id());
+        let mut stdin = c.stdin.take().unwrap();
+        thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(names.as_bytes());
+        });
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let _ = tx.send(c.wait_with_output());
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + timeout;
+    let mut report = ReadReport {
+        readers: pids.len(),
+        ..Default::default()
+    };
+    for _ in 0..pids.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let out = match rx.recv_timeout(left) {
+            Ok(out) => out.expect("wait for a reader"),
+            Err(_) => {
+                for pid in &pids {
+                    unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                }
+                panic!("readers still running after {timeout:?} (killed)");
+            }
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            let Some(name) = v["name"].as_str().map(str::to_string) else {
+                report.garbled.push(line.to_string());
+                continue;
+            };
+            let twice = report.read.contains_key(&name) || report.failed.contains_key(&name);
+            if twice {
+                report.garbled.push(format!("{name} reported twice"));
+            }
+            if let Some(sha) = v["sha256"].as_str() {
+                report.read.insert(name, sha.to_string());
+            } else if let Some(e) = v["errno"].as_str() {
+                *report.errnos.entry(e.to_string()).or_default() += 1;
+                let call = format!("{e} in {} at offset {}", v["op"], v["offset"]);
+                report.failed.insert(name, call);
+            } else {
+                report.garbled.push(line.to_string());
+            }
+        }
+        if !out.status.success() {
+            report.bad_exits.push(format!(
+                "a reader exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    report
+}
