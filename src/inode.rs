@@ -1,9 +1,10 @@
 //! The inode table: the tree the kernel sees, built from object names.
 //!
 //! GCS has no directories, only names; a directory here is any prefix that some name continues
-//! past a `/`. Entries arrive from listings — per-directory pages today, flat listings of whole
-//! sub-trees later — through the same two calls, [`InodeTable::insert_object`] and
-//! [`InodeTable::insert_dir`], which create the implied parent directories as they go.
+//! past a `/`. Entries arrive from listings — per-directory pages (lazy metadata, misses) and
+//! flat listings of whole sub-trees (the bulk load) — and from the snapshot, through the same
+//! two calls, [`InodeTable::insert_object`] and [`InodeTable::insert_dir`], which create the
+//! implied parent directories as they go.
 //! Nodes hold only their own name component; a full object name is rebuilt by walking parents,
 //! so no node carries a path string.
 //!

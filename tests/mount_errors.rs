@@ -59,12 +59,45 @@ fn unreachable_endpoint_fails_naming_it() {
         stderr.contains(&format!("127.0.0.1:{port}")),
         "stderr should name the endpoint {endpoint}:\n{stderr}"
     );
-    // The checks at mount time have their own small retry budget (4 attempts within 15 s);
-    // the read-time budget (20 attempts within 60 s) would keep the user waiting a minute.
+}
+
+/// The checks at mount time have their own small retry budget: a server that resets every
+/// connection is asked at most that many times (counted by the server), not the read-time
+/// budget's 20 times within a minute that would keep the user waiting.
+#[test]
+fn mount_time_checks_use_the_small_retry_budget() {
+    use physiofs::client::gcs::RetryConfig;
+    let tb = TestbedProc::start(&[
+        "--model",
+        "jpg",
+        "--patients",
+        "2",
+        "--size-scale",
+        "0.01",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    tb.set_faults(r#"{"unavailable":true}"#);
+    let (_dir, mnt) = mountpoint_dir();
+    let args = tb.mount_args(physiofs::model::JPG_BUCKET, &["--metadata-cache", "off"]);
+    let (status, stderr) = expect_mount_failure(&args, &mnt, Duration::from_secs(120));
+    let s = tb.stats();
+    let asked: u64 = ["list", "get_meta", "get_media", "bucket"]
+        .iter()
+        .map(|k| s["requests"][k].as_u64().unwrap())
+        .sum();
+    eprintln!("connections reset: {status} after {asked} requests; stderr:\n{stderr}");
+    let (startup, reads) = (RetryConfig::startup(), RetryConfig::default());
+    assert!(startup.max_attempts < reads.max_attempts);
     assert!(
-        t0.elapsed() < Duration::from_secs(20),
-        "gave up only after {:?}",
-        t0.elapsed()
+        (1..=startup.max_attempts as u64).contains(&asked),
+        "the mount-time check asked {asked} times (startup budget {} attempts): {s}",
+        startup.max_attempts
+    );
+    assert!(
+        stderr.contains(&tb.endpoint["http://".len()..]),
+        "stderr should name the endpoint {}:\n{stderr}",
+        tb.endpoint
     );
 }
 

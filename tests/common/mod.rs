@@ -1635,7 +1635,8 @@ pub fn read_files(
                 report.read.insert(name, sha.to_string());
             } else if let Some(e) = v["errno"].as_str() {
                 *report.errnos.entry(e.to_string()).or_default() += 1;
-                let call = format!("{e} in {} at offset {}", v["op"], v["offset"]);
+                let op = v["op"].as_str().unwrap_or("?");
+                let call = format!("{e} in {op} at offset {}", v["offset"]);
                 report.failed.insert(name, call);
             } else {
                 report.garbled.push(line.to_string());
