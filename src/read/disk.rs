@@ -397,21 +397,15 @@ impl DiskCache {
         for (i, b) in &todo {
             f.write_all_at(b.as_slice(), i * bs)?;
         }
-        let mut rec = vec![RUN];
-        rec.extend_from_slice(&id.to_le_bytes());
-        // Runs of consecutive blocks as (first, n, crcs...) records.
+        // Runs of consecutive blocks, one record each.
         let mut k = 0;
         while k < todo.len() {
             let mut j = k;
             while j + 1 < todo.len() && todo[j + 1].0 == todo[j].0 + 1 {
                 j += 1;
             }
-            let mut r = rec.clone();
-            r.extend_from_slice(&todo[k].0.to_le_bytes());
-            r.extend_from_slice(&((j - k + 1) as u32).to_le_bytes());
-            for (_, b) in &todo[k..=j] {
-                r.extend_from_slice(&b.crc32c().to_le_bytes());
-            }
+            let crcs: Vec<u32> = todo[k..=j].iter().map(|(_, b)| b.crc32c()).collect();
+            let r = run_record(id, todo[k].0, &crcs);
             self.append(&mut st, &r);
             k = j + 1;
         }
@@ -428,7 +422,7 @@ impl DiskCache {
         e.last_used = tick;
         let was = (e.n_present - added) * bs;
         let now = e.bytes(bs);
-        let bad_whole = e.complete() && whole_crc(e, bs).is_some_and(|c| Some(c) != e.crc32c);
+        let bad_whole = e.complete() && e.crc32c.is_some_and(|c| c != whole_crc(e, bs));
         st.used = st.used - was + now;
         self.stats.bytes_written.fetch_add(
             todo.iter().map(|(_, b)| b.len() as u64).sum(),
@@ -446,31 +440,22 @@ impl DiskCache {
     fn new_entry(&self, st: &mut State, obj: &Object) -> anyhow::Result<u32> {
         let id = st.next_id;
         st.next_id += 1;
-        let mut rec = vec![OBJECT];
-        rec.extend_from_slice(&id.to_le_bytes());
-        rec.extend_from_slice(&obj.size.to_le_bytes());
-        rec.extend_from_slice(&obj.generation.to_le_bytes());
-        rec.push(obj.crc32c.is_some() as u8);
-        rec.extend_from_slice(&obj.crc32c.unwrap_or(0).to_le_bytes());
-        put_str(&mut rec, &self.namespace);
-        put_str(&mut rec, &obj.name);
-        self.append(st, &rec);
         let n = obj.size.div_ceil(self.cfg.block_size) as usize;
-        st.entries.insert(
-            id,
-            Entry {
-                namespace: self.namespace.clone(),
-                name: obj.name.clone(),
-                generation: obj.generation,
-                size: obj.size,
-                crc32c: obj.crc32c,
-                crcs: vec![0; n],
-                present: vec![false; n],
-                n_present: 0,
-                last_used: st.tick,
-                verified: false,
-            },
-        );
+        let e = Entry {
+            namespace: self.namespace.clone(),
+            name: obj.name.clone(),
+            generation: obj.generation,
+            size: obj.size,
+            crc32c: obj.crc32c,
+            crcs: vec![0; n],
+            present: vec![false; n],
+            n_present: 0,
+            last_used: st.tick,
+            verified: false,
+        };
+        let rec = object_record(id, &e);
+        self.append(st, &rec);
+        st.entries.insert(id, e);
         st.by_key.insert((obj.name.clone(), obj.generation), id);
         // A file left by a crash before its record was written (or by a lost journal) holds
         // nothing this index vouches for.
@@ -526,9 +511,10 @@ impl DiskCache {
         if !verified {
             let want = {
                 let st = self.state.lock().unwrap();
-                st.entries
-                    .get(&id)
-                    .and_then(|e| e.crc32c.or_else(|| whole_crc(e, self.cfg.block_size)))
+                st.entries.get(&id).map(|e| {
+                    e.crc32c
+                        .unwrap_or_else(|| whole_crc(e, self.cfg.block_size))
+                })
             };
             match crc_of_file(&f, obj.size) {
                 Ok(got) if Some(got) == want => {}
@@ -596,9 +582,7 @@ impl DiskCache {
     /// Appends one record (length, CRC32C, payload) to the journal.
     fn append(&self, st: &mut State, payload: &[u8]) {
         let mut rec = Vec::with_capacity(payload.len() + 8);
-        rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-        rec.extend_from_slice(payload);
+        frame(&mut rec, payload);
         let mut j = self.journal.lock().unwrap();
         if let Err(e) = j.write_all(&rec) {
             tracing::warn!("disk cache: journal write failed: {e}");
@@ -627,15 +611,7 @@ impl DiskCache {
         ids.sort();
         for id in ids {
             let e = &st.entries[id];
-            let mut rec = vec![OBJECT];
-            rec.extend_from_slice(&id.to_le_bytes());
-            rec.extend_from_slice(&e.size.to_le_bytes());
-            rec.extend_from_slice(&e.generation.to_le_bytes());
-            rec.push(e.crc32c.is_some() as u8);
-            rec.extend_from_slice(&e.crc32c.unwrap_or(0).to_le_bytes());
-            put_str(&mut rec, &e.namespace);
-            put_str(&mut rec, &e.name);
-            frame(&mut out, &rec);
+            frame(&mut out, &object_record(*id, e));
             let mut i = 0;
             while i < e.blocks() {
                 if !e.present[i as usize] {
@@ -646,13 +622,7 @@ impl DiskCache {
                 while j + 1 < e.blocks() && e.present[(j + 1) as usize] {
                     j += 1;
                 }
-                let mut r = vec![RUN];
-                r.extend_from_slice(&id.to_le_bytes());
-                r.extend_from_slice(&i.to_le_bytes());
-                r.extend_from_slice(&((j - i + 1) as u32).to_le_bytes());
-                for k in i..=j {
-                    r.extend_from_slice(&e.crcs[k as usize].to_le_bytes());
-                }
+                let r = run_record(*id, i, &e.crcs[i as usize..=j as usize]);
                 frame(&mut out, &r);
                 i = j + 1;
             }
@@ -669,6 +639,31 @@ impl DiskCache {
     }
 }
 
+/// The payload of an object record.
+fn object_record(id: u32, e: &Entry) -> Vec<u8> {
+    let mut rec = vec![OBJECT];
+    rec.extend_from_slice(&id.to_le_bytes());
+    rec.extend_from_slice(&e.size.to_le_bytes());
+    rec.extend_from_slice(&e.generation.to_le_bytes());
+    rec.push(e.crc32c.is_some() as u8);
+    rec.extend_from_slice(&e.crc32c.unwrap_or(0).to_le_bytes());
+    put_str(&mut rec, &e.namespace);
+    put_str(&mut rec, &e.name);
+    rec
+}
+
+/// The payload of a run record: blocks `first..` of version `id`, with their CRC32Cs.
+fn run_record(id: u32, first: u64, crcs: &[u32]) -> Vec<u8> {
+    let mut r = vec![RUN];
+    r.extend_from_slice(&id.to_le_bytes());
+    r.extend_from_slice(&first.to_le_bytes());
+    r.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
+    for c in crcs {
+        r.extend_from_slice(&c.to_le_bytes());
+    }
+    r
+}
+
 fn frame(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
@@ -681,13 +676,13 @@ fn put_str(rec: &mut Vec<u8>, s: &str) {
 }
 
 /// The CRC32C of a complete entry, combined from its blocks' CRCs.
-fn whole_crc(e: &Entry, bs: u64) -> Option<u32> {
+fn whole_crc(e: &Entry, bs: u64) -> u32 {
     let mut crc = 0u32;
     for (i, c) in e.crcs.iter().enumerate() {
         let len = (e.size - i as u64 * bs).min(bs) as usize;
         crc = crc32c::crc32c_combine(crc, *c, len);
     }
-    Some(crc)
+    crc
 }
 
 fn crc_of_file(f: &File, size: u64) -> std::io::Result<u32> {
