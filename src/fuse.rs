@@ -34,6 +34,8 @@ pub struct FuseAdapter {
     /// handles using each: one backing id per inode while any of its handles is open (the
     /// kernel reads through it; dropping it closes it).
     backing: std::sync::Arc<BackingMap>,
+    /// `--spin-us`: told of every request, keeps a CPU awake while they keep coming.
+    spin: Option<Arc<crate::spin::Spinner>>,
 }
 
 impl FuseAdapter {
@@ -45,6 +47,20 @@ impl FuseAdapter {
             ttl,
             no_opendir: false,
             backing: Default::default(),
+            spin: None,
+        }
+    }
+
+    /// Spins a CPU while requests come less than `spin` apart (see [`crate::spin`]).
+    pub fn with_spin(mut self, spin: Option<Arc<crate::spin::Spinner>>) -> Self {
+        self.spin = spin;
+        self
+    }
+
+    #[inline]
+    fn touch(&self) {
+        if let Some(s) = &self.spin {
+            s.touch();
         }
     }
 }
@@ -286,7 +302,14 @@ impl Filesystem for FuseAdapter {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        if let Some(s) = &self.spin {
+            s.stop();
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.touch();
         let Some(name) = name.to_str() else {
             // Object names are UTF-8; a non-UTF-8 name cannot exist in the bucket.
             reply.error(Errno::ENOENT);
@@ -304,6 +327,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.touch();
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl, &to_fuse(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -311,6 +335,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.touch();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY
             || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
         if self.fs.reader().passthrough() {
@@ -346,6 +371,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.touch();
         let fs = self.fs.clone();
         // A buffered read lands in the kernel's page cache; an O_DIRECT one does not.
         let buffered = flags.0 & libc::O_DIRECT == 0;
@@ -372,6 +398,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.touch();
         if self.fs.release(fh.0) == Some(crate::read::OpenMode::Passthrough) {
             let mut backing = self.backing.lock().unwrap();
             if let Some((_, n)) = backing.get_mut(&ino.0) {
@@ -392,11 +419,13 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.touch();
         // Nothing is ever written, so there is nothing to flush.
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.touch();
         if self.no_opendir {
             // ENOSYS here means "never send opendir again"; readdir then arrives with fh 0.
             reply.error(Errno::ENOSYS);
@@ -429,6 +458,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         reply: ReplyDirectory,
     ) {
+        self.touch();
         self.readdir_any(ino, fh, offset, reply);
     }
 
@@ -440,6 +470,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
+        self.touch();
         self.readdir_any(ino, fh, offset, reply);
     }
 
@@ -451,16 +482,19 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.touch();
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.touch();
         let s = self.fs.statfs();
         reply.statfs(s.blocks, 0, 0, s.files, 0, s.bsize, s.namelen, s.bsize);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.touch();
         if mask.contains(AccessFlags::W_OK) {
             reply.error(Errno::EROFS);
         } else if self.fs.getattr(ino.0).is_ok() {
@@ -482,10 +516,12 @@ impl Filesystem for FuseAdapter {
         _size: u32,
         reply: ReplyXattr,
     ) {
+        self.touch();
         reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        self.touch();
         reply.error(Errno::ENOSYS);
     }
 

@@ -26,6 +26,7 @@ pub mod plan;
 pub mod read;
 pub mod session;
 pub mod snapshot;
+pub mod spin;
 pub mod stale;
 pub mod testbed;
 pub mod units;

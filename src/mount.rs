@@ -190,7 +190,9 @@ impl Mounted {
                 let _ = std::fs::remove_file(&p);
             });
         }
-        let adapter = FuseAdapter::new(fs.clone(), tokio::runtime::Handle::current());
+        let spin = crate::spin::Spinner::start(plan.spin)?;
+        let adapter =
+            FuseAdapter::new(fs.clone(), tokio::runtime::Handle::current()).with_spin(spin);
 
         let mut config = fuser::Config::default();
         config.mount_options = vec![

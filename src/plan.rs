@@ -237,6 +237,8 @@ pub struct MountPlan {
     pub metrics_addr: Option<SocketAddr>,
     /// The disk tier; None = off.
     pub disk: Option<DiskPlan>,
+    /// `--spin-us`: how long the FUSE spinner keeps a CPU awake after a request (zero: off).
+    pub spin: std::time::Duration,
 }
 
 /// The disk tier asked for: where, and how big (resolved against its filesystem at mount).
@@ -346,6 +348,7 @@ impl MountPlan {
                 size: args.disk_cache_size,
                 passthrough: !args.no_passthrough,
             }),
+            spin: std::time::Duration::from_micros(args.spin_us),
         })
     }
 
