@@ -73,14 +73,20 @@ type BackingMap =
 /// (no CAP_SYS_ADMIN: a non-root mount) turns passthrough off for the mount, and this open
 /// is served by us.
 fn reply_open(fs: &Fs, backing: &BackingMap, ino: u64, o: crate::read::Opened, reply: ReplyOpen) {
-    if let Some(file) = o.backing {
+    if let crate::read::Via::Passthrough(file) = o.via {
         let mut map = backing.lock().unwrap();
-        let id = match map.get_mut(&ino) {
-            Some((id, n)) => {
+        let id = match (map.get_mut(&ino), file) {
+            (Some((id, n)), _) => {
                 *n += 1;
                 Some(id.clone())
             }
-            None => match reply.open_backing(&file) {
+            // The inode's other passthrough handles closed meanwhile and the cache has no
+            // verified file for it now: served by us (no passthrough handle is left to clash).
+            (None, None) => {
+                fs.reader().demote(o.fh);
+                None
+            }
+            (None, Some(file)) => match reply.open_backing(&file) {
                 Ok(id) => {
                     let id = std::sync::Arc::new(id);
                     map.insert(ino, (id.clone(), 1));

@@ -169,6 +169,51 @@ fn a_remount_reads_every_byte_from_disk_with_passthrough_and_no_media_request() 
     m.unmount();
 }
 
+/// A file held open through passthrough, then evicted from the cache by other reads, opens
+/// again while that handle lives: through the inode's backing file (the kernel would refuse a
+/// served open next to a passthrough one with ETXTBSY), with its exact bytes.
+#[test]
+fn a_file_held_open_with_passthrough_opens_again_after_its_eviction() {
+    let s = setup();
+    let names: Vec<&String> = s
+        .want
+        .keys()
+        .filter(|n| n.ends_with(".dcm"))
+        .take(30)
+        .collect();
+    let a = names[0];
+    let bound = ["--disk-cache-size", "4MiB"];
+    let (m, _) = s.mount(&bound);
+    assert_eq!(&sha256_file(&m.join(a)), &s.want[a]);
+    m.unmount();
+
+    let (m, addr) = s.mount(&bound);
+    let held = File::open(m.join(a)).unwrap();
+    assert_eq!(prometheus_metric(&addr, "passthrough_opens_total"), 1);
+    for n in &names[1..] {
+        assert_eq!(&sha256_file(&m.join(n)), &s.want[*n], "{n}");
+    }
+    assert!(
+        prometheus_metric(&addr, "disk_cache_evicted_objects_total") > 0,
+        "nothing was evicted: the test proves nothing"
+    );
+    // The held object is gone from the cache index (its file lives on for the handle).
+    let opens = prometheus_metric(&addr, "passthrough_opens_total");
+    let again = std::fs::read(m.join(a)).expect("open again next to the passthrough handle");
+    assert_eq!(sha256_hex(&again), s.want[a]);
+    assert_eq!(
+        prometheus_metric(&addr, "passthrough_opens_total"),
+        opens + 1
+    );
+    let mut head = vec![0u8; 4096];
+    held.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&again[..4096], &head[..]);
+    drop(held);
+    // With no handle left, the next open is an ordinary one (fetched again, served by us).
+    assert_eq!(&sha256_file(&m.join(a)), &s.want[a]);
+    m.unmount();
+}
+
 #[test]
 fn without_passthrough_physiofs_serves_the_cached_bytes_itself() {
     let s = setup();

@@ -104,11 +104,20 @@ pub struct ReadPath {
     passthrough: AtomicBool,
 }
 
-/// A file opened for the kernel: its handle, and the backing file when the kernel is to read
-/// that directly (passthrough).
+/// A file opened for the kernel: its handle, and how the kernel is to read it.
 pub struct Opened {
     pub fh: u64,
-    pub backing: Option<std::fs::File>,
+    pub via: Via,
+}
+
+/// How an opened file is read.
+pub enum Via {
+    /// Through us (FUSE reads).
+    Served,
+    /// By the kernel from a backing file: this open's verified cache file, or `None` to use
+    /// the one the inode's other passthrough handles already use (an inode cannot mix modes,
+    /// and that file stays valid while it is open even if the cache has since dropped it).
+    Passthrough(Option<std::fs::File>),
 }
 
 impl ReadPath {
@@ -195,8 +204,9 @@ impl ReadPath {
     }
 
     /// Opens file `ino` for the kernel: with passthrough when its object version is complete
-    /// on disk and checked whole (and no handle on the inode is served by us: the kernel
-    /// cannot mix the two on one inode), else served by us.
+    /// on disk and checked whole, or when other handles on the inode already read through
+    /// passthrough (the kernel refuses a served open next to them: ETXTBSY), and no handle on
+    /// it is served by us (nor the reverse); else served by us.
     pub async fn open_for_kernel(&self, ino: Ino, object: Object) -> Opened {
         if let Some(disk) = self.disk.clone()
             && self.passthrough()
@@ -207,23 +217,22 @@ impl ReadPath {
                 .await
                 .ok()
                 .flatten();
-            if let Some(file) = file {
-                let mut handles = self.handles.lock().unwrap();
-                if handles.on_inode(ino).served == 0 {
-                    let readahead = self.readahead_for(&object);
-                    let h = Handle::new(ino, object, OpenMode::Passthrough, readahead);
-                    let fh = handles.insert(Arc::new(h));
-                    self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                    return Opened {
-                        fh,
-                        backing: Some(file),
-                    };
-                }
+            let mut handles = self.handles.lock().unwrap();
+            let on = handles.on_inode(ino);
+            if on.served == 0 && (file.is_some() || on.passthrough > 0) {
+                let readahead = self.readahead_for(&object);
+                let h = Handle::new(ino, object, OpenMode::Passthrough, readahead);
+                let fh = handles.insert(Arc::new(h));
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                return Opened {
+                    fh,
+                    via: Via::Passthrough(file),
+                };
             }
         }
         Opened {
             fh: self.open(ino, object),
-            backing: None,
+            via: Via::Served,
         }
     }
 
