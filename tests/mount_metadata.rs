@@ -352,3 +352,56 @@ fn a_jpg_epoch_costs_one_request_per_file() {
     let total: u64 = jpgs.iter().map(|o| o.size).sum();
     assert_eq!(sent, total, "each byte fetched once: {s}");
 }
+
+/// utime + stime, in clock ticks, of the mount's threads named `comm`.
+fn thread_ticks(pid: u32, comm: &str) -> Option<u64> {
+    let mut found = None;
+    for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let name = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if name.trim() == comm {
+            let stat = fs::read_to_string(t.path().join("stat")).ok()?;
+            let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+            let ticks: u64 = f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?;
+            found = Some(found.unwrap_or(0) + ticks);
+        }
+    }
+    found
+}
+
+/// `--spin-us`: a thread spins while requests keep coming (a `find` keeps them coming) and
+/// parks once they stop, so the idle mount uses no CPU; the walk is complete and exact.
+#[test]
+fn spin_us_spins_while_requests_come_and_parks_when_idle() {
+    let tb = TestbedProc::start(&[
+        "--model",
+        "dicom",
+        "--patients",
+        "200",
+        "--size-scale",
+        "0.001",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let m = Mount::start_with(
+        &tb.mount_args(BUCKET, &["--spin-us", "2000", "--metadata-cache", "off"]),
+        &[],
+    );
+    wait_loaded(&m);
+    let pid = m.pid();
+    let before = thread_ticks(pid, "physiofs-spin").expect("a physiofs-spin thread");
+    let (_, objects) = model_objects(ModelKind::Dicom, 200, usize::MAX, |_| true);
+    // Walk until the spinner has shown CPU time (a tick is 10 ms; one walk may be shorter).
+    let mut walks = 0;
+    while thread_ticks(pid, "physiofs-spin").unwrap() == before {
+        assert_eq!(find_files(&m.join("files")), objects.len());
+        walks += 1;
+        assert!(walks < 500, "the spinner used no CPU over {walks} walks");
+    }
+    // Idle: once parked, it uses no CPU (at most one tick at the edge).
+    std::thread::sleep(Duration::from_millis(200));
+    let idle0 = thread_ticks(pid, "physiofs-spin").unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let idle = thread_ticks(pid, "physiofs-spin").unwrap() - idle0;
+    assert!(idle <= 1, "{idle} ticks of CPU while no request came");
+    m.unmount();
+}
