@@ -22,20 +22,6 @@ fn drop_page_cache() {
     std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop the page cache (needs root)");
 }
 
-/// A small DICOM model (about 40 files of ~0.7 MB) served by the testbed.
-fn testbed() -> TestbedProc {
-    TestbedProc::start(&[
-        "--model",
-        "dicom",
-        "--patients",
-        "12",
-        "--size-scale",
-        "0.05",
-        "--addr",
-        "127.0.0.1:0",
-    ])
-}
-
 struct Setup {
     tb: TestbedProc,
     _tmp: tempfile::TempDir,
@@ -47,7 +33,7 @@ struct Setup {
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let tb = testbed();
+    let tb = TestbedProc::small_dicom();
     let mut want = std::collections::BTreeMap::new();
     let mut token = String::new();
     loop {

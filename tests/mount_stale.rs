@@ -39,26 +39,6 @@ fn mounts_on(target: &Path) -> usize {
     mounts().iter().filter(|m| m.target == target).count()
 }
 
-fn process_id(stderr: &str) -> i32 {
-    stderr
-        .split("(process ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no process id in:\n{stderr}"))
-}
-
-/// Whether `pid` exists and is not a zombie (nobody may reap a detached process here).
-fn running(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(
-            s[s.rfind(')').unwrap() + 2..].chars().next(),
-            Some('Z' | 'X')
-        ),
-        Err(_) => false,
-    }
-}
-
 /// `physiofs mount --background EXTRA... MNT` against the emulator; returns (success, stderr).
 fn background_mount(gcs: &FakeGcs, dir: &Path, mnt: &Path, extra: &[&str]) -> (bool, String) {
     let mut args: Vec<OsString> = emulator_args(gcs, BUCKET, extra);
@@ -86,17 +66,17 @@ fn a_stale_mount_point_is_reported_then_cleared_with_force() {
 
     let (ok, stderr) = background_mount(&gcs, dir.path(), &mnt, &[]);
     assert!(ok, "first mount failed:\n{stderr}");
-    let pid = process_id(&stderr);
+    let pid = background_pid(&stderr);
     guard.pids.push(pid);
     assert_eq!(sha256_file(&mnt.join("files/p10/x.dcm")), sha256_hex(&data));
 
     // Killed with no chance to unmount: the mount stays, served by nobody.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let deadline = Instant::now() + EXIT_TIMEOUT;
-    while running(pid) && Instant::now() < deadline {
+    while process_running(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(!running(pid), "physiofs {pid} survived SIGKILL");
+    assert!(!process_running(pid), "physiofs {pid} survived SIGKILL");
     assert_eq!(
         mounts_on(&mnt),
         1,
@@ -136,7 +116,7 @@ fn a_stale_mount_point_is_reported_then_cleared_with_force() {
     // --force: the dead mount is detached, the new one takes its place (not stacked on it).
     let (ok, stderr) = background_mount(&gcs, dir.path(), &mnt, &["--force"]);
     assert!(ok, "--force mount failed:\n{stderr}");
-    let pid = process_id(&stderr);
+    let pid = background_pid(&stderr);
     guard.pids.push(pid);
     assert_eq!(
         mounts_on(&mnt),
@@ -156,10 +136,13 @@ fn a_stale_mount_point_is_reported_then_cleared_with_force() {
     assert!(st.success());
     assert_eq!(mounts_on(&mnt), 0);
     let deadline = Instant::now() + EXIT_TIMEOUT;
-    while running(pid) && Instant::now() < deadline {
+    while process_running(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(!running(pid), "physiofs {pid} still running after umount");
+    assert!(
+        !process_running(pid),
+        "physiofs {pid} still running after umount"
+    );
 }
 
 /// A foreground `physiofs mount` on the stale `mnt`: its exit code and stderr (the stale

@@ -239,32 +239,15 @@ fn first_dicom(tb: &TestbedProc) -> (String, Vec<u8>) {
     (name, media.body)
 }
 
-/// The process id in physiofs's "(process N, log FILE)".
-fn process_id(text: &str) -> i32 {
-    text.split("(process ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no process id in:\n{text}"))
-}
-
-/// Present and not a zombie (a detached process here may be nobody's to reap).
-fn running(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(
-            s[s.rfind(')').unwrap() + 2..].chars().next(),
-            Some('Z' | 'X')
-        ),
-        Err(_) => false,
-    }
-}
-
 fn wait_gone(pid: i32, what: &str) {
     let deadline = Instant::now() + EXIT_TIMEOUT;
-    while running(pid) && Instant::now() < deadline {
+    while process_running(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(!running(pid), "physiofs {pid} still running after {what}");
+    assert!(
+        !process_running(pid),
+        "physiofs {pid} still running after {what}"
+    );
 }
 
 #[test]
@@ -374,7 +357,7 @@ fn debian_package_installs_mounts_from_fstab_and_purges_cleanly() {
     let entry = mount_entry(&mnt).unwrap_or_else(|| panic!("not mounted:\n{stdout}{stderr}"));
     assert_eq!(entry.fstype, "fuse.physiofs");
     assert_eq!(entry.source, format!("gs://{BUCKET}/files/"));
-    let pid = process_id(&format!("{stdout}{stderr}"));
+    let pid = background_pid(&format!("{stdout}{stderr}"));
     assert_eq!(
         fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
         Path::new(INSTALLED),
@@ -765,7 +748,7 @@ fn python_wheel_installs_in_a_fresh_venv_and_mounts_from_python() {
     assert_eq!(r["after"]["mounted"], false, "{r}");
     let pid = r["inside"]["pid"].as_i64().expect("the mount's process id") as i32;
     assert!(
-        !running(pid),
+        !process_running(pid),
         "physiofs {pid} still running after the with block"
     );
     // A bad bucket: MountError with physiofs's own message, nothing mounted.
@@ -796,7 +779,7 @@ fn python_wheel_installs_in_a_fresh_venv_and_mounts_from_python() {
     assert_eq!(r["after_force"]["mounted"], false, "{r}");
     let forced = r["forced_pid"].as_i64().unwrap() as i32;
     assert!(
-        !running(forced),
+        !process_running(forced),
         "physiofs {forced} still running after the with block"
     );
     assert_not_mounted(&mnt, "after the Python check");

@@ -31,16 +31,7 @@ struct Setup {
 /// A small DICOM model (about 40 files of ~0.7 MB) and the sha256 of each file, read through
 /// a mount without a cache dir.
 fn setup() -> Setup {
-    let tb = TestbedProc::start(&[
-        "--model",
-        "dicom",
-        "--patients",
-        "12",
-        "--size-scale",
-        "0.05",
-        "--addr",
-        "127.0.0.1:0",
-    ]);
+    let tb = TestbedProc::small_dicom();
     let m = Mount::start_with(&tb.mount_args(BUCKET, &["--metadata-cache", "off"]), &[]);
     let mut sums = Vec::new();
     walk_files(&m.path, &m.path, &mut sums);

@@ -1228,6 +1228,21 @@ pub struct TestbedProc {
 }
 
 impl TestbedProc {
+    /// A small DICOM model (12 patients, about 40 DICOMs of ~0.7 MB, plus reports and the
+    /// indexes), on a free port: enough objects for a cache to hold, fill and evict.
+    pub fn small_dicom() -> TestbedProc {
+        TestbedProc::start(&[
+            "--model",
+            "dicom",
+            "--patients",
+            "12",
+            "--size-scale",
+            "0.05",
+            "--addr",
+            "127.0.0.1:0",
+        ])
+    }
+
     /// Starts the testbed and waits (up to `timeout`) until it listens.
     pub fn start_timeout(args: &[&str], timeout: Duration) -> TestbedProc {
         let mut full = vec!["testbed"];
@@ -1651,4 +1666,24 @@ pub fn read_files(
         }
     }
     report
+}
+
+/// The process id in physiofs's "(process N, log FILE)" (what `--background` prints).
+pub fn background_pid(text: &str) -> i32 {
+    text.split("(process ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no process id in:\n{text}"))
+}
+
+/// Whether `pid` exists and is not a zombie (a detached process here may be nobody's to reap).
+pub fn process_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !matches!(
+            s[s.rfind(')').unwrap() + 2..].chars().next(),
+            Some('Z' | 'X')
+        ),
+        Err(_) => false,
+    }
 }
