@@ -710,8 +710,7 @@ fn replay(path: &Path, bs: u64, namespace: &Arc<str>) -> anyhow::Result<(State, 
         }
         Err(_) => Vec::new(),
     };
-    let header_ok = data.len() >= 24 && &data[..16] == MAGIC && data[16..24] == bs.to_le_bytes();
-    if !header_ok {
+    if !header_ok(&data, bs) {
         if !data.is_empty() {
             tracing::warn!(
                 "disk cache: {} is of another format or block size: starting afresh",
@@ -734,18 +733,7 @@ fn replay(path: &Path, bs: u64, namespace: &Arc<str>) -> anyhow::Result<(State, 
             .open(path)?;
         return Ok((st, f));
     }
-    let mut at = 24usize;
-    while at + 8 <= data.len() {
-        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap());
-        let Some(payload) = data.get(at + 8..at + 8 + len) else {
-            break;
-        };
-        if crc32c::crc32c(payload) != crc || apply(&mut st, payload, bs, namespace).is_none() {
-            break;
-        }
-        at += 8 + len;
-    }
+    let at = apply_records(&mut st, &data, bs, namespace);
     if at < data.len() {
         tracing::warn!(
             "disk cache: journal {} ends in a torn record at byte {at}: cut there",
@@ -764,6 +752,29 @@ fn replay(path: &Path, bs: u64, namespace: &Arc<str>) -> anyhow::Result<(State, 
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     Ok((st, f))
+}
+
+/// Whether `data` starts with this format's header for block size `bs`.
+fn header_ok(data: &[u8], bs: u64) -> bool {
+    data.len() >= 24 && &data[..16] == MAGIC && data[16..24] == bs.to_le_bytes()
+}
+
+/// Applies the records after the header of journal `data` to `st`, up to the first torn or
+/// malformed one; returns where the good records end.
+fn apply_records(st: &mut State, data: &[u8], bs: u64, namespace: &Arc<str>) -> usize {
+    let mut at = 24usize;
+    while at + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap());
+        let Some(payload) = data.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if crc32c::crc32c(payload) != crc || apply(st, payload, bs, namespace).is_none() {
+            break;
+        }
+        at += 8 + len;
+    }
+    at
 }
 
 /// Applies one journal record; None if it is malformed.
@@ -927,19 +938,8 @@ pub fn summary_of(dir: &Path, bs: u64) -> anyhow::Result<DiskSummary> {
     let mut d = Vec::new();
     open_private(&path, false)?.read_to_end(&mut d)?;
     let mut st = State::default();
-    let ns: Arc<str> = Arc::from("");
-    if d.len() >= 24 && &d[..16] == MAGIC {
-        let mut at = 24;
-        while at + 8 <= d.len() {
-            let len = u32::from_le_bytes(d[at..at + 4].try_into().unwrap()) as usize;
-            let Some(p) = d.get(at + 8..at + 8 + len) else {
-                break;
-            };
-            if apply(&mut st, p, bs, &ns).is_none() {
-                break;
-            }
-            at += 8 + len;
-        }
+    if header_ok(&d, bs) {
+        apply_records(&mut st, &d, bs, &Arc::from(""));
     }
     Ok(DiskSummary {
         objects: st.entries.len() as u64,
