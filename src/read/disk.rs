@@ -680,7 +680,7 @@ fn whole_crc(e: &Entry, bs: u64) -> u32 {
     let mut crc = 0u32;
     for (i, c) in e.crcs.iter().enumerate() {
         let len = (e.size - i as u64 * bs).min(bs) as usize;
-        crc = crc32c::crc32c_combine(crc, *c, len);
+        crc = super::crc::combine(crc, *c, len);
     }
     crc
 }

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod cache;
+pub mod crc;
 pub mod disk;
 pub mod fetch;
 pub mod handle;
@@ -303,13 +304,13 @@ impl ReadPath {
             return Ok((Bytes::new(), served));
         }
         let waits = self.plan(&h, offset, end);
-        let data = fetch::assemble(self.cfg.block_size, waits, offset, end)
+        let (data, crc) = fetch::assemble(self.cfg.block_size, waits, offset, end)
             .await
             .map_err(|e| {
                 tracing::warn!(object = %h.object.name, generation = h.object.generation, error = %e, "read failed");
                 FsError::Client(e)
             })?;
-        self.verify(&h, offset, &data).await?;
+        self.verify(&h, offset, &data, crc).await?;
         self.stats
             .read_bytes
             .fetch_add(end - offset, Ordering::Relaxed);
@@ -414,11 +415,11 @@ impl ReadPath {
     /// Feeds served bytes to the handle's CRC32C check. A mismatch fails this read and every
     /// later one on the handle with EIO, and invalidates the object's cached blocks and its
     /// kernel page cache (at the next open), so a new open fetches and checks it afresh.
-    async fn verify(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<(), FsError> {
+    async fn verify(&self, h: &Handle, offset: u64, data: &[u8], crc: u32) -> Result<(), FsError> {
         let verdict = {
             let mut v = h.verifier.lock().unwrap();
             match v.as_mut() {
-                Some(v) => v.feed(offset, data),
+                Some(v) => v.feed_with_crc(offset, data, crc),
                 None => return Ok(()),
             }
         };

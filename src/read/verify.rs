@@ -52,6 +52,13 @@ impl Verifier {
 
     /// Feeds the bytes served for `[offset, offset + data.len())`.
     pub fn feed(&mut self, offset: u64, data: &[u8]) -> Verdict {
+        self.feed_with_crc(offset, data, crc32c::crc32c(data))
+    }
+
+    /// `feed`, given the CRC32C of `data` (the read path has it from the blocks' CRCs): a
+    /// piece that continues the prefix seen so far, or lands ahead of it, is combined without
+    /// reading its bytes again; only one that overlaps the prefix is checksummed in part.
+    pub fn feed_with_crc(&mut self, offset: u64, data: &[u8], crc: u32) -> Verdict {
         if let Some(v) = self.done {
             // Decided: re-reads change nothing (after a mismatch the owner starts a new one).
             return v;
@@ -62,7 +69,11 @@ impl Verifier {
         }
         if offset <= self.next {
             let skip = (self.next - offset) as usize;
-            self.crc = crc32c::crc32c_append(self.crc, &data[skip..]);
+            self.crc = if skip == 0 {
+                super::crc::combine(self.crc, crc, data.len())
+            } else {
+                crc32c::crc32c_append(self.crc, &data[skip..])
+            };
             self.next = end;
             while let Some((&a, &(b, c))) = self.ahead.first_key_value() {
                 if a > self.next {
@@ -77,7 +88,7 @@ impl Verifier {
                     self.done = Some(Verdict::GaveUp);
                     return Verdict::GaveUp;
                 }
-                self.crc = crc32c::crc32c_combine(self.crc, c, (b - a) as usize);
+                self.crc = super::crc::combine(self.crc, c, (b - a) as usize);
                 self.next = b;
             }
         } else {
@@ -85,11 +96,10 @@ impl Verifier {
                 self.done = Some(Verdict::GaveUp);
                 return Verdict::GaveUp;
             }
-            let c = crc32c::crc32c(data);
             match self.ahead.get(&offset) {
                 Some(&(e, _)) if e >= end => {}
                 _ => {
-                    self.ahead.insert(offset, (end, c));
+                    self.ahead.insert(offset, (end, crc));
                 }
             }
         }
