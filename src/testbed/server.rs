@@ -913,6 +913,7 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Resp, Abort
             RequestKind::GetMedia
         }
         (Route::Object { .. }, true) => RequestKind::GetMeta,
+        (Route::TestPermissions(_), true) => RequestKind::Permissions,
         _ => RequestKind::Other,
     };
     shared.stats.request(kind);
