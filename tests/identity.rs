@@ -463,3 +463,71 @@ fn a_token_that_expires_during_a_long_read_is_survived() {
         mnt.stderr_tail()
     );
 }
+
+/// A token that stays refused (a token file nobody renews, past its life): each request is
+/// asked once more after reading the file again, then the reader gets EACCES, and the log
+/// says why once, however many reads fail.
+#[test]
+fn a_token_still_refused_after_a_refresh_is_eacces_logged_once() {
+    let tb = TestbedProc::start(&[
+        "--addr",
+        "127.0.0.1:0",
+        "--patients",
+        "1",
+        "--size-scale",
+        "0.01",
+        "--require-token",
+        "ya29.stale",
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    let token = home.path().join("token");
+    std::fs::write(&token, "ya29.stale\n").unwrap();
+    let mnt = Mount::start_with(
+        &[
+            "--endpoint".into(),
+            tb.endpoint.clone().into(),
+            "--allow-insecure-endpoint".into(),
+            "--bucket".into(),
+            BUCKET.into(),
+            "--token-file".into(),
+            token.clone().into(),
+            "--metadata".into(),
+            "eager".into(),
+        ],
+        &[],
+    );
+    let files: Vec<PathBuf> = walk(&mnt.join(""))
+        .into_iter()
+        .filter(|(_, k)| matches!(k, Kind::File))
+        .map(|(p, _)| mnt.join(p))
+        .take(3)
+        .collect();
+    assert_eq!(files.len(), 3);
+    // Listed; from now on the token is accepted once more at most.
+    let set = http_post(
+        &format!("{}/_testbed/faults", tb.endpoint),
+        r#"{"token_ttl":"1ns","forget_tokens":true}"#,
+    );
+    assert_eq!(set.status, 200, "{}", set.text());
+    let mut refused = 0;
+    for f in &files {
+        match std::fs::read(f) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => refused += 1,
+            Ok(_) => {}
+            other => panic!("{}: {other:?}", f.display()),
+        }
+    }
+    // The first read may use up the token's one accepted use; all later ones are refused.
+    assert!(refused >= 2, "{refused} of 3 reads refused");
+    let log = mnt.stderr_tail();
+    assert_eq!(
+        log.matches("the server refused access-token file").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("HTTP 401") && log.contains("even with a fresh token"),
+        "{log}"
+    );
+    assert!(tb.stats()["responses"]["401"].as_u64() >= Some(4));
+}
