@@ -115,6 +115,15 @@ pub struct WarmArgs {
     )]
     pub key_file: Option<PathBuf>,
 
+    /// As `mount --token-file`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Auth",
+        conflicts_with_all = ["anonymous", "key_file"]
+    )]
+    pub token_file: Option<PathBuf>,
+
     /// As `mount --retries`.
     #[arg(long, help_heading = "Network")]
     pub retries: Option<u32>,
