@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::client::ClientError;
-use crate::client::auth::{AuthError, TokenSource};
+use crate::client::auth::{AuthError, CredentialKind, Credentials, TokenSource};
 use crate::client::gcs::GcsConfig;
 use crate::plan::MountPlan;
 
@@ -400,6 +400,94 @@ pub fn credentials(built: &Result<TokenSource, AuthError>) -> Check {
     }
 }
 
+/// The two permissions reading a bucket needs, asked of it at start-up.
+pub const LIST: &str = "storage.objects.list";
+pub const GET: &str = "storage.objects.get";
+
+/// Which of [`LIST`] and [`GET`] the identity holds on the bucket (`answer`, from
+/// testPermissions), so "cannot list" and "can list but not read" get their own message, each
+/// naming the account, the bucket and the one thing to do. A server that does not answer
+/// testPermissions (an emulator: 404, 501, something else) skips this check: the access
+/// probe that follows explains what it finds instead.
+pub fn permissions(
+    gcs: &GcsConfig,
+    who: &Credentials,
+    answer: Result<&[String], &ClientError>,
+) -> Check {
+    const NAME: &str = "permissions";
+    let held = match answer {
+        Ok(held) => held,
+        Err(e) => {
+            return Check::skip(
+                NAME,
+                format!("not asked of the server ({e}); the listing below checks access"),
+            );
+        }
+    };
+    let has = |p: &str| held.iter().any(|h| h == p);
+    let bucket = &gcs.bucket;
+    let account = match &who.account {
+        Some(a) => a.clone(),
+        None => format!("the account of {who}"),
+    };
+    let physionet = bucket.ends_with(".physionet.org");
+    let request = format!(
+        "on PhysioNet, sign in, open the {} page and click \"Request access using Google \
+         Cloud\" with the Google account {account}; access takes about ten minutes to apply",
+        dataset_page(bucket)
+    );
+    let own_account = "these are the VM's service-account credentials, not your PhysioNet \
+         identity: use your own account instead (`gcloud auth application-default login` with \
+         the Google account registered on PhysioNet, then mount again)";
+    match (has(LIST), has(GET)) {
+        (true, true) => Check::pass(
+            NAME,
+            format!("{account} may list and read gs://{bucket} ({LIST}, {GET})"),
+        ),
+        (false, _) => Check::fail(
+            NAME,
+            format!("{account} cannot list gs://{bucket}: it lacks {LIST}"),
+            match who.kind {
+                CredentialKind::MetadataServer => own_account.to_string(),
+                CredentialKind::Anonymous => "pass credentials: run `gcloud auth \
+                     application-default login` (or --key-file, --token-file), then mount again"
+                    .to_string(),
+                _ if physionet => request,
+                _ => {
+                    format!("ask the bucket's owner to grant {account} roles/storage.objectViewer")
+                }
+            },
+        ),
+        (true, false) => Check::fail(
+            NAME,
+            format!("{account} can list gs://{bucket} but not read its objects: it lacks {GET}"),
+            match who.kind {
+                CredentialKind::MetadataServer => own_account.to_string(),
+                _ if physionet => format!(
+                    "PhysioNet grants both together, so access was requested only minutes \
+                     ago and is still being applied: wait ten minutes, then mount again (if it \
+                     lasts, request access again on the {} page with {account})",
+                    dataset_page(bucket)
+                ),
+                _ => {
+                    format!("ask the bucket's owner to grant {account} roles/storage.objectViewer")
+                }
+            },
+        ),
+    }
+}
+
+/// The PhysioNet page where access to `bucket` is requested.
+fn dataset_page(bucket: &str) -> &'static str {
+    if bucket == crate::model::JPG_BUCKET {
+        "MIMIC-CXR-JPG"
+    } else if bucket == crate::model::DICOM_BUCKET {
+        "MIMIC-CXR"
+    } else {
+        "MIMIC-CXR (or MIMIC-CXR-JPG)"
+    }
+}
+
 /// The mount point exists and is a directory (physiofs never creates it).
 pub fn mount_point(mp: &Path) -> Check {
     match std::fs::metadata(mp) {
@@ -445,6 +533,14 @@ pub fn access(gcs: &GcsConfig, prefix: &str, probed: Result<String, &ClientError
         ClientError::Denied { status: 401, .. } => "no valid credentials: run `gcloud auth \
              application-default login` (or pass --key-file)"
             .to_string(),
+        ClientError::Denied { message, .. } if message.contains("serviceusage") => format!(
+            "the account may not bill the project {}: grant it serviceusage.services.use \
+             there (the role Service Usage Consumer), or use a project of your own \
+             (--billing-project)",
+            gcs.billing_project
+                .as_deref()
+                .unwrap_or("named by --billing-project")
+        ),
         ClientError::Denied { .. } => "this Google account has no access: sign the MIMIC-CXR \
              data use agreement on PhysioNet and request Google Cloud access there, using the \
              account you authenticate with; the billing project also needs serviceusage \
@@ -603,6 +699,78 @@ mod tests {
             access(&gcs, "p/", Ok("listed gs://b/p/".into())),
             Check::pass("access", "listed gs://b/p/")
         );
+    }
+
+    #[test]
+    fn missing_permissions_name_the_account_the_bucket_and_the_fix() {
+        use crate::client::auth::CredentialSource;
+        let gcs = plan(&["--bucket", crate::model::JPG_BUCKET]).gcs;
+        let user = Credentials {
+            kind: CredentialKind::GcloudUser,
+            source: CredentialSource::File("/adc.json".into()),
+            account: Some("me@example.org".into()),
+        };
+        let vm = Credentials {
+            kind: CredentialKind::MetadataServer,
+            account: Some("sa@p.iam.gserviceaccount.com".into()),
+            ..user.clone()
+        };
+        let held = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = permissions(&gcs, &user, Ok(&held(&[LIST, GET])));
+        assert!(
+            !ok.failed() && ok.to_string().contains("me@example.org"),
+            "{ok}"
+        );
+
+        let e = error_of(&permissions(&gcs, &user, Ok(&held(&[]))));
+        assert!(
+            e.starts_with(&format!(
+                "me@example.org cannot list gs://{}: it lacks storage.objects.list",
+                crate::model::JPG_BUCKET
+            )),
+            "{e}"
+        );
+        assert!(
+            e.contains("MIMIC-CXR-JPG page") && e.contains("Request access using Google Cloud"),
+            "{e}"
+        );
+        let e = error_of(&permissions(&gcs, &user, Ok(&held(&[LIST]))));
+        assert!(
+            e.contains("can list gs://") && e.contains("but not read") && e.contains(GET),
+            "{e}"
+        );
+        assert!(e.contains("wait ten minutes"), "{e}");
+        // The VM's own account: the fix is to use one's own.
+        let e = error_of(&permissions(&gcs, &vm, Ok(&held(&[LIST]))));
+        assert!(
+            e.starts_with("sa@p.iam.gserviceaccount.com can list")
+                && e.contains("your own account"),
+            "{e}"
+        );
+        // No account known: the credentials line stands in for it.
+        let nobody = Credentials {
+            account: None,
+            ..user.clone()
+        };
+        let e = error_of(&permissions(&gcs, &nobody, Ok(&held(&[]))));
+        assert!(
+            e.starts_with("the account of gcloud application-default"),
+            "{e}"
+        );
+        // A server without testPermissions: skipped, the listing decides.
+        let e = ClientError::NotFound("no such route".into());
+        assert!(matches!(
+            permissions(&gcs, &user, Err(&e)).outcome,
+            Outcome::Skip(_)
+        ));
+        let e = ClientError::Http {
+            status: 501,
+            message: "not implemented".into(),
+        };
+        assert!(matches!(
+            permissions(&gcs, &user, Err(&e)).outcome,
+            Outcome::Skip(_)
+        ));
     }
 
     #[test]

@@ -115,6 +115,15 @@ pub struct WarmArgs {
     )]
     pub key_file: Option<PathBuf>,
 
+    /// As `mount --token-file`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Auth",
+        conflicts_with_all = ["anonymous", "key_file"]
+    )]
+    pub token_file: Option<PathBuf>,
+
     /// As `mount --retries`.
     #[arg(long, help_heading = "Network")]
     pub retries: Option<u32>,
@@ -192,6 +201,17 @@ pub struct MountArgs {
         conflicts_with = "anonymous"
     )]
     pub key_file: Option<PathBuf>,
+
+    /// A file holding an OAuth access token (e.g. `gcloud auth print-access-token > FILE`,
+    /// or one a sidecar rotates): read again whenever it changes. Without this or --key-file,
+    /// GOOGLE_OAUTH_ACCESS_TOKEN, if set, is used as the token.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Auth",
+        conflicts_with_all = ["anonymous", "key_file"]
+    )]
+    pub token_file: Option<PathBuf>,
 
     /// Send credentials to a plain-http:// `--endpoint` on this machine (127.0.0.1, ::1,
     /// localhost). Without it such an endpoint with credentials is refused: any local user
@@ -473,6 +493,14 @@ pub struct TestbedArgs {
     /// Reject requests without userProject= (400), like a requester-pays bucket.
     #[arg(long)]
     pub requester_pays: bool,
+    /// The caller may not list BUCKET: listings answer 403, testPermissions leaves out
+    /// storage.objects.list (repeatable).
+    #[arg(long, value_name = "BUCKET")]
+    pub deny_list: Vec<String>,
+    /// The caller may list BUCKET but not read its objects: reads answer 403,
+    /// testPermissions leaves out storage.objects.get (repeatable).
+    #[arg(long, value_name = "BUCKET")]
+    pub deny_get: Vec<String>,
     /// Require `Authorization: Bearer TOKEN` with one of these tokens (repeatable; `tok-*` = prefix).
     #[arg(long = "require-token")]
     pub require_token: Vec<String>,

@@ -74,6 +74,9 @@ fn absolutize(args: &mut MountArgs) -> anyhow::Result<()> {
     if let Some(k) = &args.key_file {
         args.key_file = Some(abs(k));
     }
+    if let Some(k) = &args.token_file {
+        args.token_file = Some(abs(k));
+    }
     if let Some(l) = &args.log_file {
         args.log_file = Some(abs(l));
     }

@@ -26,9 +26,9 @@ const BULK_READ: u64 = 4 << 20;
 /// failed.
 pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let mount = args.mount;
-    let plan = MountPlan::resolve(&mount, &Env::capture_for(&mount))?;
+    let mut plan = MountPlan::resolve(&mount, &Env::capture_for(&mount))?;
     let given_mount_point = mount.mountpoint != Path::new(".");
-    let list = checklist(&plan, given_mount_point).await;
+    let list = checklist(&mut plan, given_mount_point).await;
     for c in &list {
         println!("{c}");
     }
@@ -49,7 +49,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
 
 /// Every check, in the order a mount meets them; those that need an earlier one (a token, a
 /// connection, a listed object) are skipped when it failed.
-pub async fn checklist(plan: &MountPlan, mount_point: bool) -> Vec<Check> {
+pub async fn checklist(plan: &mut MountPlan, mount_point: bool) -> Vec<Check> {
     let uid = Env::capture().uid;
     let mut out = checks::fuse(plan.allow_other, uid);
     if mount_point {
@@ -58,9 +58,14 @@ pub async fn checklist(plan: &MountPlan, mount_point: bool) -> Vec<Check> {
     let plan_checks = checks::plan(plan);
     let plan_ok = !plan_checks.iter().any(Check::failed);
     out.extend(plan_checks);
-    let tokens = TokenSource::build(&plan.credentials).await;
+    let mut tokens = TokenSource::build(&plan.credentials).await;
+    if let Ok(t) = &mut tokens {
+        t.identify().await;
+        plan.bill_metadata_project(t).await;
+    }
     out.push(checks::credentials(&tokens));
     out.push(checks::billing(plan));
+    let plan = &*plan;
     let connected = match plan_ok {
         true => connect(&plan.gcs.endpoint).await,
         false => Err("the endpoint is not a URL".into()),
@@ -78,6 +83,7 @@ pub async fn checklist(plan: &MountPlan, mount_point: bool) -> Vec<Check> {
         Some(client) => out.extend(bucket_checks(plan, &client).await),
         None => {
             let why = "needs credentials, a bucket name and a connection";
+            out.push(Check::skip("permissions", why));
             out.push(Check::skip("access", why));
             out.push(Check::skip("read", why));
             out.push(Check::skip("speed", why));
@@ -96,6 +102,8 @@ async fn bucket_checks(plan: &MountPlan, client: &GcsClient) -> Vec<Check> {
         max_results: Some(1),
         ..Default::default()
     };
+    let held = client.test_permissions(&[checks::LIST, checks::GET]).await;
+    let permissions = checks::permissions(&plan.gcs, client.credentials(), held.as_deref());
     let page = client.list_page(&probe).await;
     let first = page.as_ref().ok().and_then(|p| p.items.first().cloned());
     let listed = match (&page, &first) {
@@ -111,7 +119,12 @@ async fn bucket_checks(plan: &MountPlan, client: &GcsClient) -> Vec<Check> {
     };
     let access = checks::access(&plan.gcs, prefix, listed);
     let Some(obj) = first else {
-        return vec![access, checks::read(&plan.gcs, None), checks::speed(None)];
+        return vec![
+            permissions,
+            access,
+            checks::read(&plan.gcs, None),
+            checks::speed(None),
+        ];
     };
     let version = ObjectVersion {
         name: &obj.name,
@@ -151,7 +164,12 @@ async fn bucket_checks(plan: &MountPlan, client: &GcsClient) -> Vec<Check> {
             Err(e) => Err((obj.name.clone(), e)),
         }),
     );
-    vec![access, read, checks::speed(sample.as_ref().ok())]
+    vec![
+        permissions,
+        access,
+        read,
+        checks::speed(sample.as_ref().ok()),
+    ]
 }
 
 /// Resolves the endpoint's host and opens one TCP connection to it (5 s at most).

@@ -308,6 +308,35 @@ mod tests {
         assert_eq!(plan.fs.uid, 7);
     }
 
+    /// `token_file=` in fstab is `--token-file`, resolved to the token-file credentials.
+    #[test]
+    fn token_file_option_is_the_token_file_flag() {
+        use crate::cli::{Cli, Command};
+        use crate::plan::{Env, MountPlan};
+        use clap::Parser;
+        let Helper::Mount(argv) = translate(&v(&[
+            "physiofs",
+            "b",
+            "/m",
+            "-o",
+            "ro,token_file=/run/physiofs/token,billing_project=p",
+        ]))
+        .unwrap() else {
+            panic!("fake")
+        };
+        let cli = Cli::try_parse_from(std::iter::once(OsString::from("physiofs")).chain(argv));
+        let Command::Mount(args) = cli.unwrap().command else {
+            panic!("not a mount")
+        };
+        let plan = MountPlan::resolve(&args, &Env::default()).unwrap();
+        assert_eq!(
+            plan.credentials.to_string(),
+            "access-token file /run/physiofs/token"
+        );
+        let e = translate(&v(&["physiofs", "b", "/m", "-o", "token_file"])).unwrap_err();
+        assert!(e.contains("token_file"), "{e}");
+    }
+
     #[test]
     fn bad_options_are_named() {
         let e = translate(&v(&["physiofs", "b", "/m", "-o", "ro,cache_sise=1G"])).unwrap_err();

@@ -26,8 +26,11 @@ pub async fn prepare(plan: &MountPlan) -> anyhow::Result<TokenSource> {
     let uid = Env::capture().uid;
     checks::first_failure(checks::fuse(plan.allow_other, uid))?;
     checks::first_failure(checks::plan(plan))?;
-    let tokens = TokenSource::build(&plan.credentials).await;
+    let mut tokens = TokenSource::build(&plan.credentials).await;
     checks::first_failure([checks::credentials(&tokens)])?;
+    if let Ok(t) = &mut tokens {
+        t.identify().await;
+    }
     Ok(tokens?)
 }
 
@@ -134,6 +137,19 @@ impl Mounted {
                 }
             }
         }
+        // Which permissions the identity holds, so a missing one is named; a server without
+        // testPermissions skips this, and the probe below explains what it finds. A network
+        // failure is the probe's failure already: said now, not asked again.
+        let perms = probe_client
+            .test_permissions(&[checks::LIST, checks::GET])
+            .await;
+        if let Err(e @ ClientError::Network { .. }) = &perms {
+            return Err(access_error(&plan, e));
+        }
+        let held = perms.as_deref();
+        let perm_check = checks::permissions(&plan.gcs, probe_client.credentials(), held);
+        tracing::info!("{perm_check}");
+        checks::first_failure([perm_check])?;
         // Prove access before mounting: with a snapshot, one object read of metadata (no
         // listing); otherwise one small listing.
         let known = if from_snapshot {
@@ -429,9 +445,11 @@ async fn open_disk(
 /// the mount ready to the waiting parent once it serves.
 pub async fn run(args: MountArgs, notify: Option<&Notify>) -> anyhow::Result<()> {
     crate::stale::check_mountpoint(&args.mountpoint, args.force)?;
-    let plan = MountPlan::resolve(&args, &Env::capture_for(&args))?;
+    let mut plan = MountPlan::resolve(&args, &Env::capture_for(&args))?;
     let tokens = prepare(&plan).await?;
+    plan.bill_metadata_project(&tokens).await;
     eprintln!("physiofs: credentials: {}", tokens.credentials());
+    tracing::info!("credentials: {}", tokens.credentials());
     match &plan.billing {
         Some(b) => eprintln!("physiofs: billing project: {b}"),
         None => eprintln!("physiofs: billing project: none"),

@@ -17,7 +17,8 @@ use anyhow::bail;
 
 use crate::cli::{GCS_ENDPOINT, MetadataMode, MountArgs};
 use crate::client::auth::{
-    CredentialKind, CredentialSource, Credentials, GOOGLE_APPLICATION_CREDENTIALS,
+    CredentialKind, CredentialSource, Credentials, GCE_METADATA_HOST,
+    GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_OAUTH_ACCESS_TOKEN,
 };
 use crate::client::gcs::{GcsConfig, RetryConfig, plain_http};
 use crate::fs::FsConfig;
@@ -34,6 +35,13 @@ pub struct Env {
     pub google_application_credentials: Option<String>,
     /// `HOME`: where gcloud keeps application-default credentials.
     pub home: Option<PathBuf>,
+    /// `CLOUDSDK_CONFIG`: gcloud's configuration directory, instead of ~/.config/gcloud.
+    pub cloudsdk_config: Option<PathBuf>,
+    /// Whether `GOOGLE_OAUTH_ACCESS_TOKEN` holds something (its value, a token, is read only
+    /// when the provider is built, and kept nowhere else).
+    pub google_oauth_access_token: bool,
+    /// `GCE_METADATA_HOST`: the metadata server's `host[:port]`, instead of the VM's.
+    pub gce_metadata_host: Option<String>,
     /// Where metadata snapshots go by default (`XDG_CACHE_HOME`, `HOME`, or root's
     /// `/var/cache`); None = nowhere to put them.
     pub cache_dir: Option<PathBuf>,
@@ -61,6 +69,9 @@ impl Env {
             storage_emulator_host: var("STORAGE_EMULATOR_HOST"),
             google_application_credentials: var(GOOGLE_APPLICATION_CREDENTIALS),
             home: var("HOME").map(PathBuf::from),
+            cloudsdk_config: var("CLOUDSDK_CONFIG").map(PathBuf::from),
+            google_oauth_access_token: var(GOOGLE_OAUTH_ACCESS_TOKEN).is_some(),
+            gce_metadata_host: var(GCE_METADATA_HOST),
             cache_dir: crate::snapshot::default_dir(),
             physiofs_billing_project: var("PHYSIOFS_BILLING_PROJECT"),
             google_cloud_project: var("GOOGLE_CLOUD_PROJECT"),
@@ -156,6 +167,8 @@ pub enum BillingSource {
     GcloudConfig(PathBuf),
     /// `project_id` of the service-account key in use.
     KeyFile(PathBuf),
+    /// The project of the VM, from its metadata server (found at start-up, not resolution).
+    MetadataServer,
 }
 
 impl std::fmt::Display for BillingProject {
@@ -169,6 +182,9 @@ impl std::fmt::Display for BillingProject {
                 write!(f, "core/project of gcloud configuration {}", file.display())?
             }
             BillingSource::KeyFile(file) => write!(f, "project_id of key {}", file.display())?,
+            BillingSource::MetadataServer => {
+                f.write_str("the VM's project, from its metadata server")?
+            }
         }
         f.write_str(")")
     }
@@ -176,7 +192,8 @@ impl std::fmt::Display for BillingProject {
 
 /// The billing project: `--billing-project`, then `PHYSIOFS_BILLING_PROJECT`,
 /// `GOOGLE_CLOUD_PROJECT`, `CLOUDSDK_CORE_PROJECT`, the active gcloud configuration's
-/// `core/project`, the service-account key's `project_id` (the first found).
+/// `core/project`, the service-account key's `project_id` (the first found). The last
+/// source, the metadata server's project, needs I/O: [`MountPlan::bill_metadata_project`].
 fn billing_project(
     args: &MountArgs,
     env: &Env,
@@ -352,6 +369,22 @@ impl MountPlan {
         })
     }
 
+    /// With no billing project found, the metadata server's project (`tokens` from a VM's
+    /// service account), as the last source. Asks nothing for other credentials, so a mount
+    /// off GCE never waits on a metadata server that is not there.
+    pub async fn bill_metadata_project(&mut self, tokens: &crate::client::auth::TokenSource) {
+        if self.billing.is_some() {
+            return;
+        }
+        if let Some(project) = tokens.metadata_project().await {
+            self.gcs.billing_project = Some(project.clone());
+            self.billing = Some(BillingProject {
+                project,
+                source: BillingSource::MetadataServer,
+            });
+        }
+    }
+
     /// `gs://BUCKET/PREFIX`, as the mount is named.
     pub fn target(&self) -> String {
         format!("gs://{}/{}", self.gcs.bucket, self.fs.prefix)
@@ -359,9 +392,16 @@ impl MountPlan {
 }
 
 /// Which credentials: `--anonymous`; none for an emulator found through STORAGE_EMULATOR_HOST
-/// (an explicit `--endpoint` may be a private endpoint that wants them); `--key-file`; else
-/// application-default credentials, from GOOGLE_APPLICATION_CREDENTIALS when it is set.
+/// (an explicit `--endpoint` may be a private endpoint that wants them); `--token-file`;
+/// `--key-file`; GOOGLE_OAUTH_ACCESS_TOKEN; else application-default credentials, from
+/// GOOGLE_APPLICATION_CREDENTIALS when it is set. What is named on the command line wins
+/// over the environment.
 fn credentials(args: &MountArgs, env: &Env) -> Credentials {
+    let with = |kind, source| Credentials {
+        kind,
+        source,
+        account: None,
+    };
     match (&env.storage_emulator_host, &args.key_file) {
         _ if args.anonymous => Credentials::anonymous(CredentialSource::Flag("--anonymous")),
         (Some(host), _) if args.endpoint.is_none() => {
@@ -370,27 +410,40 @@ fn credentials(args: &MountArgs, env: &Env) -> Credentials {
                 value: host.clone(),
             })
         }
-        (_, Some(key)) => Credentials {
-            kind: CredentialKind::ServiceAccountKey,
-            source: CredentialSource::File(key.clone()),
-            account: None,
-        },
-        (_, None) => Credentials {
-            kind: CredentialKind::ApplicationDefault,
-            source: match &env.google_application_credentials {
+        _ if args.token_file.is_some() => with(
+            CredentialKind::TokenFile,
+            CredentialSource::File(args.token_file.clone().unwrap_or_default()),
+        ),
+        (_, Some(key)) => with(
+            CredentialKind::ServiceAccountKey,
+            CredentialSource::File(key.clone()),
+        ),
+        _ if env.google_oauth_access_token => with(
+            CredentialKind::AccessTokenVariable,
+            CredentialSource::Variable {
+                name: GOOGLE_OAUTH_ACCESS_TOKEN,
+                value: String::new(),
+            },
+        ),
+        (_, None) => with(
+            CredentialKind::ApplicationDefault,
+            match &env.google_application_credentials {
                 Some(path) => CredentialSource::Variable {
                     name: GOOGLE_APPLICATION_CREDENTIALS,
                     value: path.clone(),
                 },
                 None => CredentialSource::Search {
-                    gcloud_file: env
-                        .home
-                        .as_ref()
-                        .map(|h| h.join(".config/gcloud/application_default_credentials.json")),
+                    gcloud_file: gcloud_config_dir(
+                        env.cloudsdk_config
+                            .as_ref()
+                            .map(|p| p.display().to_string()),
+                        env.home.as_ref().map(|p| p.display().to_string()),
+                    )
+                    .map(|d| d.join("application_default_credentials.json")),
+                    metadata_host: env.gce_metadata_host.clone(),
                 },
             },
-            account: None,
-        },
+        ),
     }
 }
 
@@ -399,6 +452,19 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
     use clap::Parser;
+
+    trait TryMount {
+        fn try_parse_from_mount(flags: &[&str]) -> Result<MountArgs, clap::Error>;
+    }
+    impl TryMount for MountArgs {
+        fn try_parse_from_mount(flags: &[&str]) -> Result<MountArgs, clap::Error> {
+            let argv = ["physiofs", "mount"].iter().chain(flags).chain(&["/m"]);
+            match Cli::try_parse_from(argv)?.command {
+                Command::Mount(a) => Ok(a),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 
     fn mount_args(flags: &[&str]) -> MountArgs {
         let argv = ["physiofs", "mount"].iter().chain(flags).chain(&["/m"]);
@@ -527,7 +593,8 @@ mod tests {
             CredentialSource::Search {
                 gcloud_file: Some(
                     "/home/u/.config/gcloud/application_default_credentials.json".into()
-                )
+                ),
+                metadata_host: None,
             }
         );
         let p = resolve(&["--anonymous"], &env());
@@ -551,6 +618,46 @@ mod tests {
         assert_eq!(
             p.credentials.to_string(),
             "application-default credentials from GOOGLE_APPLICATION_CREDENTIALS=/sa.json"
+        );
+
+        // A token file, then the token variable, win over application-default credentials;
+        // the flags win over the variable. The variable's value is never in the plan.
+        let tok = Env {
+            google_oauth_access_token: true,
+            ..gac.clone()
+        };
+        let p = resolve(&["--token-file", "/run/tok"], &tok);
+        assert_eq!(
+            (p.credentials.kind, p.credentials.to_string()),
+            (
+                CredentialKind::TokenFile,
+                "access-token file /run/tok".into()
+            )
+        );
+        let p = resolve(&["--key-file", "/k.json"], &tok);
+        assert_eq!(p.credentials.kind, CredentialKind::ServiceAccountKey);
+        let p = resolve(&[], &tok);
+        assert_eq!(
+            p.credentials.to_string(),
+            "access token from GOOGLE_OAUTH_ACCESS_TOKEN"
+        );
+        assert!(!format!("{p:?}").contains("ya29"), "{p:?}");
+        assert!(
+            MountArgs::try_parse_from_mount(&["--token-file", "/t", "--key-file", "/k"]).is_err()
+        );
+
+        // CLOUDSDK_CONFIG moves gcloud's file; GCE_METADATA_HOST is kept for the search.
+        let moved = Env {
+            cloudsdk_config: Some("/etc/gcloud-u".into()),
+            gce_metadata_host: Some("127.0.0.1:9".into()),
+            ..env()
+        };
+        assert_eq!(
+            resolve(&[], &moved).credentials.source,
+            CredentialSource::Search {
+                gcloud_file: Some("/etc/gcloud-u/application_default_credentials.json".into()),
+                metadata_host: Some("127.0.0.1:9".into()),
+            }
         );
     }
 

@@ -57,6 +57,9 @@ fn mount_args(a: &WarmArgs) -> anyhow::Result<MountArgs> {
     if let Some(k) = &a.key_file {
         flag("--key-file", k.as_os_str());
     }
+    if let Some(t) = &a.token_file {
+        flag("--token-file", t.as_os_str());
+    }
     if let Some(r) = a.retries {
         flag("--retries", r.to_string().as_ref());
     }

@@ -82,7 +82,7 @@ fn mount_time_checks_use_the_small_retry_budget() {
     let args = tb.mount_args(physiofs::model::JPG_BUCKET, &["--metadata-cache", "off"]);
     let (status, stderr) = expect_mount_failure(&args, &mnt, Duration::from_secs(120));
     let s = tb.stats();
-    let asked: u64 = ["list", "get_meta", "get_media", "bucket"]
+    let asked: u64 = ["permissions", "list", "get_meta", "get_media", "bucket"]
         .iter()
         .map(|k| s["requests"][k].as_u64().unwrap())
         .sum();

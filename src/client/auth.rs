@@ -25,6 +25,16 @@ pub const SCOPE_READ_ONLY: &str = "https://www.googleapis.com/auth/devstorage.re
 /// The variable naming a service-account key for application-default credentials.
 pub const GOOGLE_APPLICATION_CREDENTIALS: &str = "GOOGLE_APPLICATION_CREDENTIALS";
 
+/// A variable holding an access token minted elsewhere (as Terraform and other Google tools
+/// take it). Its value is read when the provider is built and never kept in any description.
+pub const GOOGLE_OAUTH_ACCESS_TOKEN: &str = "GOOGLE_OAUTH_ACCESS_TOKEN";
+
+/// The variable Google's client libraries read for the metadata server's `host[:port]`.
+pub const GCE_METADATA_HOST: &str = "GCE_METADATA_HOST";
+
+/// The metadata server of a GCE VM, when GCE_METADATA_HOST does not name another.
+pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
+
 /// What sort of credentials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CredentialKind {
@@ -41,6 +51,10 @@ pub enum CredentialKind {
     MetadataServer,
     /// The gcloud CLI's account (`gcloud auth print-access-token`).
     GcloudCli,
+    /// A file holding an access token (`--token-file`), re-read when it changes.
+    TokenFile,
+    /// An access token in GOOGLE_OAUTH_ACCESS_TOKEN.
+    AccessTokenVariable,
     /// A fixed token given in code (tests).
     Static,
 }
@@ -55,8 +69,12 @@ pub enum CredentialSource {
     /// A file, e.g. `--key-file`'s.
     File(PathBuf),
     /// Nothing the user named: gcp_auth's search, the metadata server, the gcloud CLI, code.
-    /// `gcloud_file` is where gcloud keeps application-default user credentials.
-    Search { gcloud_file: Option<PathBuf> },
+    /// `gcloud_file` is where gcloud keeps application-default user credentials (under
+    /// CLOUDSDK_CONFIG, else ~/.config/gcloud); `metadata_host` is GCE_METADATA_HOST's value.
+    Search {
+        gcloud_file: Option<PathBuf>,
+        metadata_host: Option<String>,
+    },
 }
 
 /// Which credentials, where from, and whose (never a token or a key).
@@ -90,11 +108,15 @@ impl std::fmt::Display for Credentials {
             K::GcloudUser => "gcloud application-default user credentials",
             K::MetadataServer => "the VM's service account (GCE metadata server)",
             K::GcloudCli => "the gcloud CLI's account (gcloud auth print-access-token)",
+            K::TokenFile => "access-token file",
+            K::AccessTokenVariable => "access token",
             K::Static => "a fixed token",
         };
         f.write_str(kind)?;
         match (&self.source, self.kind) {
             (S::Flag(flag), _) => write!(f, " ({flag})")?,
+            // The value is the token: never shown.
+            (S::Variable { name, .. }, K::AccessTokenVariable) => write!(f, " from {name}")?,
             (S::Variable { name, value }, K::Anonymous) => write!(f, " ({name}={value})")?,
             (S::Variable { name, value }, _) => write!(f, " from {name}={value}")?,
             (S::File(p), _) => write!(f, " {}", p.display())?,
@@ -125,6 +147,8 @@ enum Provider {
     Static(String),
     Gcp(Arc<dyn gcp_auth::TokenProvider>),
     User(Arc<AuthorizedUser>),
+    File(Arc<TokenFile>),
+    Metadata(Arc<MetadataServer>),
 }
 
 /// Bearer tokens for requests, with the description of the credentials they come from.
@@ -149,7 +173,10 @@ impl TokenSource {
         provider: Provider::None,
         credentials: Credentials {
             kind: CredentialKind::Anonymous,
-            source: CredentialSource::Search { gcloud_file: None },
+            source: CredentialSource::Search {
+                gcloud_file: None,
+                metadata_host: None,
+            },
             account: None,
         },
     };
@@ -160,7 +187,10 @@ impl TokenSource {
             provider: Provider::Static(token.into()),
             credentials: Credentials {
                 kind: CredentialKind::Static,
-                source: CredentialSource::Search { gcloud_file: None },
+                source: CredentialSource::Search {
+                    gcloud_file: None,
+                    metadata_host: None,
+                },
                 account: None,
             },
         }
@@ -182,8 +212,38 @@ impl TokenSource {
             (K::ApplicationDefault, CredentialSource::Variable { value, .. }) => {
                 application_default_key(Path::new(value), credentials.source.clone())
             }
-            (K::ApplicationDefault, CredentialSource::Search { gcloud_file }) => {
-                application_default(gcloud_file.clone()).await
+            (
+                K::ApplicationDefault,
+                CredentialSource::Search {
+                    gcloud_file,
+                    metadata_host,
+                },
+            ) => application_default(gcloud_file.clone(), metadata_host.clone()).await,
+            (K::TokenFile, CredentialSource::File(path)) => {
+                let file = TokenFile::new(path.clone());
+                file.read().map_err(|cause| AuthError {
+                    cause,
+                    fix: TOKEN_FILE_FIX.into(),
+                })?;
+                Ok(TokenSource {
+                    provider: Provider::File(Arc::new(file)),
+                    credentials: credentials.clone(),
+                })
+            }
+            (K::AccessTokenVariable, CredentialSource::Variable { name, .. }) => {
+                match std::env::var(name).ok().map(|t| t.trim().to_string()) {
+                    Some(t) if !t.is_empty() => Ok(TokenSource {
+                        provider: Provider::Static(t),
+                        credentials: credentials.clone(),
+                    }),
+                    _ => Err(AuthError {
+                        cause: format!("{name} is empty"),
+                        fix: format!(
+                            "set {name} to a current access token (`gcloud auth \
+                             print-access-token`), or unset it"
+                        ),
+                    }),
+                }
             }
             (kind, source) => Err(AuthError {
                 cause: format!("cannot build {kind:?} credentials from {source:?}"),
@@ -208,8 +268,293 @@ impl TokenSource {
                 .map(|t| Some(t.as_str().to_string()))
                 .map_err(|e| ClientError::Auth(format!("cannot obtain an access token: {e}"))),
             Provider::User(u) => u.token().await.map(Some),
+            Provider::File(f) => f.token().map(Some),
+            Provider::Metadata(m) => m.token().await.map(Some),
         }
     }
+
+    /// After the server refused `sent` (HTTP 401): forget it, so the next [`token`] is a
+    /// fresh one (a new grant, the file read again). False when no other token can come
+    /// (anonymous, a fixed token, a provider that refreshes on its own schedule), so there
+    /// is no point in asking again.
+    ///
+    /// [`token`]: TokenSource::token
+    pub async fn invalidate(&self, sent: Option<&str>) -> bool {
+        match &self.provider {
+            Provider::None | Provider::Static(_) | Provider::Gcp(_) => false,
+            Provider::User(u) => {
+                u.cache.forget(sent).await;
+                true
+            }
+            Provider::Metadata(m) => {
+                m.cache.forget(sent).await;
+                true
+            }
+            Provider::File(f) => {
+                *f.cached.lock().unwrap() = None;
+                true
+            }
+        }
+    }
+
+    /// Fills in the account these credentials act as, when the description does not have it
+    /// yet: a gcloud user's from the token-info endpoint next to their `token_uri`, the VM's
+    /// from its metadata server. Best effort: without an answer the account stays unknown.
+    pub async fn identify(&mut self) {
+        if self.credentials.account.is_some() {
+            return;
+        }
+        let found = match (&self.provider, self.credentials.kind) {
+            (Provider::User(u), _) => match u.token().await {
+                Ok(t) => token_info_email(&u.http, &token_info_url(&u.token_uri), &t).await,
+                Err(e) => Err(e.to_string()),
+            },
+            (Provider::Metadata(m), _) => m.get(METADATA_EMAIL).await,
+            (_, CredentialKind::MetadataServer) => {
+                MetadataServer::new(DEFAULT_METADATA_HOST)
+                    .get(METADATA_EMAIL)
+                    .await
+            }
+            _ => return,
+        };
+        match found {
+            Ok(email) if !email.trim().is_empty() => {
+                self.credentials.account = Some(email.trim().to_string())
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("the account of {} is unknown: {e}", self.credentials),
+        }
+    }
+
+    /// The project of the VM these credentials come from (its metadata server's), for
+    /// billing when nothing else names one; None for credentials not from a metadata server.
+    pub async fn metadata_project(&self) -> Option<String> {
+        let answer = match (&self.provider, self.credentials.kind) {
+            (Provider::Metadata(m), _) => m.get(METADATA_PROJECT).await,
+            (_, CredentialKind::MetadataServer) => {
+                MetadataServer::new(DEFAULT_METADATA_HOST)
+                    .get(METADATA_PROJECT)
+                    .await
+            }
+            _ => return None,
+        };
+        match answer {
+            Ok(p) if !p.trim().is_empty() => Some(p.trim().to_string()),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!("no project from the metadata server: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// What to do about an unusable `--token-file`.
+const TOKEN_FILE_FIX: &str = "write a current access token into the file (e.g. `gcloud auth \
+     print-access-token > FILE`), or use application-default credentials instead \
+     (`gcloud auth application-default login`, then mount without --token-file)";
+
+/// `--token-file`: one access token (surrounding white space ignored), read again whenever
+/// the file's size, modification time or inode differ from the last read, so a token rotated
+/// by whatever writes it is picked up without a remount. A stat per request costs microseconds.
+struct TokenFile {
+    path: PathBuf,
+    cached: std::sync::Mutex<Option<(FileStamp, String)>>,
+}
+
+type FileStamp = (Option<std::time::SystemTime>, u64, u64);
+
+impl TokenFile {
+    fn new(path: PathBuf) -> Self {
+        TokenFile {
+            path,
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The token now: the cached one while the file is unchanged.
+    fn read(&self) -> Result<String, String> {
+        use std::os::unix::fs::MetadataExt;
+        let p = self.path.display();
+        let meta = std::fs::metadata(&self.path)
+            .map_err(|e| format!("cannot read the token file {p}: {e}"))?;
+        let stamp = (meta.modified().ok(), meta.len(), meta.ino());
+        let mut cached = self.cached.lock().unwrap();
+        if let Some((s, t)) = cached.as_ref()
+            && *s == stamp
+        {
+            return Ok(t.clone());
+        }
+        let text = std::fs::read_to_string(&self.path)
+            .map_err(|e| format!("cannot read the token file {p}: {e}"))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(format!("the token file {p} is empty"));
+        }
+        if token.contains(char::is_whitespace) {
+            return Err(format!(
+                "the token file {p} holds more than one word (it should hold just an access token)"
+            ));
+        }
+        *cached = Some((stamp, token.to_string()));
+        Ok(token.to_string())
+    }
+
+    fn token(&self) -> Result<String, ClientError> {
+        self.read()
+            .map_err(|cause| ClientError::Auth(format!("{cause} (hint: {TOKEN_FILE_FIX})")))
+    }
+}
+
+/// A token kept until five minutes before it expires, shared by the providers that mint them.
+#[derive(Default)]
+struct TokenCache(tokio::sync::Mutex<Option<(String, std::time::Instant)>>);
+
+impl TokenCache {
+    /// The cached token if it is still good, else `fetch`'s (token, lifetime), kept. One
+    /// fetch at a time: requests that find the cache empty together share one grant.
+    async fn get<F, Fut>(&self, fetch: F) -> Result<String, ClientError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(String, std::time::Duration), ClientError>>,
+    {
+        let mut cached = self.0.lock().await;
+        let now = std::time::Instant::now();
+        if let Some((t, expires)) = cached.as_ref()
+            && now + REFRESH_MARGIN < *expires
+        {
+            return Ok(t.clone());
+        }
+        let (token, lifetime) = fetch().await?;
+        *cached = Some((token.clone(), now + lifetime));
+        Ok(token)
+    }
+
+    /// Forgets the cached token if it is `sent` (or whatever it is, with None); a newer one,
+    /// fetched meanwhile by another request, is kept.
+    async fn forget(&self, sent: Option<&str>) {
+        let mut cached = self.0.lock().await;
+        if sent.is_none() || cached.as_ref().map(|(t, _)| t.as_str()) == sent {
+            *cached = None;
+        }
+    }
+}
+
+const METADATA_EMAIL: &str = "instance/service-accounts/default/email";
+const METADATA_PROJECT: &str = "project/project-id";
+const METADATA_TOKEN: &str = "instance/service-accounts/default/token";
+
+/// The GCE metadata server at `host` (GCE_METADATA_HOST, as Google's libraries take it:
+/// `host[:port]`, plain HTTP): the VM's service-account token, its email, the project.
+struct MetadataServer {
+    http: reqwest::Client,
+    base: String,
+    cache: TokenCache,
+}
+
+impl MetadataServer {
+    fn new(host: &str) -> Self {
+        let host = host.trim().trim_end_matches('/');
+        let base = if host.starts_with("http://") || host.starts_with("https://") {
+            host.to_string()
+        } else {
+            format!("http://{host}")
+        };
+        MetadataServer {
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
+            base: format!("{base}/computeMetadata/v1/"),
+            cache: TokenCache::default(),
+        }
+    }
+
+    /// One value (`path` under computeMetadata/v1/), as text.
+    async fn get(&self, path: &str) -> Result<String, String> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .header("Metadata-Flavor", "Google")
+            .send()
+            .await
+            .map_err(|e| format!("metadata server {url}: {e}"))?;
+        let status = resp.status();
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| format!("metadata server {url}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("metadata server {url}: HTTP {status}"));
+        }
+        Ok(body)
+    }
+
+    async fn token(&self) -> Result<String, ClientError> {
+        self.cache
+            .get(|| async {
+                let path = format!("{METADATA_TOKEN}?scopes={SCOPE_READ_ONLY}");
+                let fail = |e: String| {
+                    ClientError::Auth(format!(
+                        "cannot get the VM's access token: {e} (does the VM have a service \
+                         account with the storage read-only scope?)"
+                    ))
+                };
+                let body = self.get(&path).await.map_err(fail)?;
+                parse_grant(&body).map_err(fail)
+            })
+            .await
+    }
+}
+
+/// An OAuth token answer: `access_token` and `expires_in` (an hour if absent).
+fn parse_grant(body: &str) -> Result<(String, std::time::Duration), String> {
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("bad JSON: {e}"))?;
+    let token = v["access_token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .ok_or("no access_token in the answer")?
+        .to_string();
+    let lifetime = std::time::Duration::from_secs(v["expires_in"].as_u64().unwrap_or(3600));
+    Ok((token, lifetime))
+}
+
+/// The token-info endpoint for tokens granted at `token_uri`: `/tokeninfo` at the same origin.
+/// Google's `https://oauth2.googleapis.com/token` gives Google's own
+/// `https://oauth2.googleapis.com/tokeninfo`; a test's token_uri on the testbed gives the
+/// testbed's, so tests never ask Google.
+pub fn token_info_url(token_uri: &str) -> String {
+    match reqwest::Url::parse(token_uri) {
+        Ok(u) => format!("{}/tokeninfo", u.origin().ascii_serialization()),
+        Err(_) => "https://oauth2.googleapis.com/tokeninfo".into(),
+    }
+}
+
+/// The `email` the token-info endpoint gives for `token` (sent in a form body, never in the
+/// URL, so no error message or log can carry it).
+async fn token_info_email(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> Result<String, String> {
+    let resp = http
+        .post(url)
+        .form(&[("access_token", token)])
+        .send()
+        .await
+        .map_err(|e| format!("token info {url}: {}", e.without_url()))?;
+    let status = resp.status();
+    let body = resp.text().await.map_err(|e| e.without_url().to_string())?;
+    if !status.is_success() {
+        return Err(format!("token info {url}: HTTP {status}"));
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    v["email"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("token info {url}: no email (the token lacks the email scope)"))
 }
 
 /// A service-account JSON key (`--key-file`), read once: for the provider and its account.
@@ -257,7 +602,7 @@ fn application_default_key(
             credentials: Credentials {
                 kind: CredentialKind::GcloudUser,
                 source,
-                account: v["account"].as_str().map(str::to_string),
+                account: account_field(v),
             },
         });
     }
@@ -277,34 +622,99 @@ fn application_default_key(
     })
 }
 
-/// gcp_auth's search after GOOGLE_APPLICATION_CREDENTIALS, in its order (as
-/// `gcp_auth::provider` does it), remembering which one answered.
-async fn application_default(gcloud_file: Option<PathBuf>) -> Result<TokenSource, AuthError> {
-    let found = |provider: Arc<dyn gcp_auth::TokenProvider>, kind, source| TokenSource {
-        provider: Provider::Gcp(provider),
+/// The search after GOOGLE_APPLICATION_CREDENTIALS, in gcp_auth's order (as
+/// `gcp_auth::provider` does it), remembering which one answered: gcloud's user file (read
+/// here, from CLOUDSDK_CONFIG's directory too, which gcp_auth ignores), the metadata server
+/// (GCE_METADATA_HOST's, when set, else gcp_auth's probe of the VM's), the gcloud CLI.
+async fn application_default(
+    gcloud_file: Option<PathBuf>,
+    metadata_host: Option<String>,
+) -> Result<TokenSource, AuthError> {
+    let found = |provider, kind, source| TokenSource {
+        provider,
         credentials: Credentials {
             kind,
             source,
             account: None,
         },
     };
+    if let Some(file) = &gcloud_file
+        && let Ok(text) = std::fs::read_to_string(file)
+    {
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| AuthError {
+            cause: format!("cannot use gcloud's credentials {}: {e}", file.display()),
+            fix: "run `gcloud auth application-default login` again".into(),
+        })?;
+        if v["type"] == "authorized_user" {
+            let user = AuthorizedUser::from_json(&v).map_err(|e| AuthError {
+                cause: format!("cannot use gcloud's credentials {}: {e}", file.display()),
+                fix: "run `gcloud auth application-default login` again".into(),
+            })?;
+            let mut t = found(
+                Provider::User(Arc::new(user)),
+                CredentialKind::GcloudUser,
+                CredentialSource::File(file.clone()),
+            );
+            t.credentials.account = account_field(&v);
+            return Ok(t);
+        }
+    }
     let user = match gcp_auth::ConfigDefaultCredentials::new().await {
         Ok(p) => {
-            let source = match gcloud_file {
+            let source = match gcloud_file.clone() {
                 Some(f) => CredentialSource::File(f),
-                None => CredentialSource::Search { gcloud_file: None },
+                None => CredentialSource::Search {
+                    gcloud_file: None,
+                    metadata_host: None,
+                },
             };
-            return Ok(found(Arc::new(p), CredentialKind::GcloudUser, source));
+            return Ok(found(
+                Provider::Gcp(Arc::new(p)),
+                CredentialKind::GcloudUser,
+                source,
+            ));
         }
         Err(e) => e,
     };
-    let search = CredentialSource::Search { gcloud_file };
+    let search = CredentialSource::Search {
+        gcloud_file,
+        metadata_host: metadata_host.clone(),
+    };
+    if let Some(host) = &metadata_host {
+        let m = MetadataServer::new(host);
+        return match m.token().await {
+            Ok(_) => Ok(found(
+                Provider::Metadata(Arc::new(m)),
+                CredentialKind::MetadataServer,
+                search,
+            )),
+            Err(e) => Err(AuthError {
+                cause: format!("no Google credentials found ({GCE_METADATA_HOST}={host}: {e})"),
+                fix: format!(
+                    "is {GCE_METADATA_HOST} right? Unset it on a GCE VM; elsewhere run `gcloud \
+                     auth application-default login`"
+                ),
+            }),
+        };
+    }
     let metadata = match gcp_auth::MetadataServiceAccount::new().await {
-        Ok(p) => return Ok(found(Arc::new(p), CredentialKind::MetadataServer, search)),
+        Ok(p) => {
+            return Ok(found(
+                Provider::Gcp(Arc::new(p)),
+                CredentialKind::MetadataServer,
+                search,
+            ));
+        }
         Err(e) => e,
     };
     let cli = match gcp_auth::GCloudAuthorizedUser::new().await {
-        Ok(p) => return Ok(found(Arc::new(p), CredentialKind::GcloudCli, search)),
+        Ok(p) => {
+            return Ok(found(
+                Provider::Gcp(Arc::new(p)),
+                CredentialKind::GcloudCli,
+                search,
+            ));
+        }
         Err(e) => e,
     };
     let e = gcp_auth::Error::NoAuthMethod(Box::new(cli), Box::new(metadata), Box::new(user));
@@ -317,6 +727,15 @@ async fn application_default(gcloud_file: Option<PathBuf>) -> Result<TokenSource
     })
 }
 
+/// An authorized_user file's `account`, when gcloud wrote one.
+fn account_field(v: &serde_json::Value) -> Option<String> {
+    v["account"]
+        .as_str()
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+}
+
 /// User credentials (`"type": "authorized_user"`, what `gcloud auth application-default
 /// login` writes): the refresh token is exchanged at the file's `token_uri` for an access
 /// token, which is kept until five minutes before it expires.
@@ -326,7 +745,7 @@ struct AuthorizedUser {
     client_id: String,
     client_secret: String,
     refresh_token: String,
-    cached: tokio::sync::Mutex<Option<(String, std::time::Instant)>>,
+    cache: TokenCache,
 }
 
 /// How long before its expiry a token is replaced.
@@ -351,18 +770,16 @@ impl AuthorizedUser {
             client_id: field("client_id")?,
             client_secret: field("client_secret")?,
             refresh_token: field("refresh_token")?,
-            cached: tokio::sync::Mutex::new(None),
+            cache: TokenCache::default(),
         })
     }
 
     async fn token(&self) -> Result<String, ClientError> {
-        let mut cached = self.cached.lock().await;
-        let now = std::time::Instant::now();
-        if let Some((t, expires)) = cached.as_ref()
-            && now + REFRESH_MARGIN < *expires
-        {
-            return Ok(t.clone());
-        }
+        self.cache.get(|| self.grant()).await
+    }
+
+    /// One refresh-token grant at the token_uri.
+    async fn grant(&self) -> Result<(String, std::time::Duration), ClientError> {
         let fail = |e: String| {
             ClientError::Auth(format!(
                 "cannot refresh the user's access token at {}: {e} (run `gcloud auth \
@@ -387,16 +804,7 @@ impl AuthorizedUser {
         if !status.is_success() {
             return Err(fail(format!("HTTP {status}: {body}")));
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&body).map_err(|e| fail(format!("bad JSON: {e}")))?;
-        let token = v["access_token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| fail("no access_token in the answer".into()))?
-            .to_string();
-        let lifetime = std::time::Duration::from_secs(v["expires_in"].as_u64().unwrap_or(3600));
-        *cached = Some((token.clone(), now + lifetime));
-        Ok(token)
+        parse_grant(&body).map_err(fail)
     }
 }
 
@@ -560,6 +968,179 @@ mod tests {
             "{e}"
         );
         server.shutdown().await;
+    }
+
+    fn token_file(path: &Path) -> Credentials {
+        Credentials {
+            kind: CredentialKind::TokenFile,
+            source: CredentialSource::File(path.to_path_buf()),
+            account: None,
+        }
+    }
+
+    /// `--token-file`: read at build (a missing or empty file is refused with the fix), then
+    /// again whenever it changes, and again after a 401 even if it did not.
+    #[tokio::test]
+    async fn a_token_file_is_read_again_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let e = TokenSource::build(&token_file(&path)).await.unwrap_err();
+        assert!(
+            e.cause.contains("cannot read the token file") && e.cause.contains("token"),
+            "{e:?}"
+        );
+        assert!(e.fix.contains("print-access-token"), "{e:?}");
+        std::fs::write(&path, " \n").unwrap();
+        let e = TokenSource::build(&token_file(&path)).await.unwrap_err();
+        assert!(e.cause.contains("is empty"), "{e:?}");
+
+        std::fs::write(&path, "ya29.first\n").unwrap();
+        let t = TokenSource::build(&token_file(&path)).await.unwrap();
+        assert_eq!(
+            t.credentials().to_string(),
+            format!("access-token file {}", path.display())
+        );
+        assert_eq!(t.token().await.unwrap().as_deref(), Some("ya29.first"));
+        // Rotated (another length, so the change shows whatever the clock's granularity).
+        std::fs::write(&path, "ya29.second-token").unwrap();
+        assert_eq!(
+            t.token().await.unwrap().as_deref(),
+            Some("ya29.second-token")
+        );
+        assert!(!format!("{t:?}").contains("ya29"));
+        assert!(t.invalidate(Some("ya29.second-token")).await);
+        assert_eq!(
+            t.token().await.unwrap().as_deref(),
+            Some("ya29.second-token")
+        );
+        // Emptied while mounted: the request fails with the cause and the fix.
+        std::fs::write(&path, "").unwrap();
+        let e = t.token().await.unwrap_err().to_string();
+        assert!(e.contains("is empty") && e.contains("hint:"), "{e}");
+    }
+
+    /// GOOGLE_OAUTH_ACCESS_TOKEN: its value is the token, never part of the description.
+    #[tokio::test]
+    async fn the_token_variable_is_used_and_never_shown() {
+        // A name only this test sets, so no other test's environment is touched.
+        const VAR: &str = "PHYSIOFS_TEST_ACCESS_TOKEN_VARIABLE";
+        let c = Credentials {
+            kind: CredentialKind::AccessTokenVariable,
+            source: CredentialSource::Variable {
+                name: VAR,
+                value: String::new(),
+            },
+            account: None,
+        };
+        // SAFETY: only this test reads or writes this variable.
+        unsafe { std::env::set_var(VAR, "ya29.from-variable\n") };
+        let t = TokenSource::build(&c).await.unwrap();
+        assert_eq!(
+            t.token().await.unwrap().as_deref(),
+            Some("ya29.from-variable")
+        );
+        assert_eq!(
+            t.credentials().to_string(),
+            format!("access token from {VAR}")
+        );
+        assert!(!format!("{t:?}").contains("ya29"));
+        // A fixed token cannot be refreshed: a 401 is not asked again.
+        assert!(!t.invalidate(Some("ya29.from-variable")).await);
+        unsafe { std::env::set_var(VAR, "") };
+        let e = TokenSource::build(&c).await.unwrap_err();
+        assert!(e.cause.contains("is empty"), "{e:?}");
+    }
+
+    #[test]
+    fn token_info_lives_next_to_the_token_uri() {
+        assert_eq!(
+            token_info_url("https://oauth2.googleapis.com/token"),
+            "https://oauth2.googleapis.com/tokeninfo"
+        );
+        assert_eq!(
+            token_info_url("http://127.0.0.1:4443/token"),
+            "http://127.0.0.1:4443/tokeninfo"
+        );
+    }
+
+    /// A gcloud user's account from the token-info endpoint next to their token_uri; the
+    /// VM's from the metadata server GCE_METADATA_HOST names, with its project; a refused
+    /// token forgotten, so the next is a new grant. All from the testbed, never Google.
+    #[tokio::test]
+    async fn identities_come_from_token_info_and_the_metadata_server() {
+        let server = crate::testbed::start(
+            crate::testbed::TestbedOptions::default(),
+            Arc::new(crate::testbed::mem::MemSource::new()),
+        )
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("application_default_credentials.json");
+        std::fs::write(
+            &file,
+            serde_json::json!({
+                "type": "authorized_user",
+                "client_id": "cid",
+                "client_secret": "s",
+                "refresh_token": "1//r",
+                "token_uri": format!("{}/token", server.endpoint()),
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let search = |gcloud_file: Option<PathBuf>, metadata_host: Option<String>| Credentials {
+            kind: CredentialKind::ApplicationDefault,
+            source: CredentialSource::Search {
+                gcloud_file,
+                metadata_host,
+            },
+            account: None,
+        };
+        let mut t = TokenSource::build(&search(Some(file.clone()), None))
+            .await
+            .unwrap();
+        assert_eq!(t.credentials().kind, CredentialKind::GcloudUser);
+        t.identify().await;
+        assert_eq!(
+            t.credentials().to_string(),
+            format!(
+                "gcloud application-default user credentials {} ({})",
+                file.display(),
+                crate::testbed::TESTBED_USER_EMAIL
+            )
+        );
+        assert_eq!(t.metadata_project().await, None);
+        let first = t.token().await.unwrap().unwrap();
+        assert!(t.invalidate(Some(&first)).await);
+        let second = t.token().await.unwrap().unwrap();
+        assert_ne!(first, second, "a refused token is replaced by a new grant");
+        // Forgetting a token that was already replaced keeps the newer one.
+        assert!(t.invalidate(Some(&first)).await);
+        assert_eq!(t.token().await.unwrap().unwrap(), second);
+
+        let host = server.addr().to_string();
+        let missing = dir.path().join("none.json");
+        let mut t = TokenSource::build(&search(Some(missing), Some(host.clone())))
+            .await
+            .unwrap();
+        assert_eq!(t.credentials().kind, CredentialKind::MetadataServer);
+        assert!(t.token().await.unwrap().unwrap().starts_with("tbtok-"));
+        t.identify().await;
+        assert_eq!(
+            t.credentials().account.as_deref(),
+            Some(crate::testbed::TESTBED_VM_EMAIL)
+        );
+        assert_eq!(
+            t.metadata_project().await.as_deref(),
+            Some(crate::testbed::TESTBED_VM_PROJECT)
+        );
+        server.shutdown().await;
+
+        // A metadata host that does not answer: the error names the variable.
+        let e = TokenSource::build(&search(None, Some(host)))
+            .await
+            .unwrap_err();
+        assert!(e.cause.contains(GCE_METADATA_HOST), "{e:?}");
     }
 
     #[tokio::test]

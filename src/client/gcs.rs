@@ -229,6 +229,10 @@ pub struct ClientStats {
     /// Whole-object reads whose CRC32C did not match the listing (each one was asked again).
     pub checksum_mismatches: AtomicU64,
     pub bytes_fetched: AtomicU64,
+    /// Requests asked again with a fresh token after an HTTP 401.
+    pub token_refreshes: AtomicU64,
+    /// `iam/testPermissions` requests (the start-up permission check).
+    pub permission_requests: AtomicU64,
 }
 
 pub struct GcsClient {
@@ -239,6 +243,8 @@ pub struct GcsClient {
     pub stats: Arc<ClientStats>,
     /// Recycled receive buffers for full-size media requests.
     pool: Arc<BufferPool>,
+    /// The refusals already logged (see `log_refused`).
+    refusals: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -246,6 +252,7 @@ enum Kind {
     List,
     Stat,
     Get,
+    Permissions,
 }
 
 impl GcsClient {
@@ -297,6 +304,7 @@ impl GcsClient {
             stats: Arc::default(),
             // 8 x 4 MiB waiting at most: 32 MiB, within the memory slack `--cache-size` allows.
             pool: BufferPool::new(super::FULL_REQUEST as usize, 8),
+            refusals: Arc::default(),
         })
     }
 
@@ -312,11 +320,37 @@ impl GcsClient {
             objects_url: self.objects_url.clone(),
             stats: self.stats.clone(),
             pool: self.pool.clone(),
+            refusals: self.refusals.clone(),
         }
     }
 
     pub fn endpoint(&self) -> &str {
         &self.cfg.endpoint
+    }
+
+    /// Whose credentials this client sends.
+    pub fn credentials(&self) -> &super::auth::Credentials {
+        self.tokens.credentials()
+    }
+
+    /// Which of `permissions` the caller holds on the bucket
+    /// (`GET /b/BUCKET/iam/testPermissions`, with userProject like every call). An answer
+    /// that is not a testIamPermissions response (an emulator answering something else) is
+    /// `Malformed`, so it is never read as "holds none".
+    pub async fn test_permissions(&self, permissions: &[&str]) -> Result<Vec<String>, ClientError> {
+        let base = format!(
+            "{}/storage/v1/b/{}/iam/testPermissions",
+            self.cfg.endpoint,
+            utf8_percent_encode(&self.cfg.bucket, SEGMENT)
+        );
+        let params: Vec<(&str, String)> = permissions
+            .iter()
+            .map(|p| ("permissions", p.to_string()))
+            .collect();
+        let url = self.url_with(&base, &params)?;
+        let what = format!("permissions on gs://{}", self.cfg.bucket);
+        self.get_json(Kind::Permissions, url, what, parse_permissions)
+            .await
     }
 
     fn object_url(&self, name: &str) -> String {
@@ -348,12 +382,13 @@ impl GcsClient {
         &self,
         url: &reqwest::Url,
         headers: &[(&str, String)],
+        token: Option<&str>,
     ) -> Result<reqwest::Response, ClientError> {
         let mut req = self.http.get(url.clone());
         for (k, v) in headers {
             req = req.header(*k, v);
         }
-        if let Some(tok) = self.tokens.token().await? {
+        if let Some(tok) = token {
             // reqwest marks this header sensitive: it is never printed by Debug or logs.
             req = req.bearer_auth(tok);
         }
@@ -375,6 +410,7 @@ impl GcsClient {
             Kind::List => &self.stats.list_requests,
             Kind::Stat => &self.stats.stat_requests,
             Kind::Get => &self.stats.get_requests,
+            Kind::Permissions => &self.stats.permission_requests,
         }
         .fetch_add(1, Ordering::Relaxed);
     }
@@ -420,11 +456,13 @@ impl GcsClient {
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
         let mut backoff = Backoff::new(&self.cfg.retry);
+        let mut refreshed = false;
         loop {
             backoff.attempt += 1;
             self.count(kind);
+            let token = self.tokens.token().await?;
             let attempt = async {
-                match self.send_once(&url, &[]).await {
+                match self.send_once(&url, &[], token.as_deref()).await {
                     Ok(resp) => {
                         let ra = retry_after(&resp);
                         (check(resp).await, ra)
@@ -439,12 +477,62 @@ impl GcsClient {
                 };
             match result {
                 Ok(v) => return Ok(v),
+                Err(e)
+                    if self
+                        .refresh_after(&e, &mut refreshed, token.as_deref())
+                        .await => {}
                 Err(e) => match backoff.next_delay(&e, retry_after) {
                     Some(delay) => self.pause(kind, backoff.attempt, &e, delay).await,
-                    None => return Err(e),
+                    None => {
+                        self.log_refused(&e);
+                        return Err(e);
+                    }
                 },
             }
         }
+    }
+
+    /// After a 401: the token may have expired early or been revoked and replaced, so the
+    /// cached one is dropped and the request asked once more with a fresh one (once per
+    /// logical request, and only when the credentials can give another token).
+    async fn refresh_after(
+        &self,
+        e: &ClientError,
+        refreshed: &mut bool,
+        sent: Option<&str>,
+    ) -> bool {
+        if !matches!(e, ClientError::Denied { status: 401, .. }) || *refreshed {
+            return false;
+        }
+        *refreshed = true;
+        let again = self.tokens.invalidate(sent).await;
+        if again {
+            self.stats.token_refreshes.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("HTTP 401: asking again with a fresh token ({e})");
+        }
+        again
+    }
+
+    /// One warning per distinct refusal (HTTP 401/403) for the life of the client, not one
+    /// per request: a mount whose access ends answers EACCES to every read, and the log says
+    /// why once.
+    fn log_refused(&self, e: &ClientError) {
+        let ClientError::Denied { status, message } = e else {
+            return;
+        };
+        let cause = format!("HTTP {status}: {message}");
+        if !self.refusals.lock().unwrap().insert(cause.clone()) {
+            return;
+        }
+        let hint = match status {
+            401 => " even with a fresh token; reads answer EACCES until the credentials work again",
+            _ => "; reads answer EACCES",
+        };
+        tracing::warn!(
+            "gs://{}: the server refused {} ({cause}){hint}",
+            self.cfg.bucket,
+            self.tokens.credentials()
+        );
     }
 
     /// Reads one media answer into `buf`, which holds the bytes `[start, pos)` already
@@ -835,6 +923,25 @@ pub fn parse_list_page(body: &[u8], what: &str) -> Result<ListPage, ClientError>
 }
 
 /// Parses one object's metadata.
+/// A testIamPermissions answer: the permissions held (none when the list is absent).
+fn parse_permissions(body: &[u8], what: &str) -> Result<Vec<String>, ClientError> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ClientError::Malformed(format!("{what}: bad JSON: {e}")))?;
+    if v["kind"] != "storage#testIamPermissionsResponse" {
+        return Err(ClientError::Malformed(format!(
+            "{what}: not a testIamPermissions answer"
+        )));
+    }
+    Ok(v["permissions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 pub fn parse_object(body: &[u8], what: &str) -> Result<ObjectMeta, ClientError> {
     serde_json::from_slice::<ObjectJson>(body)
         .map_err(|e| ClientError::Malformed(format!("metadata of {what} is not valid JSON: {e}")))?
@@ -979,9 +1086,11 @@ impl ObjectClient for GcsClient {
         let whole = start == 0 && end == obj.size;
         let mut buf = self.pool.take((end - start) as usize);
         let mut backoff = Backoff::new(&self.cfg.retry);
+        let mut refreshed = false;
         loop {
             backoff.attempt += 1;
             self.count(Kind::Get);
+            let token = self.tokens.token().await?;
             let pos = start + buf.len() as u64;
             // Stored bytes as they are: with `Accept-Encoding: gzip` GCS never decompresses a
             // gzip-encoded object on the way, so lengths and ranges match the listing.
@@ -992,7 +1101,7 @@ impl ObjectClient for GcsClient {
             let had = buf.len();
             let mut retry_after_hint = None;
             let attempt = async {
-                match self.send_once(&url, &headers).await {
+                match self.send_once(&url, &headers, token.as_deref()).await {
                     Ok(resp) => {
                         retry_after_hint = retry_after(&resp);
                         self.read_media(resp, &what, obj, (start, end), &mut buf)
@@ -1028,6 +1137,12 @@ impl ObjectClient for GcsClient {
             if buf.len() > had {
                 backoff.progress();
             }
+            if self
+                .refresh_after(&e, &mut refreshed, token.as_deref())
+                .await
+            {
+                continue;
+            }
             match backoff.next_delay(&e, retry_after_hint) {
                 Some(delay) => {
                     if !buf.is_empty() {
@@ -1035,7 +1150,10 @@ impl ObjectClient for GcsClient {
                     }
                     self.pause(Kind::Get, backoff.attempt, &e, delay).await;
                 }
-                None => return Err(e),
+                None => {
+                    self.log_refused(&e);
+                    return Err(e);
+                }
             }
         }
     }
@@ -1834,6 +1952,111 @@ mod tests {
             assert_eq!(n(&c.stats.retries), 0);
             set(&bed, r#"{"forget_tokens":true}"#);
             c.stat(SMALL_NAME).await.unwrap();
+            assert_eq!(
+                n(&c.stats.token_refreshes),
+                0,
+                "a fixed token is not asked again"
+            );
+        }
+
+        /// Credentials that can mint another token survive its expiry: each 401 (a token
+        /// used past its 1 ns TTL) drops the token, a new one is granted at the testbed's
+        /// /token, and the request asked once more; no error reaches the caller, and a large
+        /// ranged read in the middle comes back whole.
+        #[tokio::test]
+        async fn an_expired_token_is_refreshed_and_the_request_asked_again() {
+            let bed = bed(TestbedOptions {
+                require_tokens: vec!["tbtok-*".into()],
+                token_ttl: Some(Duration::from_nanos(1)),
+                ..Default::default()
+            })
+            .await;
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("adc.json");
+            std::fs::write(
+                &file,
+                serde_json::json!({
+                    "type": "authorized_user",
+                    "client_id": "cid",
+                    "client_secret": "s",
+                    "refresh_token": "1//r",
+                    "token_uri": format!("{}/token", bed.server.endpoint()),
+                })
+                .to_string(),
+            )
+            .unwrap();
+            let tokens = TokenSource::build(&crate::client::auth::Credentials {
+                kind: CredentialKind::ApplicationDefault,
+                source: crate::client::auth::CredentialSource::Variable {
+                    name: "GOOGLE_APPLICATION_CREDENTIALS",
+                    value: file.display().to_string(),
+                },
+                account: None,
+            })
+            .await
+            .unwrap();
+            let c = client(
+                &bed,
+                Opts {
+                    tokens,
+                    max_attempts: 1,
+                    ..Default::default()
+                },
+            );
+            let meta = c.stat(BIG_NAME).await.unwrap();
+            for _ in 0..3 {
+                c.stat(SMALL_NAME).await.unwrap();
+            }
+            let got = c.get_range(version(&meta), 1, meta.size).await.unwrap();
+            assert_eq!(&got[..], &bed.big[1..]);
+            let s = bed.server.stats();
+            // Every request after the first met an expired token once.
+            assert_eq!(n(&c.stats.token_refreshes), 4);
+            assert_eq!(s.responses_with(401), 4, "{s:?}");
+            assert_eq!(n(&c.stats.retries), 0, "a refresh is not a retry");
+        }
+
+        /// testPermissions: what the testbed's grants leave, and a server without it is an
+        /// error (so the start-up check skips), never "holds nothing".
+        #[tokio::test]
+        async fn permissions_are_asked_of_the_bucket() {
+            let bed = bed(TestbedOptions {
+                deny_get: vec![BUCKET.into()],
+                requester_pays: true,
+                ..Default::default()
+            })
+            .await;
+            let c = client(
+                &bed,
+                Opts {
+                    billing: Some("proj"),
+                    ..Default::default()
+                },
+            );
+            let asked = ["storage.objects.list", "storage.objects.get"];
+            assert_eq!(
+                c.test_permissions(&asked).await.unwrap(),
+                ["storage.objects.list"]
+            );
+            assert_eq!(n(&c.stats.permission_requests), 1);
+            // The grant is enforced, not only reported.
+            let e = c.stat(SMALL_NAME).await.unwrap_err();
+            assert!(matches!(e, ClientError::Denied { status: 403, .. }), "{e}");
+            // Without userProject the requester-pays bucket refuses, as GCS does.
+            let e = client(&bed, Opts::default())
+                .test_permissions(&asked)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, ClientError::Denied { status: 400, .. }), "{e}");
+            assert!(matches!(
+                parse_permissions(br#"{"kind":"storage#bucket","name":"b"}"#, "p"),
+                Err(ClientError::Malformed(_))
+            ));
+            assert_eq!(
+                parse_permissions(br#"{"kind":"storage#testIamPermissionsResponse"}"#, "p")
+                    .unwrap(),
+                Vec::<String>::new()
+            );
         }
 
         /// An unavailable server resets every connection: retried up to max_attempts, then

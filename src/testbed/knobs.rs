@@ -31,6 +31,10 @@ pub struct Knobs {
     pub latency_jitter: Duration,
     /// Every answer of the kind this names is malformed this way (see [`Malformed`]).
     pub malformed: Option<Malformed>,
+    /// Buckets whose caller lacks `storage.objects.list` (listings 403, and testPermissions
+    /// leaves it out), or `storage.objects.get` (object reads 403): a grant of one, not both.
+    pub deny_list: Vec<String>,
+    pub deny_get: Vec<String>,
 }
 
 /// Ways to break a server answer, for testing clients against malformed responses.

@@ -3,6 +3,12 @@
 //! Serves objects from any [`ObjectSource`] (the MIMIC-CXR dataset model, a local folder via
 //! [`DirSource`], or the in-memory [`MemSource`]). See `start` (in-process) and `run` (CLI).
 //!
+//! It also plays the Google services around storage that clients meet at start-up: the
+//! OAuth token endpoint (`POST /token`), token info (`/tokeninfo`, whose account is
+//! [`TESTBED_USER_EMAIL`]), a GCE metadata server (`/computeMetadata/v1/...`, for
+//! GCE_METADATA_HOST: the VM's token, [`TESTBED_VM_EMAIL`], [`TESTBED_VM_PROJECT`]), and
+//! `GET /storage/v1/b/B/iam/testPermissions` (what `--deny-list`/`--deny-get` leave).
+//!
 //! Control endpoints (never subject to faults):
 //! - `GET /_testbed/stats`, `POST /_testbed/stats/reset`
 //! - `GET /_testbed/faults`, `POST /_testbed/faults` with a JSON [`KnobsUpdate`], e.g.
@@ -41,6 +47,13 @@ pub use stats::StatsSnapshot;
 
 use server::Shared;
 
+/// The account the testbed's token-info endpoint says every token belongs to.
+pub const TESTBED_USER_EMAIL: &str = "physionet-user@example.org";
+/// The service account of the VM the testbed's metadata server plays.
+pub const TESTBED_VM_EMAIL: &str = "vm-sa@testbed-vm-project.iam.gserviceaccount.com";
+/// The project of that VM.
+pub const TESTBED_VM_PROJECT: &str = "testbed-vm-project";
+
 /// In-process server options (all knobs; `Default` = no faults, port 0 on 127.0.0.1).
 #[derive(Clone, Debug)]
 pub struct TestbedOptions {
@@ -61,6 +74,9 @@ pub struct TestbedOptions {
     pub corrupt_rate: f64,
     pub latency_jitter: Duration,
     pub malformed: Option<knobs::Malformed>,
+    /// Buckets that grant get but not list, and list but not get.
+    pub deny_list: Vec<String>,
+    pub deny_get: Vec<String>,
     /// Serve HTTPS with a certificate made at start ([`TestbedHandle::ca_pem`]).
     pub tls: bool,
     /// With `tls`: offer h2 by ALPN (else only http/1.1).
@@ -85,6 +101,8 @@ impl Default for TestbedOptions {
             corrupt_rate: 0.0,
             latency_jitter: Duration::ZERO,
             malformed: None,
+            deny_list: Vec::new(),
+            deny_get: Vec::new(),
             tls: false,
             http2: true,
         }
@@ -108,6 +126,8 @@ impl TestbedOptions {
             corrupt_rate: self.corrupt_rate,
             latency_jitter: self.latency_jitter,
             malformed: self.malformed,
+            deny_list: self.deny_list.clone(),
+            deny_get: self.deny_get.clone(),
         }
     }
 }
@@ -130,6 +150,8 @@ impl From<&TestbedArgs> for TestbedOptions {
             corrupt_rate: a.corrupt_rate,
             latency_jitter: a.latency_jitter,
             malformed: a.malformed,
+            deny_list: a.deny_list.clone(),
+            deny_get: a.deny_get.clone(),
             tls: a.tls,
             http2: a.http2 == crate::cli::OnOff::On,
         }

@@ -512,6 +512,7 @@ enum Route {
         name: String,
         download: bool,
     },
+    TestPermissions(String),
     Unknown,
 }
 
@@ -543,6 +544,7 @@ fn route(path: &str) -> Route {
     match tail {
         None | Some("") if !download => Route::Bucket(bucket),
         Some("o") | Some("o/") if !download => Route::List(bucket),
+        Some("iam/testPermissions") if !download => Route::TestPermissions(bucket),
         Some(t) => match t.strip_prefix("o/") {
             Some(obj) if !obj.is_empty() => match pct_decode(obj) {
                 Some(name) => Route::Object {
@@ -645,6 +647,144 @@ async fn oauth_token(ctx: &ConnCtx, req: Request<Incoming>) -> Resp {
         );
     }
     json_resp(200, fresh_token(ctx))
+}
+
+/// Google's token-info endpoint: the account of an access token (form body or query
+/// `access_token`), always [`super::TESTBED_USER_EMAIL`]; 400 without a token.
+async fn token_info(req: Request<Incoming>) -> Resp {
+    let mut form = parse_query(req.uri().query());
+    if req.method() == Method::POST {
+        let body = read_body(req.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        form.extend(parse_query(std::str::from_utf8(&body).ok()));
+    }
+    if form.get("access_token").is_none_or(|t| t.is_empty()) {
+        return json_resp(
+            400,
+            r#"{"error":"invalid_request","error_description":"access_token is required"}"#.into(),
+        );
+    }
+    json_resp(
+        200,
+        serde_json::json!({
+            "email": super::TESTBED_USER_EMAIL,
+            "email_verified": "true",
+            "scope": crate::client::auth::SCOPE_READ_ONLY,
+            "expires_in": "3599",
+        })
+        .to_string(),
+    )
+}
+
+/// A GCE metadata server (what GCE_METADATA_HOST points Google's libraries at): the VM's
+/// service-account token, its email and the project; only with `Metadata-Flavor: Google`,
+/// as the real one.
+fn metadata(ctx: &ConnCtx, req: &Request<Incoming>, path: &str) -> Resp {
+    let text = |body: &str| {
+        let mut r = Response::new(TBody::full(body.to_string()));
+        let h = r.headers_mut();
+        h.insert("content-type", HeaderValue::from_static("application/text"));
+        h.insert("metadata-flavor", HeaderValue::from_static("Google"));
+        r
+    };
+    let flavor = req
+        .headers()
+        .get("metadata-flavor")
+        .and_then(|v| v.to_str().ok());
+    if flavor != Some("Google") {
+        return err_resp(403, "Missing Metadata-Flavor:Google header.", "forbidden");
+    }
+    match path {
+        "instance/service-accounts/default/email" => text(super::TESTBED_VM_EMAIL),
+        "project/project-id" => text(super::TESTBED_VM_PROJECT),
+        "instance/service-accounts/default/token" => json_resp(200, fresh_token(ctx)),
+        _ => err_resp(404, "Not Found", "notFound"),
+    }
+}
+
+/// `storage.objects.list` and `storage.objects.get`, as named by the knobs' grants: a 403 for
+/// a listing of a `deny_list` bucket, or a read of a `deny_get` bucket's object.
+fn denied_by_grant(r: &Route, kind: RequestKind, knobs: &Knobs) -> Option<Resp> {
+    let (bucket, perm, what) = match (r, kind) {
+        (Route::List(b), RequestKind::List) if knobs.deny_list.contains(b) => {
+            (b, "storage.objects.list", "bucket")
+        }
+        (Route::Object { bucket, .. }, RequestKind::GetMeta | RequestKind::GetMedia)
+            if knobs.deny_get.contains(bucket) =>
+        {
+            (bucket, "storage.objects.get", "object")
+        }
+        _ => return None,
+    };
+    Some(err_resp(
+        403,
+        &format!(
+            "testbed-caller@physiofs-testbed.iam.gserviceaccount.com does not have {perm} access to the Google Cloud Storage {what} of {bucket}. Permission '{perm}' denied on resource (or it may not exist)."
+        ),
+        "forbidden",
+    ))
+}
+
+/// `GET /storage/v1/b/B/iam/testPermissions?permissions=P...`: the asked permissions the
+/// caller holds. Like GCS: no token (when tokens are required) is 401, a token the bucket
+/// does not know holds none, a requester-pays bucket wants userProject, a missing bucket 404.
+fn test_permissions(
+    shared: &Shared,
+    knobs: &Knobs,
+    req: &Request<Incoming>,
+    bucket: &str,
+    _query: &HashMap<String, String>,
+) -> Resp {
+    if req.method() != Method::GET {
+        return err_resp(405, "GET only", "methodNotAllowed");
+    }
+    let asked: Vec<String> = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "permissions")
+        .filter_map(|(_, v)| pct_decode(v))
+        .collect();
+    let query = parse_query(req.uri().query());
+    let mut holds = true;
+    if !knobs.require_tokens.is_empty()
+        && let Err(resp) = check_auth(
+            shared,
+            knobs,
+            req,
+            &Route::Bucket(bucket.into()),
+            RequestKind::Bucket,
+        )
+    {
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return resp;
+        }
+        holds = false;
+    }
+    if knobs.requester_pays && query.get("userProject").is_none_or(|p| p.is_empty()) {
+        return err_resp(
+            400,
+            "Bucket is requester pays bucket but no user project provided.",
+            "required",
+        );
+    }
+    if !shared.source.buckets().iter().any(|b| b == bucket) {
+        return err_resp(404, "The specified bucket does not exist.", "notFound");
+    }
+    let granted = |p: &str| match p {
+        "storage.objects.list" => !knobs.deny_list.iter().any(|b| b == bucket),
+        "storage.objects.get" => !knobs.deny_get.iter().any(|b| b == bucket),
+        _ => false,
+    };
+    let permissions: Vec<&String> = asked.iter().filter(|p| holds && granted(p)).collect();
+    let mut v = serde_json::json!({"kind": "storage#testIamPermissionsResponse"});
+    if !permissions.is_empty() {
+        v["permissions"] = serde_json::json!(permissions);
+    }
+    json_resp(200, v.to_string())
 }
 
 /// A new random `tbtok-…` bearer token, as a token endpoint's JSON answer.
@@ -755,6 +895,12 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Resp, Abort
     if path == "/token" {
         return Ok(oauth_token(&ctx, req).await);
     }
+    if path == "/tokeninfo" {
+        return Ok(token_info(req).await);
+    }
+    if let Some(rest) = path.strip_prefix("/computeMetadata/v1/") {
+        return Ok(metadata(&ctx, &req, rest));
+    }
     let shared = &ctx.shared;
     let query = parse_query(req.uri().query());
     let r = route(&path);
@@ -767,6 +913,7 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Resp, Abort
             RequestKind::GetMedia
         }
         (Route::Object { .. }, true) => RequestKind::GetMeta,
+        (Route::TestPermissions(_), true) => RequestKind::Permissions,
         _ => RequestKind::Other,
     };
     shared.stats.request(kind);
@@ -829,9 +976,15 @@ async fn respond(
         return resp;
     }
 
+    if let Route::TestPermissions(bucket) = &r {
+        return test_permissions(shared, knobs, &req, bucket, query);
+    }
     if !knobs.require_tokens.is_empty()
         && let Err(resp) = check_auth(shared, knobs, &req, &r, kind)
     {
+        return resp;
+    }
+    if let Some(resp) = denied_by_grant(&r, kind, knobs) {
         return resp;
     }
     if knobs.requester_pays && query.get("userProject").is_none_or(|p| p.is_empty()) {

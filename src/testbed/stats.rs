@@ -12,6 +12,8 @@ pub enum RequestKind {
     GetMedia,
     Bucket,
     Other,
+    /// `iam/testPermissions`.
+    Permissions,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,7 +28,7 @@ pub enum FaultKind {
 }
 
 pub(crate) struct Stats {
-    req: [AtomicU64; 5],
+    req: [AtomicU64; 6],
     faults: [AtomicU64; 7],
     bytes_sent: AtomicU64,
     delayed_requests: AtomicU64,
@@ -120,6 +122,7 @@ impl Stats {
                 get_media: r(RequestKind::GetMedia),
                 bucket: r(RequestKind::Bucket),
                 other: r(RequestKind::Other),
+                permissions: r(RequestKind::Permissions),
             },
             bytes_sent: self.bytes_sent.load(Relaxed),
             delayed_requests: self.delayed_requests.load(Relaxed),
@@ -160,6 +163,8 @@ pub struct RequestCounts {
     pub get_media: u64,
     pub bucket: u64,
     pub other: u64,
+    #[serde(default)]
+    pub permissions: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
