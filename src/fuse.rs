@@ -239,7 +239,9 @@ impl FuseAdapter {
         self.rt.spawn(async move {
             match fs.entries(ino.0).await {
                 Ok(entries) => {
-                    fill_from(&entries, offset, &ttl, &mut reply);
+                    fs.entries_from_copy(ino.0, &entries, offset, |next, e| {
+                        reply.add(next, e, &ttl)
+                    });
                     reply.ok()
                 }
                 Err(e) => reply.error(errno(&e)),

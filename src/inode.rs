@@ -15,6 +15,7 @@
 //! - an object named `d/` (a folder placeholder) is shown as the directory `d`, not as a file.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -77,6 +78,8 @@ enum NodeData {
 
 pub struct InodeTable {
     inner: RwLock<Vec<Node>>,
+    /// See [`InodeTable::visited`].
+    visited: AtomicU64,
     /// How long a complete listing stays trusted; None = for the life of the mount.
     ttl: Option<Duration>,
 }
@@ -129,6 +132,7 @@ impl InodeTable {
         };
         InodeTable {
             inner: RwLock::new(vec![dummy, root]),
+            visited: AtomicU64::new(0),
             ttl,
         }
     }
@@ -298,25 +302,54 @@ impl InodeTable {
         }
     }
 
-    /// Calls `f(name, child)` for the children of `dir` in name order, skipping the first
-    /// `skip`, until it returns true. Holds the read lock throughout, so `f` must be quick.
-    /// None when `dir` is not a directory.
+    /// Calls `f(name, child)` for the children of `dir` in name order, starting after the
+    /// child `after` (None: from the first), until it returns true. Resuming costs one tree
+    /// descent, not a step per earlier child, so listing a directory of n entries in pages
+    /// costs O(n log n), not O(n²). The child is found by its name, which its node keeps even
+    /// after a fresh listing dropped it, so names added or removed meanwhile neither repeat nor
+    /// hide others. A child of another directory resumes nowhere (nothing is visited). Holds
+    /// the read lock throughout, so `f` must be quick. None when `dir` is not a directory.
     pub fn visit_children(
         &self,
         dir: Ino,
-        skip: usize,
+        after: Option<Ino>,
         f: &mut dyn FnMut(&str, NodeView) -> bool,
     ) -> Option<()> {
+        use std::ops::Bound::{Excluded, Unbounded};
         let nodes = self.inner.read().unwrap();
         let NodeData::Dir { children, .. } = &nodes.get(dir as usize)?.data else {
             return None;
         };
-        for (name, &ino) in children.iter().skip(skip) {
+        let from = match after {
+            None => children.range::<str, _>((Unbounded, Unbounded)),
+            Some(a) => match nodes.get(a as usize) {
+                Some(n) if n.parent == dir && a != ROOT => {
+                    children.range::<str, _>((Excluded(&*n.name), Unbounded))
+                }
+                _ => return Some(()),
+            },
+        };
+        for (name, &ino) in from {
+            self.visited.fetch_add(1, Ordering::Relaxed);
             if f(name, view(ino, &nodes[ino as usize])) {
                 break;
             }
         }
         Some(())
+    }
+
+    /// Children handed to [`InodeTable::visit_children`] callers so far (each entry a readdir
+    /// offered, including the one that did not fit a full reply).
+    pub fn visited(&self) -> u64 {
+        self.visited.load(Ordering::Relaxed)
+    }
+
+    /// The name of `child` if it is (or was, before a fresh listing dropped it) a child of
+    /// `dir`: where a readdir resuming after it picks up.
+    pub fn child_name(&self, dir: Ino, child: Ino) -> Option<Arc<str>> {
+        let nodes = self.inner.read().unwrap();
+        let n = nodes.get(child as usize)?;
+        (n.parent == dir && child != ROOT).then(|| n.name.clone())
     }
 
     /// Up to `n` files that follow file `ino` in key order (a depth-first walk in name order,

@@ -157,6 +157,12 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         "Entries in the inode table.",
         fs.inodes().len() as u64,
     );
+    metric(
+        "readdir_entries_visited_total",
+        "counter",
+        "Directory children stepped over to answer readdir (each offered to a reply once; a resumed readdir steps over none it already gave).",
+        fs.inodes().visited(),
+    );
     out
 }
 
