@@ -282,7 +282,7 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 20, value_name = "N", help_heading = "Network")]
     pub retries: u32,
 
-    /// Give up retrying a request after this long without progress (e.g. 60s, 5m).
+    /// A request, all its attempts and all its bytes, ends this long after it began (e.g. 60s, 5m).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION", help_heading = "Network")]
     pub retry_deadline: std::time::Duration,
 

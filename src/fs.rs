@@ -120,6 +120,17 @@ pub struct DirEntry {
     pub attr: Attr,
 }
 
+/// Offsets 1 and 2 resume after `.` and `..`; a child's offset is its inode plus this.
+const DOTS: u64 = 2;
+
+/// The readdir offset that resumes after child `ino` of a listed directory: a cookie naming
+/// the child (its inode), not its index, so a reader deep in a directory of a million names
+/// resumes without stepping over the ones before it. Child inodes are at least 2, so cookies
+/// never collide with 1 and 2.
+pub fn dir_offset(ino: Ino) -> u64 {
+    ino + DOTS
+}
+
 /// A directory entry borrowed from the inode table while a reply is filled.
 #[derive(Debug)]
 pub struct EntryRef<'a> {
@@ -372,11 +383,12 @@ impl Fs {
         Some(entries)
     }
 
-    /// Calls `add(next_offset, entry)` for the entries of a listed directory from index
-    /// `offset` on (`.`, `..`, then children in name order) until it returns true (the reply
-    /// is full). Answers from the inode table without copying the directory, which matters
-    /// when a tree walk reads ~300,000 directories. None when the directory needs a listing
-    /// first (or is not a directory).
+    /// Calls `add(next_offset, entry)` for the entries of a listed directory from `offset` on
+    /// (`.`, `..`, then children in name order) until it returns true (the reply is full).
+    /// Answers from the inode table without copying the directory, which matters when a tree
+    /// walk reads ~300,000 directories. Offsets are [`dir_offset`] cookies, so each call resumes
+    /// with one tree descent however far into a huge directory it is. None when the directory
+    /// needs a listing first (or is not a directory).
     pub fn entries_from(
         &self,
         ino: Ino,
@@ -399,7 +411,7 @@ impl Fs {
             ),
         ];
         let mut next = offset;
-        for (name, attr) in dots.into_iter().skip(offset as usize) {
+        for (name, attr) in dots.into_iter().skip(offset.min(2) as usize) {
             next += 1;
             let e = EntryRef {
                 ino: attr.ino,
@@ -411,17 +423,54 @@ impl Fs {
                 return Some(());
             }
         }
-        let skip = offset.saturating_sub(2) as usize;
-        self.inodes.visit_children(ino, skip, &mut |name, child| {
-            next += 1;
+        let after = (offset > 2).then(|| offset - DOTS);
+        self.inodes.visit_children(ino, after, &mut |name, child| {
             let e = EntryRef {
                 ino: child.ino,
                 kind: child.kind,
                 name,
                 attr: self.attr_of(&child),
             };
-            add(next, e)
+            add(dir_offset(child.ino), e)
         })
+    }
+
+    /// [`Fs::entries_from`] over entries already copied out of directory `dir` (by
+    /// [`Fs::entries`]), with the same offsets: where to resume is found by a binary search
+    /// on the name.
+    pub fn entries_from_copy(
+        &self,
+        dir: Ino,
+        entries: &[DirEntry],
+        offset: u64,
+        mut add: impl FnMut(u64, EntryRef<'_>) -> bool,
+    ) {
+        let start = match offset {
+            0..=2 => offset as usize,
+            c => match self.inodes.child_name(dir, c - DOTS) {
+                Some(name) => {
+                    let kids = entries.get(2..).unwrap_or_default();
+                    2 + kids.partition_point(|e| *e.name <= *name)
+                }
+                None => entries.len(),
+            },
+        };
+        for (i, e) in entries.iter().enumerate().skip(start) {
+            let next = if i < 2 {
+                i as u64 + 1
+            } else {
+                dir_offset(e.ino)
+            };
+            let r = EntryRef {
+                ino: e.ino,
+                kind: e.kind,
+                name: &e.name,
+                attr: e.attr.clone(),
+            };
+            if add(next, r) {
+                break;
+            }
+        }
     }
 
     /// Opens a directory: lists it if needed and snapshots its entries, so readdir offsets

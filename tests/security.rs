@@ -11,9 +11,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use physiofs::client::ObjectClient;
 use physiofs::client::auth::TokenSource;
 use physiofs::client::gcs::{GcsClient, GcsConfig, HttpProtocol, RetryConfig};
+use physiofs::client::{ObjectClient, ObjectVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -24,6 +24,10 @@ enum Answer {
     EndlessError,
     /// 503 with a chunked body of one byte every 50 ms, forever.
     DrippingError,
+    /// A media answer (206 for the asked range, or 200 for all of `DRIP_SIZE`) whose body
+    /// comes a byte every 20 ms: it never stalls, and `hang_up` bytes in the server closes
+    /// the connection (so every attempt makes progress), if set.
+    DrippingMedia { hang_up: Option<u64> },
     /// 302 to the same path on another port.
     Redirect(u16),
     /// 200 with an empty body (a server that only counts what it is asked).
@@ -103,6 +107,9 @@ async fn serve(mut conn: TcpStream, answer: Answer, heads: &Mutex<Vec<String>>) 
         let _ = conn.write_all(a.as_bytes()).await;
         return 0;
     }
+    if let Answer::DrippingMedia { hang_up } = answer {
+        return drip_media(conn, &String::from_utf8_lossy(&head), hang_up).await;
+    }
     let start = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
                   transfer-encoding: chunked\r\n\r\n";
     if conn.write_all(start).await.is_err() {
@@ -122,7 +129,7 @@ async fn serve(mut conn: TcpStream, answer: Answer, heads: &Mutex<Vec<String>>) 
                 sent += data.len() as u64;
             }
         }
-        Answer::Redirect(_) | Answer::Empty => unreachable!(),
+        Answer::Redirect(_) | Answer::Empty | Answer::DrippingMedia { .. } => unreachable!(),
         Answer::DrippingError => loop {
             if conn.write_all(b"1\r\nx\r\n").await.is_err() {
                 break;
@@ -130,6 +137,40 @@ async fn serve(mut conn: TcpStream, answer: Answer, heads: &Mutex<Vec<String>>) 
             sent += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
         },
+    }
+    sent
+}
+
+/// Size of the object `DrippingMedia` serves.
+const DRIP_SIZE: u64 = 1 << 20;
+
+/// Answers a media request a byte at a time (see `Answer::DrippingMedia`).
+async fn drip_media(mut conn: TcpStream, head: &str, hang_up: Option<u64>) -> u64 {
+    let range = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        let v = v.trim().strip_prefix("bytes=")?;
+        let (a, b) = v.split_once('-')?;
+        k.eq_ignore_ascii_case("range")
+            .then(|| (a.parse::<u64>().ok(), b.parse::<u64>().ok()))
+    });
+    let start_line = match range {
+        Some((Some(a), Some(b))) => format!(
+            "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {a}-{b}/{DRIP_SIZE}\r\n\
+             content-length: {}\r\n\r\n",
+            b + 1 - a
+        ),
+        _ => format!("HTTP/1.1 200 OK\r\ncontent-length: {DRIP_SIZE}\r\n\r\n"),
+    };
+    if conn.write_all(start_line.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut sent = 0u64;
+    while hang_up.is_none_or(|h| sent < h) {
+        if conn.write_all(b"x").await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     sent
 }
@@ -190,6 +231,48 @@ async fn a_dripping_error_body_ends_at_the_retry_deadline() {
         .expect("the request must give up at its retry deadline")
         .unwrap_err();
     assert!(err.to_string().contains("--retry-deadline"), "{err}");
+}
+
+/// A media body that keeps arriving, a byte at a time, never trips the stall timeout; the
+/// read still ends at its retry deadline, whether the body drips on one connection or the
+/// server hangs up after a few bytes each time so that every attempt makes progress.
+#[tokio::test]
+async fn a_dripping_media_body_ends_at_the_retry_deadline() {
+    let obj = ObjectVersion {
+        name: "x",
+        generation: 1,
+        size: DRIP_SIZE,
+        crc32c: None,
+    };
+    for hang_up in [None, Some(5)] {
+        let server = Hostile::start(Answer::DrippingMedia { hang_up }).await;
+        let retry = RetryConfig {
+            max_attempts: 1000,
+            ..quick_retry(Duration::from_secs(2))
+        };
+        let c = client(server.endpoint(), retry);
+        // The outer bound only keeps a client without the deadline from hanging the test.
+        let got = tokio::time::timeout(Duration::from_secs(60), c.get_range(obj, 0, DRIP_SIZE))
+            .await
+            .unwrap_or_else(|_| panic!("hang_up {hang_up:?}: the read outlived its deadline"));
+        let err = got.unwrap_err();
+        assert!(
+            err.to_string().contains("--retry-deadline") || hang_up.is_some(),
+            "hang_up {hang_up:?}: {err}"
+        );
+        let attempts = server.heads.lock().unwrap().len();
+        let received: u64 = server.connections(attempts).await.iter().sum();
+        assert!(
+            received < DRIP_SIZE / 100,
+            "hang_up {hang_up:?}: {received} bytes arrived over {attempts} attempts"
+        );
+        if hang_up.is_none() {
+            assert_eq!(
+                attempts, 1,
+                "an attempt ended by the deadline is not retried"
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -79,9 +79,15 @@ impl Default for RetryConfig {
 }
 
 /// Retry bookkeeping for one logical request.
+///
+/// The clock starts at the first attempt and never starts over: a request, however many
+/// attempts it takes and however its bytes arrive, ends within the deadline. Progress only
+/// resets the attempt count, so a body broken now and then on a flaky network gets its full
+/// retries, but a server dripping bytes (or dripping and hanging up, again and again) cannot
+/// hold a reader past `--retry-deadline`.
 struct Backoff<'a> {
     cfg: &'a RetryConfig,
-    /// When the current streak of failures began (the first attempt, or the last progress).
+    /// When the first attempt began.
     since: Instant,
     attempt: u32,
 }
@@ -95,11 +101,10 @@ impl<'a> Backoff<'a> {
         }
     }
 
-    /// A broken transfer delivered bytes before it failed: the attempt count and the deadline
-    /// start over, so a long body on a flaky network keeps going as long as it moves.
+    /// A broken transfer delivered bytes before it failed: the attempt count starts over (the
+    /// deadline does not).
     fn progress(&mut self) {
         self.attempt = 0;
-        self.since = Instant::now();
     }
 
     /// After attempt `self.attempt` failed with `e`: the sleep before the next, or None to give up.

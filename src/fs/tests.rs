@@ -83,9 +83,13 @@ async fn entries_from_pages_by_offset_without_io() {
         .map(|e| e.name.to_string())
         .collect();
     let before = c.requests();
+    let visited = fs.inodes().visited();
     // Pages of 5, each resumed at the offset the previous page handed out.
-    let (mut got, mut offset) = (Vec::new(), 0);
+    let (mut got, mut offset, mut pages) = (Vec::new(), 0, 0u64);
+    let mut offsets = Vec::new();
     loop {
+        pages += 1;
+        offsets.push(offset);
         let mut page = Vec::new();
         fs.entries_from(many.ino, offset, |next, e| {
             if page.len() == 5 {
@@ -104,6 +108,25 @@ async fn entries_from_pages_by_offset_without_io() {
     assert_eq!(got, all);
     assert_eq!(&got[..3], [".", "..", "f000"]);
     assert_eq!(c.requests(), before);
+    // Each page resumes where the last ended: it offers the children it returns and the one
+    // that did not fit, never stepping over earlier ones (which made paging quadratic).
+    let children = all.len() as u64 - 2;
+    assert!(
+        fs.inodes().visited() - visited <= children + pages,
+        "{} children visited for {children} in {pages} pages",
+        fs.inodes().visited() - visited
+    );
+    // A copy of the entries (a directory answered after a listing) pages with the same offsets.
+    let copy = fs.entries(many.ino).await.unwrap();
+    for (i, &offset) in offsets.iter().enumerate() {
+        let mut page = Vec::new();
+        fs.entries_from_copy(many.ino, &copy, offset, |_, e| {
+            page.push(e.name.to_string());
+            page.len() == 5
+        });
+        let want: Vec<String> = got.iter().skip(i * 5).take(5).cloned().collect();
+        assert_eq!(page, want, "page from offset {offset}");
+    }
     // A directory not listed yet needs a listing: None.
     let sub = path(&fs, "dir").await.unwrap();
     let d = fs.lookup(sub.ino, "sub").await.unwrap();
