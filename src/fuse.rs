@@ -173,11 +173,7 @@ fn reply_lookup(
     reply: ReplyEntry,
 ) {
     match r {
-        Ok(a) => {
-            // The kernel holds a reference per entry until it forgets it.
-            fs.inodes().remember(a.ino);
-            reply.entry(ttl, &to_fuse(&a), Generation(0))
-        }
+        Ok(a) => reply.entry(ttl, &to_fuse(&a), Generation(0)),
         Err(FsError::NotFound) if fs.inodes().is_listed(parent.0) => {
             let mut attr = to_fuse(&fs.getattr(parent.0).unwrap_or_else(|_| unreachable_attr()));
             attr.ino = INodeNo(0);
@@ -190,17 +186,14 @@ fn reply_lookup(
 /// What `readdir` and `readdirplus` have in common: entries come from the inode table by
 /// offset (no-opendir mode, answered on the FUSE thread when the directory is listed), or from
 /// an open handle's snapshot; `add(next_offset, entry)` returns true when the reply is full.
-/// An entry readdirplus hands over counts as a lookup (the kernel forgets it later): its inode
-/// goes on `given`, remembered in the inode table once the entries are filled (not while the
-/// table is being visited: that holds its lock).
 trait DirReply: Send + 'static {
-    fn add(&mut self, next: u64, e: EntryRef<'_>, ttl: &Duration, given: &mut Vec<u64>) -> bool;
+    fn add(&mut self, next: u64, e: EntryRef<'_>, ttl: &Duration) -> bool;
     fn ok(self);
     fn error(self, e: Errno);
 }
 
 impl DirReply for ReplyDirectory {
-    fn add(&mut self, next: u64, e: EntryRef<'_>, _ttl: &Duration, _: &mut Vec<u64>) -> bool {
+    fn add(&mut self, next: u64, e: EntryRef<'_>, _ttl: &Duration) -> bool {
         ReplyDirectory::add(self, INodeNo(e.ino), next, file_type(e.kind), e.name)
     }
     fn ok(self) {
@@ -212,8 +205,8 @@ impl DirReply for ReplyDirectory {
 }
 
 impl DirReply for ReplyDirectoryPlus {
-    fn add(&mut self, next: u64, e: EntryRef<'_>, ttl: &Duration, given: &mut Vec<u64>) -> bool {
-        let full = ReplyDirectoryPlus::add(
+    fn add(&mut self, next: u64, e: EntryRef<'_>, ttl: &Duration) -> bool {
+        ReplyDirectoryPlus::add(
             self,
             INodeNo(e.ino),
             next,
@@ -221,12 +214,7 @@ impl DirReply for ReplyDirectoryPlus {
             ttl,
             &to_fuse(&e.attr),
             Generation(0),
-        );
-        // The kernel takes no reference for `.` and `..`.
-        if !full && e.name != "." && e.name != ".." {
-            given.push(e.ino);
-        }
-        full
+        )
     }
     fn ok(self) {
         ReplyDirectoryPlus::ok(self)
@@ -236,13 +224,7 @@ impl DirReply for ReplyDirectoryPlus {
     }
 }
 
-fn fill_from(
-    entries: &[DirEntry],
-    offset: u64,
-    ttl: &Duration,
-    given: &mut Vec<u64>,
-    reply: &mut impl DirReply,
-) {
+fn fill_from(entries: &[DirEntry], offset: u64, ttl: &Duration, reply: &mut impl DirReply) {
     for (i, e) in entries.iter().enumerate().skip(offset as usize) {
         let r = EntryRef {
             ino: e.ino,
@@ -250,7 +232,7 @@ fn fill_from(
             name: &e.name,
             attr: e.attr.clone(),
         };
-        if reply.add((i + 1) as u64, r, ttl, given) {
+        if reply.add((i + 1) as u64, r, ttl) {
             break;
         }
     }
@@ -259,12 +241,10 @@ fn fill_from(
 impl FuseAdapter {
     fn readdir_any(&self, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: impl DirReply) {
         let ttl = self.ttl;
-        let mut given = Vec::new();
         if !self.no_opendir || fh.0 != 0 {
             return match self.fs.readdir(fh.0) {
                 Ok(entries) => {
-                    fill_from(&entries, offset, &ttl, &mut given, &mut reply);
-                    self.fs.inodes().remember_all(&given);
+                    fill_from(&entries, offset, &ttl, &mut reply);
                     reply.ok()
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -272,12 +252,9 @@ impl FuseAdapter {
         }
         if self
             .fs
-            .entries_from(ino.0, offset, |next, e| {
-                reply.add(next, e, &ttl, &mut given)
-            })
+            .entries_from(ino.0, offset, |next, e| reply.add(next, e, &ttl))
             .is_some()
         {
-            self.fs.inodes().remember_all(&given);
             return reply.ok();
         }
         let fs = self.fs.clone();
@@ -285,9 +262,8 @@ impl FuseAdapter {
             match fs.entries(ino.0).await {
                 Ok(entries) => {
                     fs.entries_from_copy(ino.0, &entries, offset, |next, e| {
-                        reply.add(next, e, &ttl, &mut given)
+                        reply.add(next, e, &ttl)
                     });
-                    fs.inodes().remember_all(&given);
                     reply.ok()
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -492,11 +468,6 @@ impl Filesystem for FuseAdapter {
     ) {
         self.touch();
         self.readdir_any(ino, fh, offset, reply);
-    }
-
-    /// fuser 0.18's `batch_forget` (its argument type is private) calls this once per inode.
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.fs.inodes().forget(ino.0, nlookup);
     }
 
     fn readdirplus(

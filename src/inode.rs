@@ -62,31 +62,9 @@ pub enum Lookup {
 }
 
 struct Node {
-    /// 0 for a free slot (and the unused slot 0).
     parent: Ino,
     name: Arc<str>,
     data: NodeData,
-    /// Entries the kernel was given for this node (lookups, readdirplus) minus those it forgot.
-    lookups: AtomicU64,
-}
-
-/// The nodes, indexed by inode number, and the slots freed for reuse.
-struct Nodes {
-    v: Vec<Node>,
-    free: Vec<Ino>,
-}
-
-impl std::ops::Deref for Nodes {
-    type Target = Vec<Node>;
-    fn deref(&self) -> &Vec<Node> {
-        &self.v
-    }
-}
-
-impl std::ops::DerefMut for Nodes {
-    fn deref_mut(&mut self) -> &mut Vec<Node> {
-        &mut self.v
-    }
 }
 
 enum NodeData {
@@ -94,18 +72,12 @@ enum NodeData {
         children: BTreeMap<Arc<str>, Ino>,
         /// When the directory's listing was last complete (None: never).
         listed: Option<Instant>,
-        /// Listed on its own (lazily, when used), not by a bulk load or the snapshot: its
-        /// children may be dropped once the kernel forgets it, and listed again when used.
-        lazy: bool,
-        /// Bumped when its children are dropped, so a listing that began before does not
-        /// mark the directory complete.
-        epoch: u64,
     },
     File(FileInfo),
 }
 
 pub struct InodeTable {
-    inner: RwLock<Nodes>,
+    inner: RwLock<Vec<Node>>,
     /// See [`InodeTable::visited`].
     visited: AtomicU64,
     /// How long a complete listing stays trusted; None = for the life of the mount.
@@ -143,18 +115,23 @@ pub fn invalid_component(c: &str) -> Option<&'static str> {
 
 impl InodeTable {
     pub fn new(ttl: Option<Duration>) -> Self {
-        let dummy = free_node();
+        let dummy = Node {
+            parent: 0,
+            name: Arc::from(""),
+            data: NodeData::File(FileInfo {
+                size: 0,
+                mtime: SystemTime::UNIX_EPOCH,
+                generation: 0,
+                crc32c: None,
+            }),
+        };
         let root = Node {
             parent: ROOT,
             name: Arc::from(""),
             data: new_dir(),
-            lookups: AtomicU64::new(0),
         };
         InodeTable {
-            inner: RwLock::new(Nodes {
-                v: vec![dummy, root],
-                free: Vec::new(),
-            }),
+            inner: RwLock::new(vec![dummy, root]),
             visited: AtomicU64::new(0),
             ttl,
         }
@@ -162,8 +139,7 @@ impl InodeTable {
 
     /// Number of inodes, the root included.
     pub fn len(&self) -> usize {
-        let nodes = self.inner.read().unwrap();
-        nodes.v.len() - 1 - nodes.free.len()
+        self.inner.read().unwrap().len() - 1
     }
 
     pub fn is_empty(&self) -> bool {
@@ -175,18 +151,13 @@ impl InodeTable {
         if ino == 0 {
             return None;
         }
-        nodes
-            .get(ino as usize)
-            .filter(|n| n.parent != 0)
-            .map(|n| view(ino, n))
+        nodes.get(ino as usize).map(|n| view(ino, n))
     }
 
     pub fn lookup(&self, parent: Ino, name: &str) -> Lookup {
         let nodes = self.inner.read().unwrap();
         match nodes.get(parent as usize).map(|n| &n.data) {
-            Some(NodeData::Dir {
-                children, listed, ..
-            }) => match children.get(name) {
+            Some(NodeData::Dir { children, listed }) => match children.get(name) {
                 Some(&ino) => Lookup::Found(view(ino, &nodes[ino as usize])),
                 None if fresh(listed, self.ttl) => Lookup::Absent,
                 None => Lookup::Unknown,
@@ -209,7 +180,7 @@ impl InodeTable {
     }
 
     pub fn mark_listed(&self, dir: Ino) {
-        if let Some(NodeData::Dir { listed, lazy, .. }) = self
+        if let Some(NodeData::Dir { listed, .. }) = self
             .inner
             .write()
             .unwrap()
@@ -217,132 +188,7 @@ impl InodeTable {
             .map(|n| &mut n.data)
         {
             *listed = Some(Instant::now());
-            *lazy = false;
         }
-    }
-
-    /// Where a listing of `dir` on its own begins: pass it to [`InodeTable::mark_listed_lazily`].
-    pub fn listing_epoch(&self, dir: Ino) -> u64 {
-        match self
-            .inner
-            .read()
-            .unwrap()
-            .get(dir as usize)
-            .map(|n| &n.data)
-        {
-            Some(NodeData::Dir { epoch, .. }) => *epoch,
-            _ => 0,
-        }
-    }
-
-    /// Marks `dir` completely listed by a listing of its own that began at `epoch`, unless its
-    /// children were dropped meanwhile (then some may be missing; it stays unlisted). Such a
-    /// directory's children may be dropped when the kernel forgets it.
-    pub fn mark_listed_lazily(&self, dir: Ino, at: u64) {
-        if let Some(NodeData::Dir {
-            listed,
-            lazy,
-            epoch,
-            ..
-        }) = self
-            .inner
-            .write()
-            .unwrap()
-            .get_mut(dir as usize)
-            .map(|n| &mut n.data)
-            && *epoch == at
-        {
-            *listed = Some(Instant::now());
-            *lazy = true;
-        }
-    }
-
-    /// The kernel was given an entry for `ino` (a lookup or readdirplus answer): it holds one
-    /// more reference until it forgets it.
-    pub fn remember(&self, ino: Ino) {
-        if let Some(n) = self.inner.read().unwrap().get(ino as usize) {
-            n.lookups.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// [`InodeTable::remember`] for each of `inos` (the entries of one readdirplus reply).
-    pub fn remember_all(&self, inos: &[Ino]) {
-        if inos.is_empty() {
-            return;
-        }
-        let nodes = self.inner.read().unwrap();
-        for &ino in inos {
-            if let Some(n) = nodes.get(ino as usize) {
-                n.lookups.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// The kernel forgot `n` references to `ino`. When a lazily listed directory is forgotten
-    /// entirely and nothing below it is referenced, its children are dropped (the directory
-    /// itself stays, unlisted, and is listed again when next used), their slots reused: the
-    /// table holds what the kernel references plus the directories listed in bulk. Returns the
-    /// number of nodes dropped.
-    pub fn forget(&self, ino: Ino, n: u64) -> usize {
-        let left = {
-            let nodes = self.inner.read().unwrap();
-            let Some(node) = nodes.get(ino as usize).filter(|x| x.parent != 0) else {
-                return 0;
-            };
-            let prev = node
-                .lookups
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                    Some(c.saturating_sub(n))
-                })
-                .unwrap_or(0);
-            let lazy = matches!(node.data, NodeData::Dir { lazy: true, .. });
-            if !lazy || ino == ROOT {
-                return 0;
-            }
-            prev.saturating_sub(n)
-        };
-        if left > 0 {
-            return 0;
-        }
-        self.drop_children(ino)
-    }
-
-    /// Drops every node below `dir` if none is referenced by the kernel; see [`Self::forget`].
-    fn drop_children(&self, dir: Ino) -> usize {
-        let mut nodes = self.inner.write().unwrap();
-        if nodes[dir as usize].lookups.load(Ordering::Relaxed) > 0 {
-            return 0;
-        }
-        let mut below = Vec::new();
-        let mut stack = vec![dir];
-        while let Some(d) = stack.pop() {
-            if let NodeData::Dir { children, .. } = &nodes[d as usize].data {
-                for &c in children.values() {
-                    if nodes[c as usize].lookups.load(Ordering::Relaxed) > 0 {
-                        return 0;
-                    }
-                    below.push(c);
-                    stack.push(c);
-                }
-            }
-        }
-        if let NodeData::Dir {
-            children,
-            listed,
-            lazy,
-            epoch,
-        } = &mut nodes[dir as usize].data
-        {
-            children.clear();
-            *listed = None;
-            *lazy = false;
-            *epoch += 1;
-        }
-        for &c in &below {
-            nodes[c as usize] = free_node();
-        }
-        nodes.free.extend_from_slice(&below);
-        below.len()
     }
 
     /// Marks `dir` and every directory below it as completely listed (after a flat listing
@@ -352,15 +198,10 @@ impl InodeTable {
         let mut nodes = self.inner.write().unwrap();
         let mut stack = vec![dir];
         while let Some(d) = stack.pop() {
-            if let Some(NodeData::Dir {
-                children,
-                listed,
-                lazy,
-                ..
-            }) = nodes.get_mut(d as usize).map(|n| &mut n.data)
+            if let Some(NodeData::Dir { children, listed }) =
+                nodes.get_mut(d as usize).map(|n| &mut n.data)
             {
                 *listed = Some(now);
-                *lazy = false;
                 stack.extend(children.values().copied());
             }
         }
@@ -384,7 +225,7 @@ impl InodeTable {
     pub fn any_file(&self) -> Option<Ino> {
         let nodes = self.inner.read().unwrap();
         (2..nodes.len())
-            .find(|&i| nodes[i].parent != 0 && matches!(nodes[i].data, NodeData::File(_)))
+            .find(|&i| matches!(nodes[i].data, NodeData::File(_)))
             .map(|i| i as Ino)
     }
 
@@ -655,24 +496,14 @@ fn view(ino: Ino, n: &Node) -> NodeView {
     }
 }
 
-fn add_child(nodes: &mut Nodes, parent: Ino, name: &str, data: NodeData) -> Ino {
+fn add_child(nodes: &mut Vec<Node>, parent: Ino, name: &str, data: NodeData) -> Ino {
+    let ino = nodes.len() as Ino;
     let name: Arc<str> = Arc::from(name);
-    let node = Node {
+    nodes.push(Node {
         parent,
         name: name.clone(),
         data,
-        lookups: AtomicU64::new(0),
-    };
-    let ino = match nodes.free.pop() {
-        Some(ino) => {
-            nodes.v[ino as usize] = node;
-            ino
-        }
-        None => {
-            nodes.v.push(node);
-            (nodes.v.len() - 1) as Ino
-        }
-    };
+    });
     if let NodeData::Dir { children, .. } = &mut nodes[parent as usize].data {
         children.insert(name, ino);
     }
@@ -680,7 +511,7 @@ fn add_child(nodes: &mut Nodes, parent: Ino, name: &str, data: NodeData) -> Ino 
 }
 
 /// Walks/creates the directories of `rel` (no trailing slash; empty = root).
-fn ensure_dirs(nodes: &mut Nodes, rel: &str) -> Result<Ino, String> {
+fn ensure_dirs(nodes: &mut Vec<Node>, rel: &str) -> Result<Ino, String> {
     let mut cur = ROOT;
     if rel.is_empty() {
         return Ok(cur);
@@ -717,23 +548,6 @@ fn new_dir() -> NodeData {
     NodeData::Dir {
         children: BTreeMap::new(),
         listed: None,
-        lazy: false,
-        epoch: 0,
-    }
-}
-
-/// An unused slot: parent 0, which no live node has.
-fn free_node() -> Node {
-    Node {
-        parent: 0,
-        name: Arc::from(""),
-        data: NodeData::File(FileInfo {
-            size: 0,
-            mtime: SystemTime::UNIX_EPOCH,
-            generation: 0,
-            crc32c: None,
-        }),
-        lookups: AtomicU64::new(0),
     }
 }
 
@@ -892,58 +706,5 @@ mod tests {
         let b = t.insert_object("a", info(5)).unwrap();
         assert_eq!(a, b);
         assert_eq!(t.get(a).unwrap().file.unwrap().size, 5);
-    }
-
-    /// A lazily listed directory the kernel forgot, with nothing below it referenced, drops
-    /// its children and is listed again when used; the slots are reused. A referenced child, a
-    /// directory listed in bulk, or a listing that began before the drop keep what they hold.
-    #[test]
-    fn forgotten_lazy_directories_drop_their_children() {
-        let t = InodeTable::new(None);
-        let d = t.insert_dir("d").unwrap();
-        let e = t.epoch_listed(d, &["d/x", "d/y", "d/sub/z"]);
-        let bulk = t.insert_dir("bulk").unwrap();
-        t.insert_object("bulk/b", info(1)).unwrap();
-        t.mark_subtree_listed(bulk);
-        let before = t.len();
-        let Lookup::Found(x) = t.lookup(d, "x") else {
-            panic!("x")
-        };
-        t.remember(d);
-        t.remember(x.ino);
-        // d forgotten while x is still referenced: nothing dropped.
-        assert_eq!(t.forget(d, 1), 0);
-        assert!(t.is_listed(d));
-        t.remember(d);
-        assert_eq!(t.forget(x.ino, 1), 0, "x is a file");
-        assert_eq!(t.forget(d, 1), 4, "x, y, sub, sub/z");
-        assert_eq!(t.len(), before - 4);
-        assert!(!t.is_listed(d));
-        assert!(matches!(t.lookup(d, "x"), Lookup::Unknown));
-        assert!(t.get(x.ino).is_none());
-        // A listing that began before the drop does not mark d complete.
-        t.insert_object("d/x", info(1)).unwrap();
-        t.mark_listed_lazily(d, e);
-        assert!(!t.is_listed(d));
-        // Listed again: the freed slots are reused, the table grows back to what it held.
-        t.epoch_listed(d, &["d/x", "d/y", "d/sub/z"]);
-        assert_eq!(t.len(), before);
-        assert!(t.rel_path(x.ino).starts_with("d/"), "a slot was reused");
-        // A directory loaded in bulk keeps its children.
-        t.remember(bulk);
-        assert_eq!(t.forget(bulk, 1), 0);
-        assert_eq!(t.len(), before);
-    }
-
-    impl InodeTable {
-        /// Inserts `names` under `dir` as a listing of its own would; returns its epoch then.
-        fn epoch_listed(&self, dir: Ino, names: &[&str]) -> u64 {
-            let e = self.listing_epoch(dir);
-            for n in names {
-                self.insert_object(n, info(1)).unwrap();
-            }
-            self.mark_listed_lazily(dir, e);
-            e
-        }
     }
 }

@@ -405,3 +405,31 @@ fn spin_us_spins_while_requests_come_and_parks_when_idle() {
     assert!(idle <= 1, "{idle} ticks of CPU while no request came");
     m.unmount();
 }
+
+/// The kernel forgetting what it looked up while the bulk load is still filling the tree
+/// (`drop_caches` right after the first `ls`, a 30 ms testbed so the load takes a while)
+/// loses nothing: the walk afterwards finds every object. A table that dropped the children
+/// of directories the kernel forgot, while the load was adding them, lost thousands here.
+#[test]
+fn forgets_during_the_bulk_load_lose_no_entry() {
+    const N: u32 = 6538;
+    let tb = TestbedProc::start(&[
+        "--model",
+        "dicom",
+        "--patients",
+        &N.to_string(),
+        "--size-scale",
+        "0.001",
+        "--first-byte-latency",
+        "30ms",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let m = Mount::start_with(&tb.mount_args(BUCKET, &["--metadata-cache", "off"]), &[]);
+    assert!(fs::read_dir(m.join("files")).unwrap().count() > 0);
+    std::fs::write("/proc/sys/vm/drop_caches", "2").expect("drop caches (needs root)");
+    wait_loaded(&m);
+    let (_, objects) = model_objects(ModelKind::Dicom, N, usize::MAX, |_| true);
+    assert_eq!(find_files(&m.join("files")), objects.len(), "{}", m.diag());
+    m.unmount();
+}

@@ -22,7 +22,6 @@ impl Fs {
         if self.inodes.is_listed(dir) {
             return Ok(());
         }
-        let epoch = self.inodes.listing_epoch(dir);
         let dir_rel = self.inodes.rel_path(dir);
         let prefix = format!("{}{}", self.cfg.prefix, dir_rel);
         let req = ListRequest {
@@ -59,7 +58,7 @@ impl Fs {
         }
         let present: std::collections::HashSet<&str> = present.iter().map(|s| s.as_str()).collect();
         self.inodes.prune_children(dir, &present);
-        self.inodes.mark_listed_lazily(dir, epoch);
+        self.inodes.mark_listed(dir);
         self.list_locks.lock().unwrap().remove(&dir);
         Ok(())
     }
