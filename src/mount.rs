@@ -62,9 +62,11 @@ impl Mounted {
         let signals = Signals::new()?;
         let mp = &plan.mountpoint;
         checks::first_failure([checks::mount_point(mp)])?;
-        let mountpoint = mp
-            .canonicalize()
+        // Resolved once, here: the mount lands on this directory whatever its path names by
+        // the time the checks below are done (see `session`).
+        let pinned = crate::session::MountPoint::open(mp)
             .with_context(|| format!("cannot resolve {}", mp.display()))?;
+        let mountpoint = pinned.path.clone();
 
         let client = Arc::new(GcsClient::new(plan.gcs.clone(), tokens)?);
         // Access checks before mounting fail fast; reads later get the full retry budget.
@@ -231,11 +233,11 @@ impl Mounted {
         config.n_threads = Some(1);
         config.clone_fd = true;
 
-        let mp2 = mountpoint.clone();
+        let mp2 = pinned;
         let fsname = plan.target();
         let allow_other = plan.allow_other;
         let (session, unmounter) = tokio::task::spawn_blocking(move || {
-            crate::session::mount(adapter, &mp2, &fsname, allow_other, config)
+            crate::session::mount(adapter, mp2, &fsname, allow_other, config)
         })
             .await?
             .map_err(|e| {

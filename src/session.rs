@@ -3,18 +3,59 @@
 //! As root we call mount(2) ourselves with the type `fuse.physiofs` (fuser's own direct mount
 //! always says plain `fuse`, which hides us from `findmnt -t fuse.physiofs` and `df -t`);
 //! otherwise fuser goes through the setuid `fusermount3`, which names the type correctly.
+//!
+//! The mount point is resolved once, when the mount starts: [`MountPoint::open`] holds an
+//! `O_PATH` descriptor of the directory that was checked, and root mounts and unmounts through
+//! `/proc/self/fd/N`, which names that directory and nothing else. Mounting by path seconds
+//! later (after the access checks) would let a user who owns a directory on the way swap in a
+//! symlink meanwhile and have root mount over, or unmount, a directory of their choosing.
+//! `fusermount3` does its own safe resolution for non-root mounts.
 
 use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::fuse::FuseAdapter;
 
+/// The mount point as resolved when the mount started: its path then, and a descriptor of it.
+pub struct MountPoint {
+    /// Where it was (symlinks resolved), for messages and for `fusermount3`.
+    pub path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl MountPoint {
+    /// Resolves `path` (following symlinks, as the user meant it) to the directory it names
+    /// now, and holds it.
+    pub fn open(path: &Path) -> std::io::Result<MountPoint> {
+        let c = CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: c is a valid NUL-terminated path; the returned fd is owned below.
+        let raw = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let path = std::fs::read_link(format!("/proc/self/fd/{raw}"))?;
+        Ok(MountPoint { path, fd })
+    }
+
+    /// `/proc/self/fd/N`: the held directory, whatever its path names by now.
+    fn proc_path(&self) -> String {
+        format!("/proc/self/fd/{}", self.fd.as_raw_fd())
+    }
+}
+
 /// How to undo the mount.
 pub enum KernelMount {
-    /// Mounted by us with mount(2).
-    Direct(PathBuf),
+    /// Mounted by us with mount(2) on the held directory.
+    Direct(MountPoint),
     /// Mounted by fuser (fusermount3).
     Fuser(fuser::SessionUnmounter, PathBuf),
 }
@@ -23,8 +64,8 @@ impl KernelMount {
     /// Unmounts; if busy, detaches lazily (the kernel finishes once files are closed).
     pub fn unmount(&mut self) -> std::io::Result<()> {
         match self {
-            KernelMount::Direct(p) => {
-                let c = CString::new(p.as_os_str().as_bytes())?;
+            KernelMount::Direct(mp) => {
+                let (c, p) = (CString::new(mp.proc_path())?, &mp.path);
                 // SAFETY: c is a valid NUL-terminated path.
                 if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
                     return Ok(());
@@ -61,23 +102,23 @@ impl KernelMount {
     }
 }
 
-/// Mounts `adapter` at `mountpoint` and completes the FUSE handshake.
+/// Mounts `adapter` on `mountpoint` and completes the FUSE handshake.
 pub fn mount(
     adapter: FuseAdapter,
-    mountpoint: &Path,
+    mountpoint: MountPoint,
     fsname: &str,
     allow_other: bool,
     config: fuser::Config,
 ) -> std::io::Result<(fuser::Session<FuseAdapter>, KernelMount)> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
-        match direct_mount(mountpoint, fsname, allow_other) {
+        match direct_mount(&mountpoint, fsname, allow_other) {
             Ok(fd) => {
                 let acl = config.acl;
                 return match fuser::Session::from_fd(adapter, fd, acl, config) {
-                    Ok(s) => Ok((s, KernelMount::Direct(mountpoint.to_path_buf()))),
+                    Ok(s) => Ok((s, KernelMount::Direct(mountpoint))),
                     Err(e) => {
-                        let _ = KernelMount::Direct(mountpoint.to_path_buf()).unmount();
+                        let _ = KernelMount::Direct(mountpoint).unmount();
                         Err(e)
                     }
                 };
@@ -87,12 +128,16 @@ pub fn mount(
             Err(e) => return Err(e),
         }
     }
-    let mut s = fuser::Session::new(adapter, mountpoint, &config)?;
+    let mut s = fuser::Session::new(adapter, &mountpoint.path, &config)?;
     let u = s.unmount_callable();
-    Ok((s, KernelMount::Fuser(u, mountpoint.to_path_buf())))
+    Ok((s, KernelMount::Fuser(u, mountpoint.path)))
 }
 
-fn direct_mount(mountpoint: &Path, fsname: &str, allow_other: bool) -> std::io::Result<OwnedFd> {
+fn direct_mount(
+    mountpoint: &MountPoint,
+    fsname: &str,
+    allow_other: bool,
+) -> std::io::Result<OwnedFd> {
     let dev = CString::new("/dev/fuse").unwrap();
     // SAFETY: valid path; the returned fd is owned below.
     let raw = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
@@ -109,7 +154,7 @@ fn direct_mount(mountpoint: &Path, fsname: &str, allow_other: bool) -> std::io::
         opts.push_str(",allow_other");
     }
     let src = CString::new(fsname.replace(',', "_"))?;
-    let target = CString::new(mountpoint.as_os_str().as_bytes())?;
+    let target = CString::new(mountpoint.proc_path())?;
     let fstype = CString::new("fuse.physiofs").unwrap();
     let data = CString::new(opts)?;
     let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;

@@ -567,3 +567,104 @@ fn root_writes_nothing_through_a_users_symlink_and_reads_no_users_snapshot() {
     drop(f);
     assert_eq!(mode(&ours.join("logs/m.log")), 0o600);
 }
+
+/// The mount point is resolved once, when the mount starts: a user who owns a directory on
+/// its path and swaps the mount point for a symlink while physiofs is still checking access
+/// (here: while the testbed holds its first request) does not get root to mount over the
+/// symlink's target; the mount lands on the directory that was checked, and unmounting takes
+/// it off there.
+#[test]
+fn a_mount_point_swapped_for_a_symlink_during_the_checks_is_not_followed() {
+    use common::{TestbedProc, assert_not_mounted, mount_entry, physiofs_command};
+    use std::fs::{self, File};
+    let uid = other_user().expect("root: the test plays a root mount");
+    let tb = TestbedProc::start(&[
+        "--model",
+        "dicom",
+        "--patients",
+        "2",
+        "--size-scale",
+        "0.001",
+        "--first-byte-latency",
+        "1500ms",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = tmp.path().join("theirs");
+    let victim = tmp.path().join("victim");
+    fs::create_dir(&theirs).unwrap();
+    fs::create_dir(&victim).unwrap();
+    fs::write(victim.join("root-only"), b"root's").unwrap();
+    let mnt = theirs.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(uid), Some(uid)).unwrap();
+    std::os::unix::fs::chown(&mnt, Some(uid), Some(uid)).unwrap();
+
+    let log = tmp.path().join("physiofs.log");
+    let args = tb.mount_args(
+        "mimic-cxr-2.0.0.physionet.org",
+        &["--metadata-cache", "off"],
+    );
+    let mut child = physiofs_command(&args, &mnt)
+        .stdout(File::create(&log).unwrap())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // physiofs has resolved the mount point once its first request reaches the testbed.
+    let t0 = std::time::Instant::now();
+    while tb.stats()["requests"]
+        .as_object()
+        .unwrap()
+        .values()
+        .all(|v| v == 0)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no request came");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The user swaps the mount point for a symlink to a directory of root's.
+    let swap = std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "sh",
+            "-c",
+            "mv \"$1/mnt\" \"$1/mnt.orig\" && ln -s \"$2\" \"$1/mnt\"",
+            "sh",
+        ])
+        .arg(&theirs)
+        .arg(&victim)
+        .status()
+        .unwrap();
+    assert!(swap.success(), "the user could not swap the mount point");
+    let orig = theirs.join("mnt.orig");
+    let t0 = std::time::Instant::now();
+    while mount_entry(&orig).is_none() && mount_entry(&victim).is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60) && child.try_wait().unwrap().is_none(),
+            "physiofs did not mount: {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        mount_entry(&victim).is_none(),
+        "root mounted over the symlink's target"
+    );
+    assert!(
+        mount_entry(&orig).is_some(),
+        "the mount is on the checked directory"
+    );
+    assert_eq!(fs::read(victim.join("root-only")).unwrap(), b"root's");
+    // SIGTERM: physiofs unmounts the directory it mounted, through its descriptor.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(
+        st.success(),
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_not_mounted(&orig, "after SIGTERM");
+    assert!(mount_entry(&victim).is_none());
+}
