@@ -376,26 +376,48 @@ impl DiskCache {
             self.stats.skipped_runs.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let mut st = self.state.lock().unwrap();
-        let id = match self.lookup(&st, obj) {
-            Some(id) => id,
-            None => self.new_entry(&mut st, obj)?,
-        };
-        let e = &st.entries[&id];
         // Only blocks not stored yet, each whole (the tail block of the object may be short).
-        let todo: Vec<(u64, &Block)> = (first..)
-            .zip(blocks)
-            .filter(|(i, b)| {
-                e.present.get(*i as usize) == Some(&false)
-                    && b.len() as u64 == (obj.size - i * bs).min(bs)
-            })
-            .collect();
+        let missing = |e: &Entry, i: u64, b: &Block| {
+            e.present.get(i as usize) == Some(&false)
+                && b.len() as u64 == (obj.size - i * bs).min(bs)
+        };
+        let (id, todo): (u32, Vec<(u64, &Block)>) = {
+            let mut st = self.state.lock().unwrap();
+            let id = match self.lookup(&st, obj) {
+                Some(id) => id,
+                None => self.new_entry(&mut st, obj)?,
+            };
+            let e = &st.entries[&id];
+            let todo = (first..)
+                .zip(blocks)
+                .filter(|(i, b)| missing(e, *i, b))
+                .collect();
+            (id, todo)
+        };
         if todo.is_empty() {
             return Ok(());
         }
+        // The bytes go to disk without the index lock, so writers of different objects (warm's
+        // many fetches, a mount's readers) write in parallel; the journal says they are there
+        // only after they are.
         let f = self.data_file(id)?;
         for (i, b) in &todo {
             f.write_all_at(b.as_slice(), i * bs)?;
+        }
+        let mut st = self.state.lock().unwrap();
+        let Some(e) = st.entries.get(&id) else {
+            // Dropped meanwhile (evicted, invalidated): what was written belongs to no entry.
+            drop(st);
+            let _ = std::fs::remove_file(self.path_of(id));
+            return Ok(());
+        };
+        // Another writer may have stored some of them meanwhile.
+        let todo: Vec<(u64, &Block)> = todo
+            .into_iter()
+            .filter(|(i, b)| missing(e, *i, b))
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
         }
         // Runs of consecutive blocks, one record each.
         let mut k = 0;
@@ -469,7 +491,8 @@ impl DiskCache {
         private_dir(path.parent().expect("objects/XX"), true)?;
         match open_private(&path, false) {
             Ok(f) => Ok(f),
-            Err(_) => create_private(&path),
+            // Another writer of this version may create it first.
+            Err(_) => create_private(&path).or_else(|e| open_private(&path, false).map_err(|_| e)),
         }
     }
 
