@@ -419,18 +419,7 @@ impl DiskCache {
         if todo.is_empty() {
             return Ok(());
         }
-        // Runs of consecutive blocks, one record each.
-        let mut k = 0;
-        while k < todo.len() {
-            let mut j = k;
-            while j + 1 < todo.len() && todo[j + 1].0 == todo[j].0 + 1 {
-                j += 1;
-            }
-            let crcs: Vec<u32> = todo[k..=j].iter().map(|(_, b)| b.crc32c()).collect();
-            let r = run_record(id, todo[k].0, &crcs);
-            self.append(&mut st, &r);
-            k = j + 1;
-        }
+        self.record_runs(&mut st, id, &todo);
         st.tick += 1;
         let tick = st.tick;
         let e = st.entries.get_mut(&id).expect("entry exists");
@@ -457,6 +446,22 @@ impl DiskCache {
         }
         self.evict(&mut st);
         Ok(())
+    }
+
+    /// Appends the journal records of blocks `todo` of version `id` (written already): one
+    /// record per run of consecutive blocks.
+    fn record_runs(&self, st: &mut State, id: u32, todo: &[(u64, &Block)]) {
+        let mut k = 0;
+        while k < todo.len() {
+            let mut j = k;
+            while j + 1 < todo.len() && todo[j + 1].0 == todo[j].0 + 1 {
+                j += 1;
+            }
+            let crcs: Vec<u32> = todo[k..=j].iter().map(|(_, b)| b.crc32c()).collect();
+            let r = run_record(id, todo[k].0, &crcs);
+            self.append(st, &r);
+            k = j + 1;
+        }
     }
 
     fn new_entry(&self, st: &mut State, obj: &Object) -> anyhow::Result<u32> {
