@@ -158,12 +158,6 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         fs.inodes().len() as u64,
     );
     metric(
-        "fetch_bytes_in_flight_peak",
-        "gauge",
-        "The most bytes media requests ever had in flight at once (bounded by the read-ahead and demand budgets).",
-        fs.reader().fetcher().peak_bytes_in_flight(),
-    );
-    metric(
         "readdir_entries_visited_total",
         "counter",
         "Directory children stepped over to answer readdir (each offered to a reply once; a resumed readdir steps over none it already gave).",

@@ -8,10 +8,7 @@
 //! fetch (a shared future), and each run of the rest is one ranged GET, cut at multiples of
 //! `max_request` in the object so a stream is fetched in identical pieces whose receive
 //! buffers are recycled (`client::pool`). Read-ahead in flight is bounded by a budget of
-//! block permits, so memory stays bounded however many files are read at once. Demand reads
-//! and whole-object fetches have a budget of their own: a GET waits (in arrival order) until
-//! its bytes fit, so many readers bypassing the page cache (`O_DIRECT`, any user under
-//! `--allow-other`) queue instead of growing memory.
+//! block permits, so memory stays bounded however many files are read at once.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -41,19 +38,11 @@ pub struct Fetcher {
     max_request: u64,
     /// Permits of one block each for read-ahead in flight.
     permits: Arc<tokio::sync::Semaphore>,
-    /// Permits of one block each for every other GET in flight (demand reads, the rest of a
-    /// small object), and how many there are.
-    demand_permits: Arc<tokio::sync::Semaphore>,
-    demand_total: u32,
-    /// Bytes of GETs in flight now, and the most there ever were.
-    in_flight_bytes: Arc<std::sync::atomic::AtomicU64>,
-    peak_bytes: Arc<std::sync::atomic::AtomicU64>,
     inflight: Arc<Mutex<InflightMap>>,
 }
 
 impl Fetcher {
-    /// `budget` bytes of read-ahead may be in flight at once, and as many (at least four
-    /// requests' worth) of demand reads.
+    /// `budget` bytes of read-ahead may be in flight at once.
     pub fn new(
         client: Arc<dyn ObjectClient>,
         cache: Arc<dyn BlockCache>,
@@ -62,19 +51,12 @@ impl Fetcher {
         budget: u64,
     ) -> Self {
         let block_size = block_size.max(1);
-        let max_request = max_request.max(block_size);
-        let demand_total =
-            (budget.max(4 * max_request) / block_size).min(u32::MAX as u64 >> 3) as u32;
         Fetcher {
             client,
             cache,
             block_size,
-            max_request,
+            max_request: max_request.max(block_size),
             permits: Arc::new(tokio::sync::Semaphore::new((budget / block_size) as usize)),
-            demand_permits: Arc::new(tokio::sync::Semaphore::new(demand_total as usize)),
-            demand_total,
-            in_flight_bytes: Arc::default(),
-            peak_bytes: Arc::default(),
             inflight: Arc::default(),
         }
     }
@@ -96,12 +78,6 @@ impl Fetcher {
         self.inflight.lock().unwrap().len()
     }
 
-    /// The most bytes GETs ever had in flight at once (asked and not yet arrived): at most the
-    /// read-ahead budget plus the demand budget.
-    pub fn peak_bytes_in_flight(&self) -> u64 {
-        self.peak_bytes.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// The blocks `range` touches (empty for an empty range).
     fn blocks_of(&self, obj: &Object, range: &Range<u64>) -> Option<(u64, u64)> {
         let end = range.end.min(obj.size);
@@ -121,7 +97,7 @@ impl Fetcher {
     /// from the cache, blocks in flight join that fetch, the rest are fetched now.
     pub fn demand(&self, obj: &Object, range: Range<u64>) -> Vec<SharedFetch> {
         match self.blocks_of(obj, &range) {
-            Some((first, last)) => self.fetch_blocks(obj, first, last, true, false),
+            Some((first, last)) => self.fetch_blocks(obj, first, last, true),
             None => Vec::new(),
         }
     }
@@ -133,7 +109,7 @@ impl Fetcher {
         let Some((first, last)) = self.blocks_of(obj, &range) else {
             return 0;
         };
-        let started = self.fetch_blocks(obj, first, last, false, false);
+        let started = self.fetch_blocks(obj, first, last, false);
         let n = started.len() as u64;
         if n > 0 {
             tokio::spawn(async move {
@@ -161,7 +137,7 @@ impl Fetcher {
             let Ok(permit) = self.permits.clone().try_acquire_many_owned(n) else {
                 return asked;
             };
-            let waits = self.fetch_blocks(obj, start, stop, false, true);
+            let waits = self.fetch_blocks(obj, start, stop, false);
             asked += waits.len() as u64;
             tokio::spawn(async move {
                 // A failed read-ahead is not an error: the reader will fetch (and report) it.
@@ -192,16 +168,8 @@ impl Fetcher {
     /// Futures for blocks `first..=last`: cached ones read from the cache, blocks being
     /// fetched join that fetch, and each run of the rest is fetched with one ranged GET
     /// (split at `max_request`). With `demand` false, cached and in-flight blocks are
-    /// skipped and only the started fetches are returned. `read_ahead`: the caller holds
-    /// read-ahead permits for these blocks; other GETs wait for demand permits.
-    fn fetch_blocks(
-        &self,
-        obj: &Object,
-        first: u64,
-        last: u64,
-        demand: bool,
-        read_ahead: bool,
-    ) -> Vec<SharedFetch> {
+    /// skipped and only the started fetches are returned.
+    fn fetch_blocks(&self, obj: &Object, first: u64, last: u64, demand: bool) -> Vec<SharedFetch> {
         let per_request = self.max_request / self.block_size;
         let mut out = Vec::new();
         let mut inflight = self.inflight.lock().unwrap();
@@ -226,11 +194,11 @@ impl Fetcher {
             match (missing, run) {
                 (true, None) => run = Some(i),
                 (true, Some(s)) if i - s == per_request => {
-                    out.extend(self.start_fetch(obj, s, i - 1, read_ahead, &mut inflight));
+                    out.extend(self.start_fetch(obj, s, i - 1, &mut inflight));
                     run = Some(i);
                 }
                 (false, Some(s)) => {
-                    out.extend(self.start_fetch(obj, s, i - 1, read_ahead, &mut inflight));
+                    out.extend(self.start_fetch(obj, s, i - 1, &mut inflight));
                     run = None;
                 }
                 _ => {}
@@ -278,7 +246,6 @@ impl Fetcher {
         obj: &Object,
         a: u64,
         b: u64,
-        read_ahead: bool,
         inflight: &mut InflightMap,
     ) -> Vec<(u64, SharedFetch)> {
         let bs = self.block_size;
@@ -289,21 +256,7 @@ impl Fetcher {
             self.inflight.clone(),
             obj.clone(),
         );
-        let budget = (!read_ahead).then(|| {
-            let n = ((b - a + 1).min(self.demand_total as u64)) as u32;
-            (self.demand_permits.clone(), n)
-        });
-        let (now, peak) = (self.in_flight_bytes.clone(), self.peak_bytes.clone());
         let span: SharedSpan = async move {
-            use std::sync::atomic::Ordering::Relaxed;
-            // Waits its turn for the demand budget; the bytes are counted while asked.
-            let _permit = match budget {
-                Some((sem, n)) => sem.acquire_many_owned(n).await.ok(),
-                None => None,
-            };
-            let len = end - start;
-            peak.fetch_max(now.fetch_add(len, Relaxed) + len, Relaxed);
-            let counted = InFlight(now, len);
             // An answer of another length than asked is refused before anything is cut from
             // it or cached (a client bug or a broken server must fail the read, not panic).
             let r = client
@@ -329,7 +282,6 @@ impl Fetcher {
                         })
                         .collect::<Arc<[Block]>>()
                 });
-            drop(counted);
             if let Ok(blocks) = &r {
                 cache.insert_run(&o, a, blocks).await;
             }
@@ -352,16 +304,6 @@ impl Fetcher {
                 (i, f)
             })
             .collect()
-    }
-}
-
-/// Bytes of one GET counted in flight until it ends (or is dropped).
-struct InFlight(Arc<std::sync::atomic::AtomicU64>, u64);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0
-            .fetch_sub(self.1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
