@@ -5,9 +5,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
 use common::*;
 
 const BUCKET: &str = "mimic-cxr-2.0.0.physionet.org";
@@ -24,42 +21,11 @@ fn testbed() -> TestbedProc {
     ])
 }
 
-/// `physiofs SUBCOMMAND ARGS` with only `env` set (plus PATH, and a HOME with no gcloud
-/// configuration), so nothing ambient supplies a billing project or credentials.
-fn physiofs(home: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out: Output = Command::new(physiofs_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run physiofs");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    eprintln!("physiofs {args:?}: {}\n{stdout}\n{stderr}", out.status);
-    (out.status.code().unwrap_or(-1), stdout, stderr)
-}
-
-/// The line of check `name` in doctor's output.
-fn line<'a>(stdout: &'a str, name: &str) -> &'a str {
-    stdout
-        .lines()
-        .find(|l| {
-            l[l.char_indices().nth(2).map_or(0, |(i, _)| i)..].starts_with(&format!("{name}:"))
-        })
-        .unwrap_or_else(|| panic!("no {name:?} line in:\n{stdout}"))
-}
-
 #[test]
 fn a_good_setup_passes_every_check() {
     let tb = testbed();
     let home = tempfile::tempdir().unwrap();
-    let (code, out, err) = physiofs(
+    let (code, out, err) = physiofs_isolated(
         home.path(),
         &[
             "doctor",
@@ -86,18 +52,21 @@ fn a_good_setup_passes_every_check() {
         "read",
         "speed",
     ] {
-        assert!(line(&out, name).starts_with('✓'), "{name}: {out}");
+        assert!(doctor_line(&out, name).starts_with('✓'), "{name}: {out}");
     }
     assert_eq!(
-        line(&out, "credentials"),
+        doctor_line(&out, "credentials"),
         "✓ credentials: anonymous (--anonymous)"
     );
     assert_eq!(
-        line(&out, "billing project"),
+        doctor_line(&out, "billing project"),
         "✓ billing project: test-project (--billing-project)"
     );
-    assert!(line(&out, "access").contains("can list gs://mimic-cxr-2.0.0.physionet.org/"));
-    assert!(line(&out, "speed").contains("first byte in"), "{out}");
+    assert!(doctor_line(&out, "access").contains("can list gs://mimic-cxr-2.0.0.physionet.org/"));
+    assert!(
+        doctor_line(&out, "speed").contains("first byte in"),
+        "{out}"
+    );
     // Every line is a check (✓, ✗ or -), then the verdict.
     let last = out.lines().last().unwrap();
     assert!(last.contains("everything a mount of gs://mimic-cxr-2.0.0.physionet.org/ needs"));
@@ -130,16 +99,16 @@ fn no_billing_project_on_a_requester_pays_bucket_fails_with_the_fix() {
         "--bucket",
         BUCKET,
     ];
-    let (code, out, err) = physiofs(home.path(), &args, &[]);
+    let (code, out, err) = physiofs_isolated(home.path(), &args, &[]);
     assert_eq!(code, 1, "{out}\n{err}");
-    let billing = line(&out, "billing project");
+    let billing = doctor_line(&out, "billing project");
     assert!(
         billing.starts_with("✗ billing project: none found"),
         "{out}"
     );
     assert!(out.contains("fix: the bucket is requester-pays and no billing project was found: pass --billing-project"), "{out}");
     // The testbed said so too: the listing was refused (400 without userProject).
-    let access = line(&out, "access");
+    let access = doctor_line(&out, "access");
     assert!(
         access.starts_with("✗ access:") && access.contains("HTTP 400"),
         "{out}"
@@ -147,15 +116,15 @@ fn no_billing_project_on_a_requester_pays_bucket_fails_with_the_fix() {
     assert!(err.contains("checks failed"), "{err}");
 
     // Found in the environment: from the variable, and said so.
-    let (code, out, _) = physiofs(home.path(), &args, &[("GOOGLE_CLOUD_PROJECT", "gp")]);
+    let (code, out, _) = physiofs_isolated(home.path(), &args, &[("GOOGLE_CLOUD_PROJECT", "gp")]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
-        line(&out, "billing project"),
+        doctor_line(&out, "billing project"),
         "✓ billing project: gp (from GOOGLE_CLOUD_PROJECT)"
     );
-    assert!(line(&out, "read").starts_with('✓'), "{out}");
+    assert!(doctor_line(&out, "read").starts_with('✓'), "{out}");
     // PHYSIOFS_BILLING_PROJECT comes first.
-    let (_, out, _) = physiofs(
+    let (_, out, _) = physiofs_isolated(
         home.path(),
         &args,
         &[
@@ -164,7 +133,7 @@ fn no_billing_project_on_a_requester_pays_bucket_fails_with_the_fix() {
         ],
     );
     assert_eq!(
-        line(&out, "billing project"),
+        doctor_line(&out, "billing project"),
         "✓ billing project: pp (from PHYSIOFS_BILLING_PROJECT)"
     );
 
@@ -178,14 +147,14 @@ fn no_billing_project_on_a_requester_pays_bucket_fails_with_the_fix() {
         "[core]\naccount = me@example.org\nproject = from-gcloud\n",
     )
     .unwrap();
-    let (code, out, _) = physiofs(
+    let (code, out, _) = physiofs_isolated(
         home.path(),
         &args,
         &[("CLOUDSDK_CONFIG", gcloud.to_str().unwrap())],
     );
     assert_eq!(code, 0, "{out}");
     assert_eq!(
-        line(&out, "billing project"),
+        doctor_line(&out, "billing project"),
         format!(
             "✓ billing project: from-gcloud (core/project of gcloud configuration {})",
             conf.display()
@@ -197,7 +166,7 @@ fn no_billing_project_on_a_requester_pays_bucket_fails_with_the_fix() {
 fn a_missing_bucket_names_the_known_ones() {
     let tb = testbed();
     let home = tempfile::tempdir().unwrap();
-    let (code, out, _) = physiofs(
+    let (code, out, _) = physiofs_isolated(
         home.path(),
         &[
             "doctor",
@@ -212,7 +181,7 @@ fn a_missing_bucket_names_the_known_ones() {
         &[],
     );
     assert_eq!(code, 1, "{out}");
-    let access = line(&out, "access");
+    let access = doctor_line(&out, "access");
     assert!(
         access.starts_with("✗ access:") && access.contains("HTTP 404"),
         "{out}"
@@ -222,7 +191,7 @@ fn a_missing_bucket_names_the_known_ones() {
             && out.contains("mimic-cxr-jpg-2.1.0.physionet.org (MIMIC-CXR-JPG)"),
         "{out}"
     );
-    assert!(line(&out, "read").starts_with("- read:"), "{out}");
+    assert!(doctor_line(&out, "read").starts_with("- read:"), "{out}");
 }
 
 #[test]
@@ -235,7 +204,7 @@ fn an_unreachable_endpoint_fails_the_connection_check() {
         .port();
     let home = tempfile::tempdir().unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
-    let (code, out, _) = physiofs(
+    let (code, out, _) = physiofs_isolated(
         home.path(),
         &[
             "doctor",
@@ -248,13 +217,16 @@ fn an_unreachable_endpoint_fails_the_connection_check() {
         &[],
     );
     assert_eq!(code, 1, "{out}");
-    let c = line(&out, "connection");
+    let c = doctor_line(&out, "connection");
     assert!(
         c.starts_with(&format!("✗ connection: cannot connect to {endpoint}")),
         "{out}"
     );
     assert!(out.contains("is the endpoint"), "{out}");
-    assert!(line(&out, "access").starts_with("- access:"), "{out}");
+    assert!(
+        doctor_line(&out, "access").starts_with("- access:"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -264,7 +236,7 @@ fn mount_says_which_billing_project_and_from_where() {
     let mnt = tempfile::tempdir().unwrap();
     // A bucket that does not exist: mount prints its identity lines, then stops at the
     // access check with nothing mounted.
-    let (code, _, err) = physiofs(
+    let (code, _, err) = physiofs_isolated(
         home.path(),
         &[
             "mount",

@@ -10,7 +10,6 @@ mod common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use common::*;
 
@@ -33,35 +32,6 @@ fn testbed(extra: &[&str]) -> TestbedProc {
     ];
     args.extend_from_slice(extra);
     TestbedProc::start(&args)
-}
-
-/// `physiofs ARGS` with only `env` set (plus PATH, and a HOME with no gcloud files).
-fn physiofs(home: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out: Output = Command::new(physiofs_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run physiofs");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    eprintln!("physiofs {args:?}: {}\n{stdout}\n{stderr}", out.status);
-    (out.status.code().unwrap_or(-1), stdout, stderr)
-}
-
-fn line<'a>(stdout: &'a str, name: &str) -> &'a str {
-    stdout
-        .lines()
-        .find(|l| {
-            l[l.char_indices().nth(2).map_or(0, |(i, _)| i)..].starts_with(&format!("{name}:"))
-        })
-        .unwrap_or_else(|| panic!("no {name:?} line in:\n{stdout}"))
 }
 
 /// What `gcloud auth application-default login` writes, in a CLOUDSDK_CONFIG directory, with
@@ -104,17 +74,17 @@ fn a_gcloud_user_is_named_by_token_info_and_holds_both_permissions() {
     let home = tempfile::tempdir().unwrap();
     let (dir, file) = gcloud_user(home.path(), &tb.endpoint);
     let env = [("CLOUDSDK_CONFIG", dir.to_str().unwrap())];
-    let (code, out, err) = physiofs(home.path(), &doctor_args(&tb.endpoint, BUCKET), &env);
+    let (code, out, err) = physiofs_isolated(home.path(), &doctor_args(&tb.endpoint, BUCKET), &env);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(
-        line(&out, "credentials"),
+        doctor_line(&out, "credentials"),
         format!(
             "✓ credentials: gcloud application-default user credentials {} ({USER})",
             file.display()
         )
     );
     assert_eq!(
-        line(&out, "permissions"),
+        doctor_line(&out, "permissions"),
         format!(
             "✓ permissions: {USER} may list and read gs://{BUCKET} (storage.objects.list, \
              storage.objects.get)"
@@ -135,10 +105,10 @@ fn can_list_but_not_read_and_cannot_list_get_their_own_messages() {
     let (dir, _) = gcloud_user(home.path(), &tb.endpoint);
     let env = [("CLOUDSDK_CONFIG", dir.to_str().unwrap())];
 
-    let (code, out, _) = physiofs(home.path(), &doctor_args(&tb.endpoint, BUCKET), &env);
+    let (code, out, _) = physiofs_isolated(home.path(), &doctor_args(&tb.endpoint, BUCKET), &env);
     assert_eq!(code, 1, "{out}");
     assert_eq!(
-        line(&out, "permissions"),
+        doctor_line(&out, "permissions"),
         format!(
             "✗ permissions: {USER} can list gs://{BUCKET} but not read its objects: it lacks \
              storage.objects.get"
@@ -146,15 +116,16 @@ fn can_list_but_not_read_and_cannot_list_get_their_own_messages() {
     );
     assert!(out.contains("wait ten minutes, then mount again"), "{out}");
     // The probe agrees: listing works, the read is refused.
-    assert!(line(&out, "access").starts_with('✓'), "{out}");
-    assert!(line(&out, "read").starts_with("✗ read:"), "{out}");
+    assert!(doctor_line(&out, "access").starts_with('✓'), "{out}");
+    assert!(doctor_line(&out, "read").starts_with("✗ read:"), "{out}");
 
     let (dir2, _) = gcloud_user(&home.path().join("second"), &unlisted.endpoint);
     let env2 = [("CLOUDSDK_CONFIG", dir2.to_str().unwrap())];
-    let (code, out, _) = physiofs(home.path(), &doctor_args(&unlisted.endpoint, BUCKET), &env2);
+    let (code, out, _) =
+        physiofs_isolated(home.path(), &doctor_args(&unlisted.endpoint, BUCKET), &env2);
     assert_eq!(code, 1, "{out}");
     assert_eq!(
-        line(&out, "permissions"),
+        doctor_line(&out, "permissions"),
         format!("✗ permissions: {USER} cannot list gs://{BUCKET}: it lacks storage.objects.list")
     );
     assert!(
@@ -166,7 +137,7 @@ fn can_list_but_not_read_and_cannot_list_get_their_own_messages() {
     // mount says the same, exits 1, and leaves nothing mounted.
     let mnt = tempfile::tempdir().unwrap();
     let mp = mnt.path().to_str().unwrap();
-    let (code, _, err) = physiofs(
+    let (code, _, err) = physiofs_isolated(
         home.path(),
         &[
             "mount",
@@ -194,7 +165,7 @@ fn can_list_but_not_read_and_cannot_list_get_their_own_messages() {
         "{err}"
     );
     assert_not_mounted(mnt.path(), "a mount refused for a missing permission");
-    let (code, _, err) = physiofs(
+    let (code, _, err) = physiofs_isolated(
         home.path(),
         &[
             "mount",
@@ -228,26 +199,26 @@ fn the_vm_account_and_project_come_from_the_metadata_server() {
         "--bucket",
         BUCKET,
     ];
-    let (code, out, err) = physiofs(home.path(), &args, &env);
+    let (code, out, err) = physiofs_isolated(home.path(), &args, &env);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(
-        line(&out, "credentials"),
+        doctor_line(&out, "credentials"),
         format!("✓ credentials: the VM's service account (GCE metadata server) ({VM})")
     );
     // The last billing source, and it reached every request (requester-pays testbed).
     assert_eq!(
-        line(&out, "billing project"),
+        doctor_line(&out, "billing project"),
         "✓ billing project: testbed-vm-project (the VM's project, from its metadata server)"
     );
-    assert!(line(&out, "read").starts_with('✓'), "{out}");
+    assert!(doctor_line(&out, "read").starts_with('✓'), "{out}");
     // Any other source wins over it.
-    let (_, out, _) = physiofs(
+    let (_, out, _) = physiofs_isolated(
         home.path(),
         &args,
         &[env[0], ("GOOGLE_CLOUD_PROJECT", "gp")],
     );
     assert_eq!(
-        line(&out, "billing project"),
+        doctor_line(&out, "billing project"),
         "✓ billing project: gp (from GOOGLE_CLOUD_PROJECT)"
     );
     // The VM's account without access: the fix is to use one's own.
@@ -261,10 +232,10 @@ fn the_vm_account_and_project_come_from_the_metadata_server() {
         "--bucket",
         BUCKET,
     ];
-    let (code, out, _) = physiofs(home.path(), &args, &[("GCE_METADATA_HOST", &host)]);
+    let (code, out, _) = physiofs_isolated(home.path(), &args, &[("GCE_METADATA_HOST", &host)]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        line(&out, "permissions").starts_with(&format!("✗ permissions: {VM} cannot list")),
+        doctor_line(&out, "permissions").starts_with(&format!("✗ permissions: {VM} cannot list")),
         "{out}"
     );
     assert!(out.contains("use your own account instead"), "{out}");
@@ -310,10 +281,10 @@ fn a_token_file_and_the_token_variable() {
     let a = args(token.to_str().unwrap());
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     // Missing, then empty: the credentials check names the file and the fix.
-    let (code, out, _) = physiofs(home.path(), &a, &[]);
+    let (code, out, _) = physiofs_isolated(home.path(), &a, &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        line(&out, "credentials").starts_with(&format!(
+        doctor_line(&out, "credentials").starts_with(&format!(
             "✗ credentials: credentials: cannot read the token file {}",
             token.display()
         )),
@@ -321,29 +292,32 @@ fn a_token_file_and_the_token_variable() {
     );
     assert!(out.contains("print-access-token > FILE"), "{out}");
     std::fs::write(&token, "\n").unwrap();
-    let (code, out, _) = physiofs(home.path(), &a, &[]);
+    let (code, out, _) = physiofs_isolated(home.path(), &a, &[]);
     assert_eq!(code, 1, "{out}");
-    assert!(line(&out, "credentials").contains("is empty"), "{out}");
+    assert!(
+        doctor_line(&out, "credentials").contains("is empty"),
+        "{out}"
+    );
 
     std::fs::write(&token, "ya29.file-1\n").unwrap();
-    let (code, out, _) = physiofs(home.path(), &a, &[]);
+    let (code, out, _) = physiofs_isolated(home.path(), &a, &[]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
-        line(&out, "credentials"),
+        doctor_line(&out, "credentials"),
         format!("✓ credentials: access-token file {}", token.display())
     );
     assert!(!out.contains("ya29"), "{out}");
 
     // GOOGLE_OAUTH_ACCESS_TOKEN: shown by name only.
     let a = &a[..a.len() - 2];
-    let (code, out, err) = physiofs(
+    let (code, out, err) = physiofs_isolated(
         home.path(),
         a,
         &[("GOOGLE_OAUTH_ACCESS_TOKEN", "ya29.file-from-variable")],
     );
     assert_eq!(code, 0, "{out}");
     assert_eq!(
-        line(&out, "credentials"),
+        doctor_line(&out, "credentials"),
         "✓ credentials: access token from GOOGLE_OAUTH_ACCESS_TOKEN"
     );
     assert!(!out.contains("ya29") && !err.contains("ya29"), "{out}{err}");

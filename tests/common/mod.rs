@@ -1687,3 +1687,38 @@ pub fn process_running(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// `physiofs ARGS` with only `env` set (plus PATH, and a HOME with no gcloud configuration), so
+/// nothing ambient supplies a billing project or credentials: (exit code, stdout, stderr).
+pub fn physiofs_isolated(
+    home: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let out: std::process::Output = Command::new(physiofs_bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run physiofs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("physiofs {args:?}: {}\n{stdout}\n{stderr}", out.status);
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+/// The line of check `name` in `physiofs doctor`'s output.
+pub fn doctor_line<'a>(stdout: &'a str, name: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| {
+            l[l.char_indices().nth(2).map_or(0, |(i, _)| i)..].starts_with(&format!("{name}:"))
+        })
+        .unwrap_or_else(|| panic!("no {name:?} line in:\n{stdout}"))
+}
