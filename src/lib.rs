@@ -10,6 +10,7 @@
 pub mod checks;
 pub mod cli;
 pub mod client;
+pub mod crc;
 pub mod daemon;
 pub mod demo;
 pub mod doctor;

@@ -614,17 +614,25 @@ async fn fetch_into(
     let mut start = 0;
     while start < obj.size {
         let end = (start + step).min(obj.size);
-        let span = client
-            .get_range(obj.version(), start, end)
+        let (span, crcs) = client
+            .get_range_blocks(obj.version(), start, end, bs)
             .await
             .map_err(|e| e.to_string())?;
         let blocks: Vec<Block> = (start..end)
             .step_by(bs as usize)
-            .map(|s| {
+            .zip(crcs)
+            .map(|(s, crc)| {
                 let from = (s - start) as usize;
-                Block::new(span.clone(), from, ((end - s).min(bs)) as usize)
+                Block::with_crc32c(span.clone(), from, ((end - s).min(bs)) as usize, crc)
             })
             .collect();
+        if span.len() as u64 != end - start || blocks.len() as u64 != (end - start).div_ceil(bs) {
+            return Err(format!(
+                "asked for bytes {start}..{end}, got {} bytes in {} pieces",
+                span.len(),
+                blocks.len()
+            ));
+        }
         let (disk, o) = (disk.clone(), obj.clone());
         let first = start / bs;
         tokio::task::spawn_blocking(move || disk.write_now(&o, first, &blocks))

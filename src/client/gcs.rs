@@ -16,7 +16,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 
 use super::auth::{CredentialKind, TokenSource};
-use super::pool::{BufferPool, PoolBuf};
+use super::pool::{BufferPool, Received};
 use super::{
     ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta, ObjectVersion, parse_crc32c,
 };
@@ -550,7 +550,7 @@ impl GcsClient {
         what: &str,
         obj: ObjectVersion<'_>,
         (start, end): (u64, u64),
-        buf: &mut PoolBuf,
+        buf: &mut Received,
     ) -> Result<(), ClientError> {
         let pos = start + buf.len() as u64;
         let status = resp.status();
@@ -1066,8 +1066,32 @@ impl ObjectClient for GcsClient {
         start: u64,
         end: u64,
     ) -> Result<Bytes, ClientError> {
+        Ok(self.get_media(obj, start, end, 0).await?.0)
+    }
+
+    async fn get_range_blocks(
+        &self,
+        obj: ObjectVersion<'_>,
+        start: u64,
+        end: u64,
+        block: u64,
+    ) -> Result<(Bytes, Vec<u32>), ClientError> {
+        self.get_media(obj, start, end, block.max(1)).await
+    }
+}
+
+impl GcsClient {
+    /// One ranged media read with its retries; see [`ObjectClient::get_range_blocks`]
+    /// (`block` 0: one CRC for the whole answer).
+    async fn get_media(
+        &self,
+        obj: ObjectVersion<'_>,
+        start: u64,
+        end: u64,
+        block: u64,
+    ) -> Result<(Bytes, Vec<u32>), ClientError> {
         if start >= end {
-            return Ok(Bytes::new());
+            return Ok((Bytes::new(), Vec::new()));
         }
         let what = format!(
             "gs://{}/{}#{}",
@@ -1089,7 +1113,7 @@ impl ObjectClient for GcsClient {
             ],
         )?;
         let whole = start == 0 && end == obj.size;
-        let mut buf = self.pool.take((end - start) as usize);
+        let mut buf = Received::new(self.pool.take((end - start) as usize), block as usize);
         let mut backoff = Backoff::new(&self.cfg.retry);
         let mut refreshed = false;
         loop {
@@ -1123,7 +1147,7 @@ impl ObjectClient for GcsClient {
                 && whole
                 && let Some(want) = obj.crc32c
             {
-                let got = crc32c::crc32c(buf.as_slice());
+                let got = buf.crc32c();
                 if got != want {
                     self.stats
                         .checksum_mismatches
@@ -1136,7 +1160,7 @@ impl ObjectClient for GcsClient {
                 }
             }
             let e = match result {
-                Ok(()) => return Ok(buf.freeze()),
+                Ok(()) => return Ok(buf.finish()),
                 Err(e) => e,
             };
             if buf.len() > had {

@@ -260,11 +260,11 @@ impl Fetcher {
             // An answer of another length than asked is refused before anything is cut from
             // it or cached (a client bug or a broken server must fail the read, not panic).
             let r = client
-                .get_range(o.version(), start, end)
+                .get_range_blocks(o.version(), start, end, bs)
                 .await
-                .and_then(|data| {
-                    if data.len() as u64 == end - start {
-                        Ok(data)
+                .and_then(|(data, crcs)| {
+                    if data.len() as u64 == end - start && crcs.len() as u64 == b - a + 1 {
+                        Ok((data, crcs))
                     } else {
                         Err(ClientError::Malformed(format!(
                             "{}: asked for bytes {start}..{end}, got {} bytes",
@@ -273,12 +273,13 @@ impl Fetcher {
                         )))
                     }
                 })
-                .map(|data| {
+                .map(|(data, crcs)| {
                     (a..=b)
-                        .map(|i| {
+                        .zip(crcs)
+                        .map(|(i, crc)| {
                             let from = ((i - a) * bs) as usize;
                             let to = (from + bs as usize).min(data.len());
-                            Block::new(data.clone(), from, to - from)
+                            Block::with_crc32c(data.clone(), from, to - from, crc)
                         })
                         .collect::<Arc<[Block]>>()
                 });

@@ -16,7 +16,7 @@
 //! ```
 
 pub mod cache;
-pub mod crc;
+pub use crate::crc;
 pub mod disk;
 pub mod fetch;
 pub mod handle;
