@@ -109,6 +109,8 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub blksize: u32,
+    /// The FUSE generation of `ino` (see `NodeView::ino_gen`).
+    pub ino_gen: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -280,6 +282,7 @@ impl Fs {
                 uid: self.cfg.uid,
                 gid: self.cfg.gid,
                 blksize: self.cfg.block_size.min(u32::MAX as u64) as u32,
+                ino_gen: v.ino_gen,
             },
             _ => Attr {
                 ino: v.ino,
@@ -291,6 +294,7 @@ impl Fs {
                 uid: self.cfg.uid,
                 gid: self.cfg.gid,
                 blksize: 4096,
+                ino_gen: v.ino_gen,
             },
         }
     }

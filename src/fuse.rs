@@ -159,6 +159,7 @@ fn unreachable_attr() -> Attr {
         uid: 0,
         gid: 0,
         blksize: 4096,
+        ino_gen: 0,
     }
 }
 
@@ -173,7 +174,17 @@ fn reply_lookup(
     reply: ReplyEntry,
 ) {
     match r {
-        Ok(a) => reply.entry(ttl, &to_fuse(&a), Generation(0)),
+        // The kernel holds the entry until it forgets it: counted before it is sent.
+        Ok(a) if fs.inodes().remember(a.ino, a.ino_gen) => {
+            reply.entry(ttl, &to_fuse(&a), Generation(a.ino_gen))
+        }
+        Ok(a) => {
+            tracing::warn!(
+                ino = a.ino,
+                "lookup found an inode dropped meanwhile; ESTALE"
+            );
+            reply.error(Errno::ESTALE)
+        }
         Err(FsError::NotFound) if fs.inodes().is_listed(parent.0) => {
             let mut attr = to_fuse(&fs.getattr(parent.0).unwrap_or_else(|_| unreachable_attr()));
             attr.ino = INodeNo(0);
@@ -186,14 +197,19 @@ fn reply_lookup(
 /// What `readdir` and `readdirplus` have in common: entries come from the inode table by
 /// offset (no-opendir mode, answered on the FUSE thread when the directory is listed), or from
 /// an open handle's snapshot; `add(next_offset, entry)` returns true when the reply is full.
+/// Each entry a readdirplus reply hands over is a lookup the kernel forgets later: it goes on
+/// `given` (inode, generation), counted in the inode table before the reply is sent (not
+/// while the entries are filled: that holds the table's lock).
 trait DirReply: Send + 'static {
-    fn add(&mut self, next: u64, e: EntryRef<'_>, ttl: &Duration) -> bool;
+    fn add(&mut self, next: u64, e: EntryRef<'_>, ttl: &Duration, given: &mut Given) -> bool;
     fn ok(self);
     fn error(self, e: Errno);
 }
 
+type Given = Vec<(u64, u64)>;
+
 impl DirReply for ReplyDirectory {
-    fn add(&mut self, next: u64, e: EntryRef<'_>, _ttl: &Duration) -> bool {
+    fn add(&mut self, next: u64, e: EntryRef<'_>, _ttl: &Duration, _: &mut Given) -> bool {
         ReplyDirectory::add(self, INodeNo(e.ino), next, file_type(e.kind), e.name)
     }
     fn ok(self) {
@@ -205,16 +221,21 @@ impl DirReply for ReplyDirectory {
 }
 
 impl DirReply for ReplyDirectoryPlus {
-    fn add(&mut self, next: u64, e: EntryRef<'_>, ttl: &Duration) -> bool {
-        ReplyDirectoryPlus::add(
+    fn add(&mut self, next: u64, e: EntryRef<'_>, ttl: &Duration, given: &mut Given) -> bool {
+        let full = ReplyDirectoryPlus::add(
             self,
             INodeNo(e.ino),
             next,
             e.name,
             ttl,
             &to_fuse(&e.attr),
-            Generation(0),
-        )
+            Generation(e.attr.ino_gen),
+        );
+        // The kernel takes no reference for `.` and `..`.
+        if !full && e.name != "." && e.name != ".." {
+            given.push((e.ino, e.attr.ino_gen));
+        }
+        full
     }
     fn ok(self) {
         ReplyDirectoryPlus::ok(self)
@@ -224,7 +245,13 @@ impl DirReply for ReplyDirectoryPlus {
     }
 }
 
-fn fill_from(entries: &[DirEntry], offset: u64, ttl: &Duration, reply: &mut impl DirReply) {
+fn fill_from(
+    entries: &[DirEntry],
+    offset: u64,
+    ttl: &Duration,
+    given: &mut Given,
+    reply: &mut impl DirReply,
+) {
     for (i, e) in entries.iter().enumerate().skip(offset as usize) {
         let r = EntryRef {
             ino: e.ino,
@@ -232,7 +259,7 @@ fn fill_from(entries: &[DirEntry], offset: u64, ttl: &Duration, reply: &mut impl
             name: &e.name,
             attr: e.attr.clone(),
         };
-        if reply.add((i + 1) as u64, r, ttl) {
+        if reply.add((i + 1) as u64, r, ttl, given) {
             break;
         }
     }
@@ -241,35 +268,48 @@ fn fill_from(entries: &[DirEntry], offset: u64, ttl: &Duration, reply: &mut impl
 impl FuseAdapter {
     fn readdir_any(&self, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: impl DirReply) {
         let ttl = self.ttl;
+        let mut given = Given::new();
         if !self.no_opendir || fh.0 != 0 {
             return match self.fs.readdir(fh.0) {
                 Ok(entries) => {
-                    fill_from(&entries, offset, &ttl, &mut reply);
-                    reply.ok()
+                    fill_from(&entries, offset, &ttl, &mut given, &mut reply);
+                    reply_entries(&self.fs, &given, reply)
                 }
                 Err(e) => reply.error(errno(&e)),
             };
         }
         if self
             .fs
-            .entries_from(ino.0, offset, |next, e| reply.add(next, e, &ttl))
+            .entries_from(ino.0, offset, |next, e| {
+                reply.add(next, e, &ttl, &mut given)
+            })
             .is_some()
         {
-            return reply.ok();
+            return reply_entries(&self.fs, &given, reply);
         }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.entries(ino.0).await {
                 Ok(entries) => {
                     fs.entries_from_copy(ino.0, &entries, offset, |next, e| {
-                        reply.add(next, e, &ttl)
+                        reply.add(next, e, &ttl, &mut given)
                     });
-                    reply.ok()
+                    reply_entries(&fs, &given, reply)
                 }
                 Err(e) => reply.error(errno(&e)),
             }
         });
     }
+}
+
+/// Sends a filled readdir reply, once the entries it hands the kernel are counted.
+fn reply_entries(fs: &Fs, given: &Given, reply: impl DirReply) {
+    let stale = fs.inodes().remember_all(given);
+    if stale == 0 {
+        return reply.ok();
+    }
+    tracing::warn!(stale, "readdirplus entries dropped meanwhile; ESTALE");
+    reply.error(Errno::ESTALE)
 }
 
 impl Filesystem for FuseAdapter {
@@ -468,6 +508,12 @@ impl Filesystem for FuseAdapter {
     ) {
         self.touch();
         self.readdir_any(ino, fh, offset, reply);
+    }
+
+    /// fuser 0.18's `batch_forget` (whose argument type it does not export) calls this once
+    /// per inode.
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.inodes().forget(ino.0, nlookup);
     }
 
     fn readdirplus(

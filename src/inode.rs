@@ -13,9 +13,25 @@
 //!   not representable: the object is skipped, with one warning;
 //! - an object `x` alongside a prefix `x/`: the directory wins, the object is skipped with a warning;
 //! - an object named `d/` (a folder placeholder) is shown as the directory `d`, not as a file.
+//!
+//! Lifetimes: the kernel holds an inode from each entry it is handed (a lookup answer, a
+//! readdirplus entry) until it forgets it. Each node counts those ([`InodeTable::remember`],
+//! [`InodeTable::forget`]), and how many nodes of its sub-tree are held, so a lazily browsed
+//! mount need not keep every name it ever showed: a directory the kernel holds nothing of (it,
+//! and nothing below it) drops its children and is listed again when next used. Three rules
+//! keep that from ever losing an entry:
+//! - nothing is dropped while a bulk load runs ([`InodeTable::loading`]), and a directory a
+//!   bulk load or the snapshot listed is kept with all it holds: those trees are whole by
+//!   design (a listing per directory to get them back would cost more than their memory);
+//! - a listing of a directory begins at its epoch ([`InodeTable::listing_epoch`]) and completes
+//!   only if that is still the epoch ([`InodeTable::finish_listing`]); every drop, and every
+//!   reuse of a slot, gives the directory a new one, so a listing begun before a drop can
+//!   neither prune nor mark complete what it did not see whole;
+//! - a dropped slot is reused only with a new FUSE generation ([`NodeView::ino_gen`]), and only
+//!   once the kernel forgot every reference to it (no held node lies below an unheld one).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -49,6 +65,10 @@ pub struct NodeView {
     pub kind: Kind,
     /// Files only.
     pub file: Option<FileInfo>,
+    /// The FUSE generation of the inode number: how often its slot was reused (0 for the
+    /// first node that had it, the root always). Replies carry it, so the kernel never takes
+    /// a reused number for the node it held before.
+    pub ino_gen: u64,
 }
 
 #[derive(Debug)]
@@ -62,9 +82,17 @@ pub enum Lookup {
 }
 
 struct Node {
+    /// 0 for a free slot (and the unused slot 0).
     parent: Ino,
     name: Arc<str>,
     data: NodeData,
+    /// Entries the kernel was handed for this node minus those it forgot.
+    lookups: AtomicU64,
+    /// Nodes of this sub-tree (itself included) with `lookups > 0`. Changed with atomics
+    /// under the read lock, so it is exact whenever the write lock is held.
+    held: AtomicI64,
+    /// See [`NodeView::ino_gen`]; kept across the slot's free spells.
+    ino_gen: u64,
 }
 
 enum NodeData {
@@ -72,14 +100,96 @@ enum NodeData {
         children: BTreeMap<Arc<str>, Ino>,
         /// When the directory's listing was last complete (None: never).
         listed: Option<Instant>,
+        /// Listed by a bulk load or from the snapshot, once: kept whole for good.
+        kept: bool,
+        /// Unique over the table's life; a new one at every drop of the children.
+        epoch: u64,
     },
     File(FileInfo),
 }
 
+/// The nodes, indexed by inode number, and the free slots.
+struct Nodes {
+    v: Vec<Node>,
+    free: Vec<Ino>,
+    next_epoch: u64,
+}
+
+impl std::ops::Deref for Nodes {
+    type Target = Vec<Node>;
+    fn deref(&self) -> &Vec<Node> {
+        &self.v
+    }
+}
+
+impl std::ops::DerefMut for Nodes {
+    fn deref_mut(&mut self) -> &mut Vec<Node> {
+        &mut self.v
+    }
+}
+
+impl Nodes {
+    /// The live node `ino` (not a free slot, not slot 0).
+    fn live(&self, ino: Ino) -> Option<&Node> {
+        self.v.get(ino as usize).filter(|n| n.parent != 0)
+    }
+
+    fn new_dir(&mut self) -> NodeData {
+        self.next_epoch += 1;
+        NodeData::Dir {
+            children: BTreeMap::new(),
+            listed: None,
+            kept: false,
+            epoch: self.next_epoch,
+        }
+    }
+
+    /// Adds `delta` to the held count of `ino` and of each of its ancestors.
+    fn propagate(&self, ino: Ino, delta: i64) {
+        let mut cur = ino;
+        while let Some(n) = self.live(cur) {
+            n.held.fetch_add(delta, Ordering::Relaxed);
+            if cur == ROOT {
+                break;
+            }
+            cur = n.parent;
+        }
+    }
+
+    /// The directories whose children a forget of `ino` might let go, outermost first: `ino`
+    /// and its unheld ancestors below the root, when `ino` itself is unheld; only those not
+    /// kept, with children, count.
+    fn drop_candidates(&self, ino: Ino) -> Vec<Ino> {
+        let mut chain = Vec::new();
+        let mut cur = ino;
+        while let Some(n) = self.live(cur) {
+            if cur == ROOT || n.held.load(Ordering::Relaxed) != 0 {
+                break;
+            }
+            if let NodeData::Dir {
+                children,
+                kept: false,
+                ..
+            } = &n.data
+                && !children.is_empty()
+            {
+                chain.push(cur);
+            }
+            cur = n.parent;
+        }
+        chain.reverse();
+        chain
+    }
+}
+
 pub struct InodeTable {
-    inner: RwLock<Vec<Node>>,
+    inner: RwLock<Nodes>,
     /// See [`InodeTable::visited`].
     visited: AtomicU64,
+    /// Bulk loads running: no drop while any is (see [`InodeTable::loading`]).
+    loads: AtomicUsize,
+    /// Nodes dropped so far (see [`InodeTable::dropped`]).
+    dropped: AtomicU64,
     /// How long a complete listing stays trusted; None = for the life of the mount.
     ttl: Option<Duration>,
 }
@@ -115,31 +225,38 @@ pub fn invalid_component(c: &str) -> Option<&'static str> {
 
 impl InodeTable {
     pub fn new(ttl: Option<Duration>) -> Self {
-        let dummy = Node {
-            parent: 0,
-            name: Arc::from(""),
-            data: NodeData::File(FileInfo {
-                size: 0,
-                mtime: SystemTime::UNIX_EPOCH,
-                generation: 0,
-                crc32c: None,
-            }),
+        let mut nodes = Nodes {
+            v: vec![free_node(0)],
+            free: Vec::new(),
+            next_epoch: 0,
         };
         let root = Node {
             parent: ROOT,
             name: Arc::from(""),
-            data: new_dir(),
+            data: nodes.new_dir(),
+            lookups: AtomicU64::new(0),
+            held: AtomicI64::new(0),
+            ino_gen: 0,
         };
+        nodes.v.push(root);
         InodeTable {
-            inner: RwLock::new(vec![dummy, root]),
+            inner: RwLock::new(nodes),
             visited: AtomicU64::new(0),
+            loads: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
             ttl,
         }
     }
 
-    /// Number of inodes, the root included.
+    /// Number of inodes, the root included (free slots are not).
     pub fn len(&self) -> usize {
-        self.inner.read().unwrap().len() - 1
+        let nodes = self.inner.read().unwrap();
+        nodes.v.len() - 1 - nodes.free.len()
+    }
+
+    /// Nodes dropped because the kernel forgot them, over the table's life.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -148,16 +265,15 @@ impl InodeTable {
 
     pub fn get(&self, ino: Ino) -> Option<NodeView> {
         let nodes = self.inner.read().unwrap();
-        if ino == 0 {
-            return None;
-        }
-        nodes.get(ino as usize).map(|n| view(ino, n))
+        nodes.live(ino).map(|n| view(ino, n))
     }
 
     pub fn lookup(&self, parent: Ino, name: &str) -> Lookup {
         let nodes = self.inner.read().unwrap();
-        match nodes.get(parent as usize).map(|n| &n.data) {
-            Some(NodeData::Dir { children, listed }) => match children.get(name) {
+        match nodes.live(parent).map(|n| &n.data) {
+            Some(NodeData::Dir {
+                children, listed, ..
+            }) => match children.get(name) {
                 Some(&ino) => Lookup::Found(view(ino, &nodes[ino as usize])),
                 None if fresh(listed, self.ttl) => Lookup::Absent,
                 None => Lookup::Unknown,
@@ -167,65 +283,219 @@ impl InodeTable {
     }
 
     pub fn is_listed(&self, dir: Ino) -> bool {
-        match self
-            .inner
-            .read()
-            .unwrap()
-            .get(dir as usize)
-            .map(|n| &n.data)
-        {
+        match self.inner.read().unwrap().live(dir).map(|n| &n.data) {
             Some(NodeData::Dir { listed, .. }) => fresh(listed, self.ttl),
             _ => false,
         }
     }
 
+    /// Marks `dir` completely listed by a bulk load, which keeps it (see the module rules).
+    /// A listing of the directory on its own completes with [`InodeTable::finish_listing`].
     pub fn mark_listed(&self, dir: Ino) {
-        if let Some(NodeData::Dir { listed, .. }) = self
+        if let Some(NodeData::Dir { listed, kept, .. }) = self
             .inner
             .write()
             .unwrap()
             .get_mut(dir as usize)
+            .filter(|n| n.parent != 0)
             .map(|n| &mut n.data)
         {
             *listed = Some(Instant::now());
+            *kept = true;
         }
     }
 
     /// Marks `dir` and every directory below it as completely listed (after a flat listing
-    /// of the whole sub-tree).
+    /// of the whole sub-tree, or loading the snapshot), and kept.
     pub fn mark_subtree_listed(&self, dir: Ino) {
         let now = Instant::now();
         let mut nodes = self.inner.write().unwrap();
         let mut stack = vec![dir];
         while let Some(d) = stack.pop() {
-            if let Some(NodeData::Dir { children, listed }) =
-                nodes.get_mut(d as usize).map(|n| &mut n.data)
+            if let Some(NodeData::Dir {
+                children,
+                listed,
+                kept,
+                ..
+            }) = nodes
+                .get_mut(d as usize)
+                .filter(|n| n.parent != 0)
+                .map(|n| &mut n.data)
             {
                 *listed = Some(now);
+                *kept = true;
                 stack.extend(children.values().copied());
             }
         }
     }
 
-    /// Removes children of `dir` whose names are not in `present` (after a fresh listing
-    /// shows they are gone). Their inodes stay allocated, so open handles stay valid.
-    pub fn prune_children(&self, dir: Ino, present: &std::collections::HashSet<&str>) {
-        if let Some(NodeData::Dir { children, .. }) = self
-            .inner
-            .write()
-            .unwrap()
-            .get_mut(dir as usize)
-            .map(|n| &mut n.data)
-        {
-            children.retain(|name, _| present.contains(&**name));
+    /// Where a listing of `dir` on its own begins: hand it to [`InodeTable::finish_listing`].
+    /// 0 (which no directory has) when `dir` is not a directory.
+    pub fn listing_epoch(&self, dir: Ino) -> u64 {
+        match self.inner.read().unwrap().live(dir).map(|n| &n.data) {
+            Some(NodeData::Dir { epoch, .. }) => *epoch,
+            _ => 0,
         }
+    }
+
+    /// Completes a listing of `dir` on its own that began at `epoch`: removes the children
+    /// whose names are not in `present` (the listing shows they are gone; their inodes stay
+    /// allocated, so open handles stay valid) and marks it listed. Does neither, and returns
+    /// false, when the directory is no longer at that epoch (its children were dropped, or its
+    /// slot freed or reused, since the listing began): then what the listing saw need not be
+    /// all the directory holds, and it is listed again when next used.
+    pub fn finish_listing(
+        &self,
+        dir: Ino,
+        at: u64,
+        present: &std::collections::HashSet<&str>,
+    ) -> bool {
+        let mut nodes = self.inner.write().unwrap();
+        let Some(NodeData::Dir {
+            children,
+            listed,
+            epoch,
+            ..
+        }) = nodes
+            .get_mut(dir as usize)
+            .filter(|n| n.parent != 0)
+            .map(|n| &mut n.data)
+        else {
+            return false;
+        };
+        if *epoch != at {
+            return false;
+        }
+        children.retain(|name, _| present.contains(&**name));
+        *listed = Some(Instant::now());
+        true
+    }
+
+    /// A bulk load begins: nothing is dropped until the returned guard is gone. A drop
+    /// while one runs could free directories it is still filling (and is about to mark
+    /// complete) or slots it still refers to.
+    pub fn loading(&self) -> LoadGuard<'_> {
+        // Taken under the write lock, so no drop is half done when it returns.
+        let _nodes = self.inner.write().unwrap();
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        LoadGuard(self)
+    }
+
+    /// The kernel was handed an entry for `ino` (a lookup answer or a readdirplus entry) with
+    /// generation `ino_gen`: it holds one more reference until it forgets it. Call it before the
+    /// reply is sent. False when `ino` is not that node (freed or reused since; never
+    /// expected: the kernel holds the directory an entry is found in).
+    pub fn remember(&self, ino: Ino, ino_gen: u64) -> bool {
+        remember_in(&self.inner.read().unwrap(), ino, ino_gen)
+    }
+
+    /// [`InodeTable::remember`] for each of `entries` (the entries of one readdirplus reply).
+    /// Returns how many were not the node they name.
+    pub fn remember_all(&self, entries: &[(Ino, u64)]) -> usize {
+        if entries.is_empty() {
+            return 0;
+        }
+        let nodes = self.inner.read().unwrap();
+        entries
+            .iter()
+            .filter(|&&(ino, ino_gen)| !remember_in(&nodes, ino, ino_gen))
+            .count()
+    }
+
+    /// References the kernel holds to `ino` (entries handed minus forgotten).
+    pub fn lookups(&self, ino: Ino) -> u64 {
+        let nodes = self.inner.read().unwrap();
+        nodes
+            .live(ino)
+            .map_or(0, |n| n.lookups.load(Ordering::Relaxed))
+    }
+
+    /// The kernel forgot `n` references to `ino`. When that leaves a directory not kept (see
+    /// the module rules) with nothing of it held, its children are dropped (it stays, not
+    /// listed, and is listed again when next used) and their slots freed for reuse: the
+    /// outermost such directory among `ino` and its ancestors. The root is never forgotten.
+    /// Returns the number of nodes dropped.
+    pub fn forget(&self, ino: Ino, n: u64) -> usize {
+        if ino == ROOT || n == 0 {
+            return 0;
+        }
+        {
+            let nodes = self.inner.read().unwrap();
+            let Some(node) = nodes.live(ino) else {
+                return 0;
+            };
+            let prev = node
+                .lookups
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    Some(c.saturating_sub(n))
+                })
+                .unwrap_or(0);
+            if prev == 0 || prev > n {
+                return 0;
+            }
+            nodes.propagate(ino, -1);
+            if self.loads.load(Ordering::SeqCst) > 0 || nodes.drop_candidates(ino).is_empty() {
+                return 0;
+            }
+        }
+        self.drop_unheld(ino)
+    }
+
+    /// Drops the children of the outermost directory [`Nodes::drop_candidates`] names for
+    /// `ino` that holds no kept directory, checked afresh under the write lock.
+    fn drop_unheld(&self, ino: Ino) -> usize {
+        let mut nodes = self.inner.write().unwrap();
+        if self.loads.load(Ordering::SeqCst) > 0 {
+            return 0;
+        }
+        'candidates: for dir in nodes.drop_candidates(ino) {
+            let mut below = Vec::new();
+            let mut stack = vec![dir];
+            while let Some(d) = stack.pop() {
+                let NodeData::Dir { children, .. } = &nodes[d as usize].data else {
+                    continue;
+                };
+                for &c in children.values() {
+                    let child = &nodes[c as usize];
+                    if child.held.load(Ordering::Relaxed) != 0
+                        || matches!(child.data, NodeData::Dir { kept: true, .. })
+                    {
+                        continue 'candidates;
+                    }
+                    below.push(c);
+                    stack.push(c);
+                }
+            }
+            nodes.next_epoch += 1;
+            let next = nodes.next_epoch;
+            if let NodeData::Dir {
+                children,
+                listed,
+                epoch,
+                ..
+            } = &mut nodes[dir as usize].data
+            {
+                children.clear();
+                *listed = None;
+                *epoch = next;
+            }
+            for &c in &below {
+                let ino_gen = nodes[c as usize].ino_gen;
+                nodes[c as usize] = free_node(ino_gen);
+            }
+            nodes.free.extend_from_slice(&below);
+            self.dropped
+                .fetch_add(below.len() as u64, Ordering::Relaxed);
+            return below.len();
+        }
+        0
     }
 
     /// Some file in the table, if any (used to prove access without a listing).
     pub fn any_file(&self) -> Option<Ino> {
         let nodes = self.inner.read().unwrap();
         (2..nodes.len())
-            .find(|&i| matches!(nodes[i].data, NodeData::File(_)))
+            .find(|&i| nodes[i].parent != 0 && matches!(nodes[i].data, NodeData::File(_)))
             .map(|i| i as Ino)
     }
 
@@ -291,7 +561,7 @@ impl InodeTable {
     /// Children of a directory, in name order.
     pub fn children(&self, dir: Ino) -> Option<Vec<(Arc<str>, NodeView)>> {
         let nodes = self.inner.read().unwrap();
-        match &nodes.get(dir as usize)?.data {
+        match &nodes.live(dir)?.data {
             NodeData::Dir { children, .. } => Some(
                 children
                     .iter()
@@ -317,12 +587,12 @@ impl InodeTable {
     ) -> Option<()> {
         use std::ops::Bound::{Excluded, Unbounded};
         let nodes = self.inner.read().unwrap();
-        let NodeData::Dir { children, .. } = &nodes.get(dir as usize)?.data else {
+        let NodeData::Dir { children, .. } = &nodes.live(dir)?.data else {
             return None;
         };
         let from = match after {
             None => children.range::<str, _>((Unbounded, Unbounded)),
-            Some(a) => match nodes.get(a as usize) {
+            Some(a) => match nodes.live(a) {
                 Some(n) if n.parent == dir && a != ROOT => {
                     children.range::<str, _>((Excluded(&*n.name), Unbounded))
                 }
@@ -348,7 +618,7 @@ impl InodeTable {
     /// `dir`: where a readdir resuming after it picks up.
     pub fn child_name(&self, dir: Ino, child: Ino) -> Option<Arc<str>> {
         let nodes = self.inner.read().unwrap();
-        let n = nodes.get(child as usize)?;
+        let n = nodes.live(child)?;
         (n.parent == dir && child != ROOT).then(|| n.name.clone())
     }
 
@@ -360,7 +630,7 @@ impl InodeTable {
         use std::ops::Bound::{Excluded, Unbounded};
         let nodes = self.inner.read().unwrap();
         let mut out = Vec::new();
-        let Some(node) = nodes.get(ino as usize) else {
+        let Some(node) = nodes.live(ino) else {
             return out;
         };
         if !matches!(node.data, NodeData::File(_)) || ino == ROOT {
@@ -486,32 +756,70 @@ fn view(ino: Ino, n: &Node) -> NodeView {
             parent: n.parent,
             kind: Kind::Dir,
             file: None,
+            ino_gen: n.ino_gen,
         },
         NodeData::File(f) => NodeView {
             ino,
             parent: n.parent,
             kind: Kind::File,
             file: Some(f.clone()),
+            ino_gen: n.ino_gen,
         },
     }
 }
 
-fn add_child(nodes: &mut Vec<Node>, parent: Ino, name: &str, data: NodeData) -> Ino {
-    let ino = nodes.len() as Ino;
+/// See [`InodeTable::remember`].
+fn remember_in(nodes: &Nodes, ino: Ino, ino_gen: u64) -> bool {
+    match nodes.live(ino) {
+        Some(n) if n.ino_gen == ino_gen => {
+            if n.lookups.fetch_add(1, Ordering::Relaxed) == 0 {
+                nodes.propagate(ino, 1);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A bulk load running (see [`InodeTable::loading`]).
+pub struct LoadGuard<'a>(&'a InodeTable);
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.loads.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn add_child(nodes: &mut Nodes, parent: Ino, name: &str, data: NodeData) -> Ino {
     let name: Arc<str> = Arc::from(name);
-    nodes.push(Node {
+    let mut node = Node {
         parent,
         name: name.clone(),
         data,
-    });
-    if let NodeData::Dir { children, .. } = &mut nodes[parent as usize].data {
+        lookups: AtomicU64::new(0),
+        held: AtomicI64::new(0),
+        ino_gen: 0,
+    };
+    let ino = match nodes.free.pop() {
+        Some(ino) => {
+            // A new generation: the kernel may have held this number before, for another node.
+            node.ino_gen = nodes.v[ino as usize].ino_gen + 1;
+            nodes.v[ino as usize] = node;
+            ino
+        }
+        None => {
+            nodes.v.push(node);
+            (nodes.v.len() - 1) as Ino
+        }
+    };
+    if let NodeData::Dir { children, .. } = &mut nodes.v[parent as usize].data {
         children.insert(name, ino);
     }
     ino
 }
 
 /// Walks/creates the directories of `rel` (no trailing slash; empty = root).
-fn ensure_dirs(nodes: &mut Vec<Node>, rel: &str) -> Result<Ino, String> {
+fn ensure_dirs(nodes: &mut Nodes, rel: &str) -> Result<Ino, String> {
     let mut cur = ROOT;
     if rel.is_empty() {
         return Ok(cur);
@@ -535,19 +843,33 @@ fn ensure_dirs(nodes: &mut Vec<Node>, rel: &str) -> Result<Ino, String> {
                     object = ?&rel[..end],
                     "skipping object: an object and a directory share this name; the directory is shown"
                 );
-                add_child(nodes, cur, comp, new_dir())
+                let dir = nodes.new_dir();
+                add_child(nodes, cur, comp, dir)
             }
-            None => add_child(nodes, cur, comp, new_dir()),
+            None => {
+                let dir = nodes.new_dir();
+                add_child(nodes, cur, comp, dir)
+            }
         };
         end += 1;
     }
     Ok(cur)
 }
 
-fn new_dir() -> NodeData {
-    NodeData::Dir {
-        children: BTreeMap::new(),
-        listed: None,
+/// An unused slot (parent 0, which no live node has) whose last node had generation `ino_gen`.
+fn free_node(ino_gen: u64) -> Node {
+    Node {
+        parent: 0,
+        name: Arc::from(""),
+        data: NodeData::File(FileInfo {
+            size: 0,
+            mtime: SystemTime::UNIX_EPOCH,
+            generation: 0,
+            crc32c: None,
+        }),
+        lookups: AtomicU64::new(0),
+        held: AtomicI64::new(0),
+        ino_gen,
     }
 }
 
@@ -706,5 +1028,164 @@ mod tests {
         let b = t.insert_object("a", info(5)).unwrap();
         assert_eq!(a, b);
         assert_eq!(t.get(a).unwrap().file.unwrap().size, 5);
+    }
+
+    impl InodeTable {
+        /// Lists `dir` on its own as `ensure_listed` does: `names` (relative to the root) are
+        /// what the listing returns, its direct children are what it saw present.
+        fn list_lazily(&self, dir: Ino, names: &[&str]) -> bool {
+            let e = self.listing_epoch(dir);
+            self.fill(dir, e, names)
+        }
+
+        fn fill(&self, dir: Ino, epoch: u64, names: &[&str]) -> bool {
+            let base = self.rel_path(dir);
+            let mut present = std::collections::HashSet::new();
+            for n in names {
+                let rest = n.strip_prefix(base.as_str()).unwrap();
+                match rest.split_once('/') {
+                    Some((d, _)) => {
+                        self.insert_dir(&format!("{base}{d}")).unwrap();
+                        present.insert(d);
+                    }
+                    None => {
+                        self.insert_object(n, info(1)).unwrap();
+                        present.insert(rest);
+                    }
+                }
+            }
+            self.finish_listing(dir, epoch, &present)
+        }
+
+        fn found(&self, dir: Ino, name: &str) -> NodeView {
+            match self.lookup(dir, name) {
+                Lookup::Found(v) => v,
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+
+        /// A lookup answer handed to the kernel.
+        fn hand(&self, dir: Ino, name: &str) -> NodeView {
+            let v = self.found(dir, name);
+            assert!(self.remember(v.ino, v.ino_gen));
+            v
+        }
+    }
+
+    /// A directory listed on its own that the kernel forgot, with nothing below it held,
+    /// drops its children (it stays, not listed, and is listed again when used); a held child
+    /// keeps them; the freed slots are reused with a new generation, so a reply never hands
+    /// the kernel an old number for a new node under the generation it held.
+    #[test]
+    fn forgotten_lazy_directories_drop_their_children() {
+        let t = InodeTable::new(None);
+        assert!(t.list_lazily(ROOT, &["d/x", "e"]));
+        let d = t.hand(ROOT, "d");
+        assert!(t.list_lazily(d.ino, &["d/x", "d/y", "d/sub/z"]));
+        let sub = t.found(d.ino, "sub");
+        assert!(t.list_lazily(sub.ino, &["d/sub/z"]));
+        let before = t.len();
+        let x = t.hand(d.ino, "x");
+        assert_eq!(t.forget(d.ino, 1), 0, "x is still held");
+        assert!(t.is_listed(d.ino));
+        assert_eq!(t.lookups(d.ino), 0);
+        // The last reference below d goes: d's children go with it.
+        assert_eq!(t.forget(x.ino, 1), 4, "x, y, sub, sub/z");
+        assert_eq!(t.len(), before - 4);
+        assert_eq!(t.dropped(), 4);
+        assert!(!t.is_listed(d.ino));
+        assert!(matches!(t.lookup(d.ino, "x"), Lookup::Unknown));
+        assert!(t.get(x.ino).is_none() && t.get(sub.ino).is_none());
+        assert!(!t.remember(x.ino, x.ino_gen), "a freed slot is no node");
+        // d itself is kept by its listed parent, with its number and generation.
+        assert_eq!(t.found(ROOT, "d").ino, d.ino);
+        assert_eq!(t.get(d.ino).unwrap().ino_gen, 0);
+        // Listed again: the table grows back into the freed slots, under new generations.
+        assert!(t.list_lazily(d.ino, &["d/x", "d/y", "d/sub/z"]));
+        assert!(t.list_lazily(t.found(d.ino, "sub").ino, &["d/sub/z"]));
+        assert_eq!(t.len(), before);
+        let x2 = t.found(d.ino, "x");
+        assert!(x2.ino_gen > 0, "a reused slot has a new generation");
+        assert!(!t.remember(x2.ino, 0), "the old generation names no node");
+        // Forgetting more than was handed, or the root, drops nothing.
+        assert_eq!(t.forget(x2.ino, 5), 0);
+        assert_eq!(t.forget(ROOT, 1), 0);
+        assert_eq!(t.len(), before);
+    }
+
+    /// The epoch rule: a listing that began before the directory's children were dropped
+    /// (or before its slot was freed and reused) neither prunes nor marks it complete; one
+    /// that begins after does.
+    #[test]
+    fn a_listing_begun_before_a_drop_does_not_complete() {
+        let t = InodeTable::new(None);
+        assert!(t.list_lazily(ROOT, &["d/x"]));
+        let d = t.hand(ROOT, "d");
+        assert!(t.list_lazily(d.ino, &["d/x", "d/y"]));
+        // A second listing of d begins and has seen `x` when the kernel forgets d.
+        let begun = t.listing_epoch(d.ino);
+        t.insert_object("d/x", info(1)).unwrap();
+        assert_eq!(t.forget(d.ino, 1), 2);
+        t.insert_object("d/w", info(1)).unwrap();
+        assert!(
+            !t.finish_listing(d.ino, begun, &["x", "w"].into_iter().collect()),
+            "begun before the drop"
+        );
+        assert!(!t.is_listed(d.ino));
+        assert!(
+            matches!(t.lookup(d.ino, "y"), Lookup::Unknown),
+            "y not absent"
+        );
+        // A listing begun now completes.
+        assert!(t.list_lazily(d.ino, &["d/x", "d/y"]));
+        assert!(t.is_listed(d.ino));
+        assert!(matches!(t.lookup(d.ino, "w"), Lookup::Absent));
+        // A directory whose slot was freed and reused: the old listing names the slot, whose
+        // epoch is another's now.
+        let sub_listing = {
+            assert!(t.list_lazily(d.ino, &["d/x", "d/y", "d/s/z"]));
+            let s = t.found(d.ino, "s");
+            (s.ino, t.listing_epoch(s.ino))
+        };
+        assert!(t.remember(d.ino, d.ino_gen));
+        assert_eq!(t.forget(d.ino, 1), 3, "x, y, s");
+        // Three directories take the three freed slots, s's among them.
+        assert!(t.list_lazily(d.ino, &["d/q1/r", "d/q2/r", "d/q3/r"]));
+        let q = t.get(sub_listing.0).unwrap();
+        assert_eq!((q.kind, q.parent), (Kind::Dir, d.ino), "s's slot reused");
+        assert!(!t.finish_listing(q.ino, sub_listing.1, &Default::default()));
+        assert!(!t.is_listed(q.ino));
+        assert_ne!(t.listing_epoch(q.ino), sub_listing.1);
+    }
+
+    /// Nothing is dropped while a bulk load runs, nor in a tree a bulk load or the snapshot
+    /// listed (kept), nor in a lazily listed directory holding such a tree.
+    #[test]
+    fn loads_and_kept_trees_drop_nothing() {
+        let t = InodeTable::new(None);
+        assert!(t.list_lazily(ROOT, &["lazy/a", "bulk/b", "mixed/m"]));
+        let lazy = t.hand(ROOT, "lazy");
+        assert!(t.list_lazily(lazy.ino, &["lazy/a", "lazy/b"]));
+        {
+            let _load = t.loading();
+            assert_eq!(t.forget(lazy.ino, 1), 0, "a load runs");
+        }
+        assert!(t.is_listed(lazy.ino));
+        let bulk = t.hand(ROOT, "bulk");
+        t.insert_object("bulk/b/c", info(1)).unwrap();
+        t.mark_subtree_listed(bulk.ino);
+        assert_eq!(t.forget(bulk.ino, 1), 0, "listed in bulk");
+        let mixed = t.hand(ROOT, "mixed");
+        assert!(t.list_lazily(mixed.ino, &["mixed/m", "mixed/k/f"]));
+        t.mark_listed(t.found(mixed.ino, "k").ino);
+        assert_eq!(
+            t.forget(mixed.ino, 1),
+            0,
+            "holds a directory listed in bulk"
+        );
+        assert!(t.is_listed(mixed.ino));
+        // Once the load is over, the lazy directory goes when the kernel forgets it again.
+        assert!(t.remember(lazy.ino, lazy.ino_gen));
+        assert_eq!(t.forget(lazy.ino, 1), 2);
     }
 }

@@ -158,6 +158,12 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         fs.inodes().len() as u64,
     );
     metric(
+        "inodes_dropped_total",
+        "counter",
+        "Inode table entries dropped after the kernel forgot them (lazily listed directories only; each is listed again when next used).",
+        fs.inodes().dropped(),
+    );
+    metric(
         "readdir_entries_visited_total",
         "counter",
         "Directory children stepped over to answer readdir (each offered to a reply once; a resumed readdir steps over none it already gave).",

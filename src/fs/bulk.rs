@@ -144,6 +144,9 @@ impl Fs {
     /// Loads every object under the mount prefix into the inode table. Lookups that arrive
     /// meanwhile are answered with targeted requests.
     pub async fn bulk_load(self: &Arc<Self>, opts: &BulkOptions) -> Result<BulkStats, FsError> {
+        // No drop of forgotten directories while the load fills the tree (it marks directories
+        // complete by inode as it passes them); declared first, so it is released last.
+        let _loading = self.inodes.loading();
         self.bulk_loading.store(true, Ordering::Relaxed);
         let _flag = LoadingFlag(self);
         let started = Instant::now();
@@ -151,6 +154,8 @@ impl Fs {
 
         // Discover range boundaries from the first two levels of directories.
         self.ensure_listed(ROOT).await?;
+        // Listed for the load: kept like the rest of what it lists.
+        self.inodes.mark_listed(ROOT);
         requests.fetch_add(1, Ordering::Relaxed);
         let level1: Vec<_> = self.dir_children(ROOT);
         let mut boundaries: Vec<String> = Vec::new();
@@ -161,7 +166,9 @@ impl Fs {
             try_join_all(level1.iter().map(|(ino, _)| async {
                 let _p = sem.acquire().await;
                 requests.fetch_add(1, Ordering::Relaxed);
-                self.ensure_listed(*ino).await
+                self.ensure_listed(*ino).await?;
+                self.inodes.mark_listed(*ino);
+                Ok::<(), FsError>(())
             }))
             .await?;
             for (ino, rel) in &level1 {

@@ -5,6 +5,10 @@ use super::{Fs, FsError};
 use crate::client::{ListRequest, list_all};
 use crate::inode::Ino;
 
+/// Listings of one directory in a row whose children were dropped under them before
+/// [`Fs::ensure_listed`] gives up (it then answers as if unlisted).
+const LIST_ATTEMPTS: usize = 3;
+
 impl Fs {
     /// Lists directory `dir` (all pages) into the inode table, once.
     pub(super) async fn ensure_listed(&self, dir: Ino) -> Result<(), FsError> {
@@ -19,8 +23,26 @@ impl Fs {
             .or_default()
             .clone();
         let _guard = lock.lock().await;
-        if self.inodes.is_listed(dir) {
-            return Ok(());
+        // A listing the kernel waits for cannot lose its directory (the kernel holds it, so
+        // nothing of it is dropped); one nobody holds may, and is simply done again.
+        for _ in 0..LIST_ATTEMPTS {
+            if self.inodes.is_listed(dir) || self.list_once(dir).await? {
+                break;
+            }
+        }
+        self.list_locks.lock().unwrap().remove(&dir);
+        Ok(())
+    }
+
+    /// One listing of `dir` (all pages) into the inode table; false when its children were
+    /// dropped meanwhile, so it is not marked complete (true too when `dir` is no directory).
+    async fn list_once(&self, dir: Ino) -> Result<bool, FsError> {
+        // A drop of the children while the listing runs moves the epoch on: then the listing
+        // does not mark the directory complete (see the inode table's module rules).
+        let epoch = self.inodes.listing_epoch(dir);
+        if epoch == 0 {
+            // Not a directory (any more): nothing to list.
+            return Ok(true);
         }
         let dir_rel = self.inodes.rel_path(dir);
         let prefix = format!("{}{}", self.cfg.prefix, dir_rel);
@@ -57,10 +79,11 @@ impl Fs {
             }
         }
         let present: std::collections::HashSet<&str> = present.iter().map(|s| s.as_str()).collect();
-        self.inodes.prune_children(dir, &present);
-        self.inodes.mark_listed(dir);
-        self.list_locks.lock().unwrap().remove(&dir);
-        Ok(())
+        let done = self.inodes.finish_listing(dir, epoch, &present);
+        if !done {
+            tracing::debug!(prefix = %prefix, "children dropped while listing: listing again");
+        }
+        Ok(done)
     }
 
     /// Finds one name without listing its parent: the object itself and the first entry
