@@ -157,6 +157,31 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         "Entries in the inode table.",
         fs.inodes().len() as u64,
     );
+    let fetcher = fs.reader().fetcher();
+    metric(
+        "fetch_bytes_in_flight_peak",
+        "gauge",
+        "The most bytes media GETs ever had in flight at once (read-ahead and demand; bounded by the read-ahead budget plus the demand budget).",
+        fetcher.peak_bytes_in_flight(),
+    );
+    metric(
+        "demand_bytes_in_flight_peak",
+        "gauge",
+        "The most bytes demand reads and whole small-object fetches ever had in flight at once (bounded by demand_budget_bytes, or one larger request alone).",
+        fetcher.demand_budget().gauge().peak(),
+    );
+    metric(
+        "demand_budget_bytes",
+        "gauge",
+        "Bytes demand reads and whole small-object fetches may have in flight at once; more wait in arrival order.",
+        fetcher.demand_budget().total(),
+    );
+    metric(
+        "demand_fetches_waiting",
+        "gauge",
+        "Demand fetches waiting for room in the demand budget now.",
+        fetcher.demand_budget().waiting() as u64,
+    );
     metric(
         "inodes_dropped_total",
         "counter",

@@ -8,7 +8,11 @@
 //! fetch (a shared future), and each run of the rest is one ranged GET, cut at multiples of
 //! `max_request` in the object so a stream is fetched in identical pieces whose receive
 //! buffers are recycled (`client::pool`). Read-ahead in flight is bounded by a budget of
-//! block permits, so memory stays bounded however many files are read at once.
+//! block permits, so memory stays bounded however many files are read at once. Every other
+//! GET (demand reads, the rest of a small object) waits its turn in a byte budget of its own
+//! ([`super::budget`]): its blocks are registered in flight when the fetch is decided, before
+//! it waits, so a second reader of them joins it instead of fetching them again, and each GET
+//! runs in a task of its own, so a granted fetch never waits on whoever happens to await it.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -18,6 +22,7 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
+use super::budget::{Budget, Gauge};
 use super::cache::{Block, BlockCache, BlockKey};
 pub use super::object::Object;
 use crate::client::{ClientError, ObjectClient};
@@ -38,11 +43,22 @@ pub struct Fetcher {
     max_request: u64,
     /// Permits of one block each for read-ahead in flight.
     permits: Arc<tokio::sync::Semaphore>,
+    /// Bytes of every other GET in flight (demand reads, the rest of a small object).
+    demand: Budget,
+    /// Bytes of all media GETs in flight (read-ahead and the rest).
+    gauge: Arc<Gauge>,
     inflight: Arc<Mutex<InflightMap>>,
 }
 
+/// The demand budget that goes with a read-ahead budget of `read_ahead` bytes: as much again,
+/// and at least four full requests (so a few readers of big objects are never serialized).
+pub fn demand_budget(read_ahead: u64, max_request: u64) -> u64 {
+    read_ahead.max(4 * max_request)
+}
+
 impl Fetcher {
-    /// `budget` bytes of read-ahead may be in flight at once.
+    /// `budget` bytes of read-ahead may be in flight at once, and [`demand_budget`] bytes of
+    /// the other GETs.
     pub fn new(
         client: Arc<dyn ObjectClient>,
         cache: Arc<dyn BlockCache>,
@@ -51,14 +67,34 @@ impl Fetcher {
         budget: u64,
     ) -> Self {
         let block_size = block_size.max(1);
+        let max_request = max_request.max(block_size);
         Fetcher {
             client,
             cache,
             block_size,
-            max_request: max_request.max(block_size),
+            max_request,
             permits: Arc::new(tokio::sync::Semaphore::new((budget / block_size) as usize)),
+            demand: Budget::new(demand_budget(budget, max_request)),
+            gauge: Arc::default(),
             inflight: Arc::default(),
         }
+    }
+
+    /// The same with a demand budget of `bytes` instead.
+    pub fn with_demand_budget(mut self, bytes: u64) -> Self {
+        self.demand = Budget::new(bytes);
+        self
+    }
+
+    /// The budget of demand reads and whole small objects.
+    pub fn demand_budget(&self) -> &Budget {
+        &self.demand
+    }
+
+    /// The most bytes media GETs ever had in flight at once: at most the read-ahead budget
+    /// plus the demand budget (or one GET larger than that alone).
+    pub fn peak_bytes_in_flight(&self) -> u64 {
+        self.gauge.peak()
     }
 
     pub fn cache(&self) -> &Arc<dyn BlockCache> {
@@ -97,28 +133,20 @@ impl Fetcher {
     /// from the cache, blocks in flight join that fetch, the rest are fetched now.
     pub fn demand(&self, obj: &Object, range: Range<u64>) -> Vec<SharedFetch> {
         match self.blocks_of(obj, &range) {
-            Some((first, last)) => self.fetch_blocks(obj, first, last, true),
+            Some((first, last)) => self.fetch_blocks(obj, first, last, true, false),
             None => Vec::new(),
         }
     }
 
     /// Fetches the blocks of `range` that are neither cached nor in flight, in the background
-    /// and outside the read-ahead budget (the rest of a small object a reader is reading).
-    /// Returns how many blocks it asked for.
+    /// and within the demand budget, not the read-ahead one (the rest of a small object a
+    /// reader is reading). Returns how many blocks it asked for.
     pub fn background(&self, obj: &Object, range: Range<u64>) -> u64 {
         let Some((first, last)) = self.blocks_of(obj, &range) else {
             return 0;
         };
-        let started = self.fetch_blocks(obj, first, last, false);
-        let n = started.len() as u64;
-        if n > 0 {
-            tokio::spawn(async move {
-                for w in started {
-                    let _ = w.await;
-                }
-            });
-        }
-        n
+        // Each GET runs in its own task (`start_fetch`): nobody needs to await these.
+        self.fetch_blocks(obj, first, last, false, false).len() as u64
     }
 
     /// Fetches the missing blocks of `range` ahead of a reader, within the read-ahead budget:
@@ -137,7 +165,7 @@ impl Fetcher {
             let Ok(permit) = self.permits.clone().try_acquire_many_owned(n) else {
                 return asked;
             };
-            let waits = self.fetch_blocks(obj, start, stop, false);
+            let waits = self.fetch_blocks(obj, start, stop, false, true);
             asked += waits.len() as u64;
             tokio::spawn(async move {
                 // A failed read-ahead is not an error: the reader will fetch (and report) it.
@@ -168,8 +196,16 @@ impl Fetcher {
     /// Futures for blocks `first..=last`: cached ones read from the cache, blocks being
     /// fetched join that fetch, and each run of the rest is fetched with one ranged GET
     /// (split at `max_request`). With `demand` false, cached and in-flight blocks are
-    /// skipped and only the started fetches are returned.
-    fn fetch_blocks(&self, obj: &Object, first: u64, last: u64, demand: bool) -> Vec<SharedFetch> {
+    /// skipped and only the started fetches are returned. `read_ahead`: the caller holds
+    /// read-ahead permits for these blocks; other GETs wait their turn in the demand budget.
+    fn fetch_blocks(
+        &self,
+        obj: &Object,
+        first: u64,
+        last: u64,
+        demand: bool,
+        read_ahead: bool,
+    ) -> Vec<SharedFetch> {
         let per_request = self.max_request / self.block_size;
         let mut out = Vec::new();
         let mut inflight = self.inflight.lock().unwrap();
@@ -194,11 +230,11 @@ impl Fetcher {
             match (missing, run) {
                 (true, None) => run = Some(i),
                 (true, Some(s)) if i - s == per_request => {
-                    out.extend(self.start_fetch(obj, s, i - 1, &mut inflight));
+                    out.extend(self.start_fetch(obj, s, i - 1, read_ahead, &mut inflight));
                     run = Some(i);
                 }
                 (false, Some(s)) => {
-                    out.extend(self.start_fetch(obj, s, i - 1, &mut inflight));
+                    out.extend(self.start_fetch(obj, s, i - 1, read_ahead, &mut inflight));
                     run = None;
                 }
                 _ => {}
@@ -208,7 +244,8 @@ impl Fetcher {
         out.into_iter().map(|(_, f)| f).collect()
     }
 
-    /// A cached block, or (evicted between the check and the get) that one block fetched.
+    /// A cached block, or (evicted between the check and the get) that one block fetched,
+    /// within the demand budget.
     fn cached(&self, obj: &Object, key: BlockKey) -> SharedFetch {
         let (cache, client, obj, bs) = (
             self.cache.clone(),
@@ -216,12 +253,15 @@ impl Fetcher {
             obj.clone(),
             self.block_size,
         );
+        let (budget, gauge) = (self.demand.clone(), self.gauge.clone());
         async move {
             match cache.get(&key).await {
                 Some(b) => Ok(b),
                 None => {
                     let s = key.index * bs;
                     let e = (s + bs).min(obj.size);
+                    let _grant = budget.reserve(e - s).await;
+                    let _counted = gauge.enter(e - s);
                     let data = client.get_range(obj.version(), s, e).await?;
                     if data.len() as u64 != e - s {
                         return Err(ClientError::Malformed(format!(
@@ -240,12 +280,17 @@ impl Fetcher {
 
     /// Registers one GET for blocks `a..=b` and returns a future per block. The blocks are
     /// cut (and checksummed) once, when the bytes arrive, and go to the cache before the
-    /// fetch leaves the in-flight map, so no reader can miss both.
+    /// fetch leaves the in-flight map, so no reader can miss both. Unless `read_ahead` (whose
+    /// permits the caller holds), the GET takes its place in the demand budget's queue now
+    /// and waits there, registered: whoever needs its blocks meanwhile joins it. It runs in a
+    /// task of its own, so once granted it proceeds whoever awaits it (a reader awaits its
+    /// blocks in order, and might be waiting on another fetch still queued behind this one).
     fn start_fetch(
         &self,
         obj: &Object,
         a: u64,
         b: u64,
+        read_ahead: bool,
         inflight: &mut InflightMap,
     ) -> Vec<(u64, SharedFetch)> {
         let bs = self.block_size;
@@ -256,7 +301,14 @@ impl Fetcher {
             self.inflight.clone(),
             obj.clone(),
         );
+        let ticket = (!read_ahead).then(|| self.demand.reserve(end - start));
+        let gauge = self.gauge.clone();
         let span: SharedSpan = async move {
+            let grant = match ticket {
+                Some(t) => Some(t.await),
+                None => None,
+            };
+            let counted = gauge.enter(end - start);
             // An answer of another length than asked is refused before anything is cut from
             // it or cached (a client bug or a broken server must fail the read, not panic).
             let r = client
@@ -283,6 +335,8 @@ impl Fetcher {
                         })
                         .collect::<Arc<[Block]>>()
                 });
+            // Landed: the bytes are the cache's to bound now.
+            drop((counted, grant));
             if let Ok(blocks) = &r {
                 cache.insert_run(&o, a, blocks).await;
             }
@@ -294,6 +348,9 @@ impl Fetcher {
         }
         .boxed()
         .shared();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(span.clone().map(drop));
+        }
         (a..=b)
             .map(|i| {
                 let f: SharedFetch = span
@@ -358,6 +415,7 @@ mod tests {
     use super::*;
     use crate::client::fake::FakeClient;
     use crate::read::MemoryCache;
+    use futures::FutureExt;
     use std::sync::atomic::Ordering;
 
     fn setup(budget: u64) -> (Arc<FakeClient>, Fetcher, Object) {
@@ -461,6 +519,88 @@ mod tests {
             }
         }
         assert_eq!(asked, 1);
+    }
+
+    /// Scheduler turns until `cond` holds (the fake answers at once; GETs run in tasks).
+    async fn until(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..1000 {
+            if cond() {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        cond()
+    }
+
+    #[tokio::test]
+    async fn a_demand_fetch_waiting_for_the_budget_is_joined_not_repeated() {
+        let (c, f, obj) = setup(0);
+        let f = f.with_demand_budget(2000);
+        // Someone holds the whole demand budget.
+        let held = f.demand_budget().reserve(2000).await;
+        let (mut a, mut b) = (
+            Box::pin(f.read(&obj, 0..2000)),
+            Box::pin(f.read(&obj, 500..1500)),
+        );
+        for _ in 0..50 {
+            assert!((&mut a).now_or_never().is_none());
+            assert!((&mut b).now_or_never().is_none());
+            tokio::task::yield_now().await;
+        }
+        // The first reader's GET (blocks 0 and 1) waits registered; the second joined it.
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), 0);
+        assert_eq!(f.demand_budget().waiting(), 1);
+        assert_eq!(f.in_flight(), 2);
+        // Read-ahead of the same blocks joins too (nothing to start).
+        assert_eq!(f.prefetch(&obj, 0..2000), 0);
+        drop(held);
+        assert_eq!(a.await.unwrap().as_ref(), &want(0..2000)[..]);
+        assert_eq!(b.await.unwrap().as_ref(), &want(500..1500)[..]);
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), 1);
+        assert!(until(|| f.in_flight() == 0).await);
+        assert_eq!(f.demand_budget().gauge().peak(), 2000);
+    }
+
+    #[tokio::test]
+    async fn demand_fetches_are_granted_in_arrival_order() {
+        let (c, f, obj) = setup(0);
+        let f = f.with_demand_budget(2000);
+        let held = f.demand_budget().reserve(1500).await;
+        // Blocks 2..5 (3,000 bytes, more than the budget) arrive first, then block 9, which
+        // would fit in what is left but waits behind them.
+        let big = f.demand(&obj, 2000..5000);
+        let small = f.demand(&obj, 9000..9500);
+        assert_eq!(f.demand_budget().waiting(), 2);
+        assert!(!until(|| c.get_calls.load(Ordering::Relaxed) > 0).await);
+        // Once the budget is free the oversized one goes alone, then the small one.
+        drop(held);
+        let got = assemble(1000, big, 2000, 5000).await.unwrap().0;
+        assert_eq!(got.as_ref(), &want(2000..5000)[..]);
+        let got = assemble(1000, small, 9000, 9500).await.unwrap().0;
+        assert_eq!(got.as_ref(), &want(9000..9500)[..]);
+        // An oversized request is counted at its size, alone: never more than that at once.
+        assert_eq!(f.demand_budget().gauge().peak(), 3000);
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn readers_of_more_than_the_budget_all_finish_within_it() {
+        let (c, f, obj) = setup(0);
+        let f = Arc::new(f.with_demand_budget(2000));
+        let readers: Vec<_> = (0..10u64)
+            .map(|i| {
+                let (f, obj) = (f.clone(), obj.clone());
+                tokio::spawn(async move { f.read(&obj, i * 1000..i * 1000 + 1000).await })
+            })
+            .collect();
+        for (i, r) in readers.into_iter().enumerate() {
+            let i = i as u64;
+            let got = r.await.unwrap().unwrap();
+            assert_eq!(got.as_ref(), &want(i * 1000..i * 1000 + 1000)[..]);
+        }
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), 10);
+        assert!(f.demand_budget().gauge().peak() <= 2000);
+        assert!(f.peak_bytes_in_flight() <= 2000);
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@
 //!          └─ fetch.rs ── cache.rs (tiers behind one interface) ── client (the network)
 //! ```
 
+pub mod budget;
 pub mod cache;
 pub use crate::crc;
 pub mod disk;
