@@ -15,6 +15,10 @@ use common::*;
 
 const BUCKET: &str = "forget";
 
+/// `drop_caches` is machine-wide: one test's forgets would land in the other's mount mid-count,
+/// so the tests of this file take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The kernel forgets what it can of every filesystem's dentries and inodes (not the page
 /// cache, which the tests need not lose).
 fn drop_dentries() {
@@ -78,6 +82,7 @@ fn found_files(m: &Mount) -> Vec<String> {
 /// (a listing per directory to get it back would cost more than its memory).
 #[test]
 fn forgotten_lazy_directories_shrink_the_inode_table() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const DIRS: usize = 40;
     const FILES: usize = 250;
     let dir = tempfile::tempdir().unwrap();
@@ -163,6 +168,7 @@ fn forgotten_lazy_directories_shrink_the_inode_table() {
 /// entries while they run, and after a last round of forgets every file reads exactly.
 #[test]
 fn forgets_racing_lazy_listings_lose_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const DIRS: usize = 24;
     const SUBS: usize = 3;
     const FILES: usize = 30;
