@@ -134,6 +134,10 @@ impl Nodes {
         self.v.get(ino as usize).filter(|n| n.parent != 0)
     }
 
+    fn live_mut(&mut self, ino: Ino) -> Option<&mut Node> {
+        self.v.get_mut(ino as usize).filter(|n| n.parent != 0)
+    }
+
     fn new_dir(&mut self) -> NodeData {
         self.next_epoch += 1;
         NodeData::Dir {
@@ -296,8 +300,7 @@ impl InodeTable {
             .inner
             .write()
             .unwrap()
-            .get_mut(dir as usize)
-            .filter(|n| n.parent != 0)
+            .live_mut(dir)
             .map(|n| &mut n.data)
         {
             *listed = Some(Instant::now());
@@ -317,10 +320,7 @@ impl InodeTable {
                 listed,
                 kept,
                 ..
-            }) = nodes
-                .get_mut(d as usize)
-                .filter(|n| n.parent != 0)
-                .map(|n| &mut n.data)
+            }) = nodes.live_mut(d).map(|n| &mut n.data)
             {
                 *listed = Some(now);
                 *kept = true;
@@ -356,10 +356,7 @@ impl InodeTable {
             listed,
             epoch,
             ..
-        }) = nodes
-            .get_mut(dir as usize)
-            .filter(|n| n.parent != 0)
-            .map(|n| &mut n.data)
+        }) = nodes.live_mut(dir).map(|n| &mut n.data)
         else {
             return false;
         };
