@@ -177,9 +177,21 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         fetcher.demand_budget().total(),
     );
     metric(
+        "demand_requests_in_flight_peak",
+        "gauge",
+        "The most demand GETs (demand reads and whole small-object fetches) ever in flight at once (bounded by demand_budget_requests).",
+        fetcher.demand_budget().requests_gauge().peak(),
+    );
+    metric(
+        "demand_budget_requests",
+        "gauge",
+        "Demand GETs that may be in flight at once; more wait in arrival order.",
+        fetcher.demand_budget().requests(),
+    );
+    metric(
         "demand_fetches_waiting",
         "gauge",
-        "Demand fetches waiting for room in the demand budget now.",
+        "Demand fetches waiting for room (bytes or a request slot) in the demand budget now.",
         fetcher.demand_budget().waiting() as u64,
     );
     metric(

@@ -345,9 +345,11 @@ impl MountPlan {
                     deadline: args.retry_deadline,
                     ..RetryConfig::default()
                 },
-                // Requests in flight at most: the read-ahead budget in full-size requests, and
-                // the foreground reads and listings beside it.
-                pool_size: (fs.prefetch_budget / crate::client::FULL_REQUEST) as usize + 16,
+                // Connections kept for reuse: the read-ahead budget in full-size requests, and
+                // the foreground reads and listings beside it; as many as demand reads may
+                // have in flight at once (the read path caps them with the same function).
+                pool_size: crate::read::fetch::demand_requests(fs.prefetch_budget, fs.max_request)
+                    as usize,
                 stall_timeout: args.stall_timeout,
                 ca_file: args.ca_file.clone(),
                 protocol: args.http_protocol,

@@ -1,6 +1,8 @@
 //! A byte budget for GETs a reader waits for (demand reads, the rest of a small object), so
 //! that many readers bypassing the page cache (`O_DIRECT`, any user under `--allow-other`)
-//! queue instead of growing memory.
+//! queue instead of growing memory. It bounds requests too: each GET also takes one of a fixed
+//! number of request slots, so many small reads (one 32 KiB block each) cannot have a
+//! budget's worth of tiny GETs, each with its connection and task, in flight at once.
 //!
 //! A place in the queue is taken synchronously, when the fetch is decided ([`Budget::reserve`],
 //! called while the fetcher registers the blocks in flight), not when the fetch is first
@@ -8,7 +10,9 @@
 //! registered, so every other reader of its blocks joins it. The queue is strict FIFO (a big
 //! request at the head is not overtaken by small ones behind it, so it cannot starve), and a
 //! request larger than the whole budget asks for all of it: it proceeds alone once everything
-//! before it has landed, so no request waits forever. Read-ahead has a budget of its own and
+//! before it has landed, so no request waits forever. A ticket takes its bytes and its slot
+//! together, in one step, and a granted GET never asks for another ticket, so no holder waits
+//! on anyone and nothing can deadlock. Read-ahead has a budget of its own and
 //! never waits (it gives up instead), so it cannot hold demand reads back.
 
 use std::collections::VecDeque;
@@ -20,7 +24,7 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
-/// Bytes in flight now and the most there ever were.
+/// Bytes (or requests) in flight now and the most there ever were.
 #[derive(Debug, Default)]
 pub struct Gauge {
     now: AtomicU64,
@@ -70,6 +74,8 @@ struct Waiter {
 #[derive(Debug)]
 struct State {
     free: u64,
+    /// Request slots not granted.
+    slots: u64,
     next_id: u64,
     queue: VecDeque<Waiter>,
 }
@@ -77,56 +83,67 @@ struct State {
 #[derive(Debug)]
 struct Inner {
     total: u64,
+    requests: u64,
     state: Mutex<State>,
     /// Bytes of granted requests (the real size, also of one larger than the budget).
     gauge: Arc<Gauge>,
+    /// Granted requests.
+    requests_gauge: Arc<Gauge>,
 }
 
 impl Inner {
-    /// Grants waiters from the head of the queue while they fit. A waiter whose ticket was
-    /// dropped meanwhile has left the queue already (see `Ticket::drop`).
+    /// Grants waiters from the head of the queue while their bytes and a request slot fit. A
+    /// waiter whose ticket was dropped meanwhile has left the queue already (see
+    /// `Ticket::drop`).
     fn grant(&self, st: &mut State) {
         while let Some(w) = st.queue.front() {
-            if w.want > st.free {
+            if w.want > st.free || st.slots == 0 {
                 return;
             }
             let w = st.queue.pop_front().unwrap();
             st.free -= w.want;
+            st.slots -= 1;
             // The ticket's receiver lives as long as the ticket, and a dropped ticket removes
             // itself from the queue under this lock first, so the send cannot fail; if it
-            // did, the bytes would come back here.
+            // did, the bytes and the slot would come back here.
             if w.tx.send(()).is_err() {
                 st.free += w.want;
+                st.slots += 1;
             }
         }
     }
 
+    /// A granted request's bytes and slot come back.
     fn give_back(&self, want: u64) {
         let mut st = self.state.lock().unwrap();
         st.free += want;
+        st.slots += 1;
         self.grant(&mut st);
     }
 }
 
-/// A fair byte budget (see the module docs).
+/// A fair budget of bytes and requests (see the module docs).
 #[derive(Clone, Debug)]
 pub struct Budget {
     inner: Arc<Inner>,
 }
 
 impl Budget {
-    /// A budget of `total` bytes (at least 1).
-    pub fn new(total: u64) -> Self {
-        let total = total.max(1);
+    /// A budget of `total` bytes and `requests` requests in flight at once (each at least 1).
+    pub fn new(total: u64, requests: u64) -> Self {
+        let (total, requests) = (total.max(1), requests.max(1));
         Budget {
             inner: Arc::new(Inner {
                 total,
+                requests,
                 state: Mutex::new(State {
                     free: total,
+                    slots: requests,
                     next_id: 0,
                     queue: VecDeque::new(),
                 }),
                 gauge: Arc::default(),
+                requests_gauge: Arc::default(),
             }),
         }
     }
@@ -135,9 +152,19 @@ impl Budget {
         self.inner.total
     }
 
+    /// Requests that may be in flight at once.
+    pub fn requests(&self) -> u64 {
+        self.inner.requests
+    }
+
     /// Bytes granted and not yet given back, and the most there ever were.
     pub fn gauge(&self) -> &Arc<Gauge> {
         &self.inner.gauge
+    }
+
+    /// Requests granted and not yet given back, and the most there ever were.
+    pub fn requests_gauge(&self) -> &Arc<Gauge> {
+        &self.inner.requests_gauge
     }
 
     /// Requests waiting for their turn.
@@ -145,14 +172,16 @@ impl Budget {
         self.inner.state.lock().unwrap().queue.len()
     }
 
-    /// Takes a place in the queue for `bytes` now: granted at once when nobody waits and they
-    /// fit, else when every request before it has been granted and they fit. A request larger
-    /// than the budget asks for all of it. Await the ticket for the grant.
+    /// Takes a place in the queue for one request of `bytes` now: granted at once when nobody
+    /// waits and they fit (and a request slot is free), else when every request before it has
+    /// been granted and they fit. A request larger than the budget asks for all of it. Await
+    /// the ticket for the grant.
     pub fn reserve(&self, bytes: u64) -> Ticket {
         let want = bytes.min(self.inner.total);
         let mut st = self.inner.state.lock().unwrap();
-        let state = if st.queue.is_empty() && want <= st.free {
+        let state = if st.queue.is_empty() && want <= st.free && st.slots > 0 {
             st.free -= want;
+            st.slots -= 1;
             TicketState::Granted
         } else {
             let (tx, rx) = oneshot::channel();
@@ -179,7 +208,7 @@ enum TicketState {
 }
 
 /// A place in a [`Budget`]'s queue; resolves to the [`Grant`]. Dropped before that, it
-/// leaves the queue (or gives back what it was granted).
+/// leaves the queue (or gives back the bytes and the slot it was granted).
 #[derive(Debug)]
 pub struct Ticket {
     inner: Arc<Inner>,
@@ -219,7 +248,10 @@ impl Future for Ticket {
         Poll::Ready(Grant {
             inner: self.inner.clone(),
             want: self.want,
-            _counted: self.inner.gauge.enter(self.bytes),
+            counted: Some((
+                self.inner.gauge.enter(self.bytes),
+                self.inner.requests_gauge.enter(1),
+            )),
         })
     }
 }
@@ -240,6 +272,7 @@ impl Drop for Ticket {
                     // Granted meanwhile: give it back.
                     None => {
                         st.free += self.want;
+                        st.slots += 1;
                         self.inner.grant(&mut st);
                     }
                 }
@@ -248,16 +281,20 @@ impl Drop for Ticket {
     }
 }
 
-/// Bytes of a budget in use until dropped.
+/// Bytes and a request slot of a budget in use until dropped.
 #[derive(Debug)]
 pub struct Grant {
     inner: Arc<Inner>,
     want: u64,
-    _counted: Counted,
+    /// Counted in the gauges; `None` once dropped.
+    counted: Option<(Counted, Counted)>,
 }
 
 impl Drop for Grant {
     fn drop(&mut self) {
+        // Out of the gauges before the bytes go back: a request granted with them at once
+        // must not be counted beside this one.
+        self.counted.take();
         self.inner.give_back(self.want);
     }
 }
@@ -269,7 +306,7 @@ mod tests {
 
     #[tokio::test]
     async fn grants_in_arrival_order_and_a_big_request_is_not_overtaken() {
-        let b = Budget::new(100);
+        let b = Budget::new(100, 100);
         let g1 = b.reserve(60).await;
         // 50 does not fit: it waits; 10 would fit, but arrived after it and waits behind it.
         let mut t2 = b.reserve(50);
@@ -296,7 +333,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_larger_than_the_budget_proceeds_alone() {
-        let b = Budget::new(100);
+        let b = Budget::new(100, 100);
         let small = b.reserve(30).await;
         let mut big = b.reserve(1000);
         let mut after = b.reserve(1);
@@ -318,7 +355,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_ticket_leaves_the_queue_or_gives_its_grant_back() {
-        let b = Budget::new(100);
+        let b = Budget::new(100, 100);
         let g = b.reserve(100).await;
         let t1 = b.reserve(80);
         let mut t2 = b.reserve(20);
@@ -335,8 +372,95 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn requests_are_capped_too_in_arrival_order() {
+        // Bytes for a thousand one-byte requests, slots for two.
+        let b = Budget::new(1000, 2);
+        assert_eq!(b.requests(), 2);
+        let g1 = b.reserve(1).await;
+        let g2 = b.reserve(1).await;
+        let mut t3 = b.reserve(1);
+        let mut t4 = b.reserve(500);
+        assert!(!t3.is_granted() && !t4.is_granted(), "no slot left");
+        assert_eq!(b.waiting(), 2);
+        assert_eq!(b.requests_gauge().now(), 2);
+        drop(g1);
+        assert!(t3.is_granted(), "the first in line takes the freed slot");
+        assert!(!t4.is_granted(), "one slot freed, one granted");
+        drop(g2);
+        assert!(t4.is_granted());
+        let (g3, g4) = (t3.await, t4.await);
+        // A request waiting for bytes keeps its place: a slot freeing does not let the small
+        // one behind it pass.
+        let mut big = b.reserve(600);
+        let mut small = b.reserve(1);
+        drop(g3);
+        assert!(!big.is_granted(), "600 bytes do not fit beside 500");
+        assert!(
+            !small.is_granted(),
+            "a slot is free, but it came after the big one"
+        );
+        drop(g4);
+        assert!(big.is_granted());
+        assert!(small.is_granted(), "a byte and the second slot are left");
+        drop((big, small));
+        assert_eq!(b.requests_gauge().now(), 0);
+        assert_eq!(b.requests_gauge().peak(), 2);
+        assert_eq!(b.gauge().now(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_ticket_gives_its_slot_back() {
+        let b = Budget::new(100, 1);
+        let g = b.reserve(10).await;
+        let t1 = b.reserve(10);
+        let mut t2 = b.reserve(10);
+        // Leaves the queue while waiting: the one behind it moves up.
+        drop(t1);
+        drop(g);
+        assert!(t2.is_granted());
+        // Granted, never awaited: the slot comes back with the bytes.
+        drop(t2);
+        assert!(
+            b.reserve(100).now_or_never().is_some(),
+            "slot and bytes free"
+        );
+        assert_eq!(b.requests_gauge().now(), 0);
+    }
+
+    /// Many tasks, each holding one grant at a time for a while (as a GET does), with sizes
+    /// up to past the byte budget: all finish, and neither bytes nor requests ever exceed
+    /// their caps (a request larger than the budget alone).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_holders_finish_within_both_caps() {
+        let b = Budget::new(1000, 3);
+        let tasks: Vec<_> = (0..64u64)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move {
+                    for j in 0..20u64 {
+                        let bytes = (i * 37 + j * 101) % 1200 + 1;
+                        let g = b.reserve(bytes).await;
+                        let (now, reqs) = (b.gauge().now(), b.requests_gauge().now());
+                        assert!(now <= 1000 || now == bytes, "{now} bytes in flight");
+                        assert!(reqs <= 3, "{reqs} requests in flight");
+                        tokio::task::yield_now().await;
+                        drop(g);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(b.requests_gauge().peak() <= 3);
+        assert_eq!(b.requests_gauge().now(), 0);
+        assert_eq!(b.gauge().now(), 0);
+        assert_eq!(b.waiting(), 0);
+    }
+
+    #[tokio::test]
     async fn waiters_wake_when_their_turn_comes() {
-        let b = Budget::new(10);
+        let b = Budget::new(10, 100);
         let g = b.reserve(10).await;
         let waiting: Vec<_> = (0..5)
             .map(|_| {

@@ -9,8 +9,8 @@
 //! `max_request` in the object so a stream is fetched in identical pieces whose receive
 //! buffers are recycled (`client::pool`). Read-ahead in flight is bounded by a budget of
 //! block permits, so memory stays bounded however many files are read at once. Every other
-//! GET (demand reads, the rest of a small object) waits its turn in a byte budget of its own
-//! ([`super::budget`]): its blocks are registered in flight when the fetch is decided, before
+//! GET (demand reads, the rest of a small object) waits its turn in a budget of its own, of
+//! bytes and of requests ([`super::budget`]): its blocks are registered in flight when the fetch is decided, before
 //! it waits, so a second reader of them joins it instead of fetching them again, and each GET
 //! runs in a task of its own, so a granted fetch never waits on whoever happens to await it.
 
@@ -56,9 +56,18 @@ pub fn demand_budget(read_ahead: u64, max_request: u64) -> u64 {
     read_ahead.max(4 * max_request)
 }
 
+/// Demand GETs that may be in flight at once with a read-ahead budget of `read_ahead` bytes:
+/// the connections the HTTP client keeps for reuse (`plan.rs` sizes its pool with this), the
+/// read-ahead budget in full requests and 16 beside them. Small reads (one 32 KiB block each)
+/// would otherwise have up to the byte budget / 32 KiB GETs in flight, each its own
+/// connection and task.
+pub fn demand_requests(read_ahead: u64, max_request: u64) -> u64 {
+    read_ahead / max_request.max(1) + 16
+}
+
 impl Fetcher {
-    /// `budget` bytes of read-ahead may be in flight at once, and [`demand_budget`] bytes of
-    /// the other GETs.
+    /// `budget` bytes of read-ahead may be in flight at once, and [`demand_budget`] bytes in
+    /// [`demand_requests`] GETs of the other ones.
     pub fn new(
         client: Arc<dyn ObjectClient>,
         cache: Arc<dyn BlockCache>,
@@ -74,19 +83,22 @@ impl Fetcher {
             block_size,
             max_request,
             permits: Arc::new(tokio::sync::Semaphore::new((budget / block_size) as usize)),
-            demand: Budget::new(demand_budget(budget, max_request)),
+            demand: Budget::new(
+                demand_budget(budget, max_request),
+                demand_requests(budget, max_request),
+            ),
             gauge: Arc::default(),
             inflight: Arc::default(),
         }
     }
 
-    /// The same with a demand budget of `bytes` instead.
-    pub fn with_demand_budget(mut self, bytes: u64) -> Self {
-        self.demand = Budget::new(bytes);
+    /// The same with a demand budget of `bytes` and `requests` instead.
+    pub fn with_demand_budget(mut self, bytes: u64, requests: u64) -> Self {
+        self.demand = Budget::new(bytes, requests);
         self
     }
 
-    /// The budget of demand reads and whole small objects.
+    /// The budget (bytes and requests) of demand reads and whole small objects.
     pub fn demand_budget(&self) -> &Budget {
         &self.demand
     }
@@ -535,7 +547,7 @@ mod tests {
     #[tokio::test]
     async fn a_demand_fetch_waiting_for_the_budget_is_joined_not_repeated() {
         let (c, f, obj) = setup(0);
-        let f = f.with_demand_budget(2000);
+        let f = f.with_demand_budget(2000, 100);
         // Someone holds the whole demand budget.
         let held = f.demand_budget().reserve(2000).await;
         let (mut a, mut b) = (
@@ -564,7 +576,7 @@ mod tests {
     #[tokio::test]
     async fn demand_fetches_are_granted_in_arrival_order() {
         let (c, f, obj) = setup(0);
-        let f = f.with_demand_budget(2000);
+        let f = f.with_demand_budget(2000, 100);
         let held = f.demand_budget().reserve(1500).await;
         // Blocks 2..5 (3,000 bytes, more than the budget) arrive first, then block 9, which
         // would fit in what is left but waits behind them.
@@ -586,7 +598,7 @@ mod tests {
     #[tokio::test]
     async fn readers_of_more_than_the_budget_all_finish_within_it() {
         let (c, f, obj) = setup(0);
-        let f = Arc::new(f.with_demand_budget(2000));
+        let f = Arc::new(f.with_demand_budget(2000, 100));
         let readers: Vec<_> = (0..10u64)
             .map(|i| {
                 let (f, obj) = (f.clone(), obj.clone());
@@ -600,6 +612,37 @@ mod tests {
         }
         assert_eq!(c.get_calls.load(Ordering::Relaxed), 10);
         assert!(f.demand_budget().gauge().peak() <= 2000);
+        assert!(f.peak_bytes_in_flight() <= 2000);
+    }
+
+    #[tokio::test]
+    async fn many_small_demand_reads_stay_within_the_request_cap() {
+        let (c, f, obj) = setup(0);
+        // Bytes for every block at once, slots for two GETs.
+        let f = Arc::new(f.with_demand_budget(1 << 20, 2));
+        // Both slots taken: ten one-block reads queue, registered, with no GET sent.
+        let held = (
+            f.demand_budget().reserve(1).await,
+            f.demand_budget().reserve(1).await,
+        );
+        let readers: Vec<_> = (0..10u64)
+            .map(|i| {
+                let (f, obj) = (f.clone(), obj.clone());
+                tokio::spawn(async move { f.read(&obj, i * 1000 + 10..i * 1000 + 20).await })
+            })
+            .collect();
+        assert!(until(|| f.demand_budget().waiting() == 10).await);
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), 0);
+        assert_eq!(f.in_flight(), 10);
+        drop(held);
+        for (i, r) in readers.into_iter().enumerate() {
+            let i = i as u64;
+            let got = r.await.unwrap().unwrap();
+            assert_eq!(got.as_ref(), &want(i * 1000 + 10..i * 1000 + 20)[..]);
+        }
+        assert_eq!(c.get_calls.load(Ordering::Relaxed), 10);
+        let peak = f.demand_budget().requests_gauge().peak();
+        assert!((1..=2).contains(&peak), "{peak} GETs in flight at once");
         assert!(f.peak_bytes_in_flight() <= 2000);
     }
 
