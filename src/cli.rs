@@ -13,7 +13,16 @@ use clap::{Args, Parser, Subcommand};
 use crate::model::ModelKind;
 use crate::testbed::knobs::{Malformed, parse_bandwidth};
 use crate::testbed::overlay::{SyntheticSpec, parse_synthetic};
-use crate::units::{parse_mode, parse_rate, parse_size};
+use crate::units::{absolute_path, parse_dir_or_off, parse_mode, parse_rate, parse_size};
+
+/// The value parser of every path argument (`value_parser = path()`): made absolute against the
+/// current directory as the command line is parsed ([`absolute_path`]: prepended, not
+/// resolved), so a path means the same after `--background` has moved to `/`. The test
+/// `every_path_argument_is_made_absolute` holds every PathBuf argument to it.
+fn path() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().try_map(|s| absolute_path(&s))
+}
 
 pub const DEFAULT_BUCKET: &str = "mimic-cxr-2.0.0.physionet.org";
 pub const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
@@ -62,7 +71,7 @@ pub struct WarmArgs {
 
     /// A file of paths, one a line, or a CSV (optionally .gz) with a `path` column, such as
     /// MIMIC-CXR's `cxr-record-list.csv.gz`.
-    #[arg(long, value_name = "FILE")]
+    #[arg(value_parser = path(), long, value_name = "FILE")]
     pub from_list: Option<PathBuf>,
 
     /// Objects fetched at once.
@@ -74,7 +83,7 @@ pub struct WarmArgs {
     pub verify_sums: bool,
 
     /// The cache dir to fill (the mount's --cache-dir).
-    #[arg(long, value_name = "DIR", help_heading = "Cache")]
+    #[arg(value_parser = path(), long, value_name = "DIR", help_heading = "Cache")]
     pub cache_dir: PathBuf,
 
     /// As `mount --disk-cache-size`.
@@ -108,6 +117,7 @@ pub struct WarmArgs {
 
     /// As `mount --key-file`.
     #[arg(
+        value_parser = path(),
         long,
         value_name = "FILE",
         help_heading = "Auth",
@@ -117,6 +127,7 @@ pub struct WarmArgs {
 
     /// As `mount --token-file`.
     #[arg(
+        value_parser = path(),
         long,
         value_name = "FILE",
         help_heading = "Auth",
@@ -153,7 +164,7 @@ pub enum CacheAction {
 #[derive(Debug, Clone, Args)]
 pub struct CacheDirArg {
     /// The cache dir (a mount's --cache-dir).
-    #[arg(long, value_name = "DIR")]
+    #[arg(value_parser = path(), long, value_name = "DIR")]
     pub cache_dir: PathBuf,
 }
 
@@ -168,6 +179,7 @@ pub struct DoctorArgs {
 #[derive(Debug, Clone, Args)]
 pub struct MountArgs {
     /// Directory to mount on (must exist).
+    #[arg(value_parser = path())]
     pub mountpoint: PathBuf,
 
     /// Bucket to mount: NAME or gs://NAME[/PREFIX].
@@ -195,6 +207,7 @@ pub struct MountArgs {
 
     /// Service-account JSON key file (instead of application-default credentials).
     #[arg(
+        value_parser = path(),
         long,
         value_name = "FILE",
         help_heading = "Auth",
@@ -206,6 +219,7 @@ pub struct MountArgs {
     /// or one a sidecar rotates): read again whenever it changes. Without this or --key-file,
     /// GOOGLE_OAUTH_ACCESS_TOKEN, if set, is used as the token.
     #[arg(
+        value_parser = path(),
         long,
         value_name = "FILE",
         help_heading = "Auth",
@@ -234,7 +248,7 @@ pub struct MountArgs {
 
     /// Where the metadata snapshot is kept, so a remount needs no listing
     /// (default ~/.cache/physiofs; `off` disables it).
-    #[arg(long, value_name = "DIR|off", help_heading = "Metadata")]
+    #[arg(long, value_name = "DIR|off", value_parser = parse_dir_or_off, help_heading = "Metadata")]
     pub metadata_cache: Option<String>,
 
     /// Memory for cached file data, e.g. `512MiB`, `2GiB`.
@@ -250,7 +264,7 @@ pub struct MountArgs {
     /// Keep fetched file data on local disk here (e.g. a local NVMe SSD), across unmounts,
     /// remounts and reboots: every epoch after the first reads from disk. Off unless given.
     /// fstab: `cache_dir=DIR`.
-    #[arg(long, value_name = "DIR", help_heading = "Cache")]
+    #[arg(value_parser = path(), long, value_name = "DIR", help_heading = "Cache")]
     pub cache_dir: Option<PathBuf>,
 
     /// Most file data kept in --cache-dir: a size (`300GiB`) or a share of its filesystem
@@ -294,6 +308,7 @@ pub struct MountArgs {
     /// Also trust the certificate authorities in this PEM file (a TLS-inspecting proxy, a
     /// private endpoint, the testbed's `--tls-ca-out`). SSL_CERT_FILE works too.
     #[arg(
+        value_parser = path(),
         long,
         value_name = "FILE",
         env = "SSL_CERT_FILE",
@@ -361,7 +376,7 @@ pub struct MountArgs {
     pub log_level: Option<String>,
 
     /// Append log lines to this file instead of stderr.
-    #[arg(long, value_name = "FILE", help_heading = "Logging")]
+    #[arg(value_parser = path(), long, value_name = "FILE", help_heading = "Logging")]
     pub log_file: Option<PathBuf>,
 }
 
@@ -408,6 +423,7 @@ impl MountArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     /// Where to mount (default: a new temporary directory, removed afterwards).
+    #[arg(value_parser = path())]
     pub mountpoint: Option<PathBuf>,
     /// Patients in the demo dataset (the real one has 65,379).
     #[arg(long, default_value_t = 20)]
@@ -447,7 +463,7 @@ pub struct TestbedArgs {
     #[arg(long, default_value = "127.0.0.1:4443")]
     pub addr: SocketAddr,
     /// Serve a local folder (one sub-folder per bucket) instead of the dataset model.
-    #[arg(long)]
+    #[arg(value_parser = path(), long)]
     pub dir: Option<PathBuf>,
     /// Dataset model to serve (when --dir is not given).
     #[arg(long, value_enum, default_value = "dicom")]
@@ -521,7 +537,7 @@ pub struct TestbedArgs {
     pub tls: bool,
     /// Write the certificate (PEM) that clients must trust to this file (with --tls), e.g. for
     /// `physiofs mount --ca-file`, `curl --cacert`, `rclone --ca-cert`.
-    #[arg(long, value_name = "FILE", requires = "tls")]
+    #[arg(value_parser = path(), long, value_name = "FILE", requires = "tls")]
     pub tls_ca_out: Option<PathBuf>,
     /// Offer HTTP/2 by ALPN (with --tls); `off` leaves clients only http/1.1.
     #[arg(long, value_enum, default_value = "on")]
@@ -548,7 +564,11 @@ mod tests {
         ]);
         assert_eq!(
             (a.mountpoint, a.bucket, a.billing_project),
-            (".".into(), "b".into(), Some("p".into()))
+            (
+                std::env::current_dir().unwrap(),
+                "b".into(),
+                Some("p".into())
+            )
         );
         assert_eq!(
             doctor(&["physiofs", "doctor", "/mnt/x"]).mountpoint,
@@ -578,5 +598,70 @@ mod tests {
             ),
             format!("{parsed:?}")
         );
+    }
+
+    /// Every path a subcommand takes, flag or positional, is absolute once parsed: a relative
+    /// one names the same file after `--background` moves the process to `/`. Walks the whole
+    /// CLI, so a path argument added later without `value_parser = path()` fails here.
+    #[test]
+    fn every_path_argument_is_made_absolute() {
+        use clap::CommandFactory;
+        let cwd = std::env::current_dir().unwrap();
+        let mut checked = Vec::new();
+        let mut pending = vec![Cli::command()];
+        while let Some(cmd) = pending.pop() {
+            pending.extend(cmd.get_subcommands().cloned());
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                let is_path = arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>();
+                if !is_path && id != "metadata_cache" {
+                    continue;
+                }
+                let argv: Vec<String> = match arg.get_long() {
+                    Some(long) => vec!["x".into(), format!("--{long}"), "rel/p".into()],
+                    None => vec!["x".into(), "rel/p".into()],
+                };
+                let m = cmd
+                    .clone()
+                    .ignore_errors(true)
+                    .try_get_matches_from(&argv)
+                    .unwrap_or_else(|e| panic!("{} {argv:?}: {e}", cmd.get_name()));
+                let got = if is_path {
+                    m.get_one::<PathBuf>(id).cloned()
+                } else {
+                    m.get_one::<String>(id).map(PathBuf::from)
+                };
+                assert_eq!(got, Some(cwd.join("rel/p")), "{} {argv:?}", cmd.get_name());
+                checked.push(format!("{} {id}", cmd.get_name()));
+            }
+        }
+        // The walk saw the paths it is meant to (and so would see a new one).
+        for want in [
+            "mount mountpoint",
+            "mount ca_file",
+            "mount key_file",
+            "mount token_file",
+            "mount log_file",
+            "mount cache_dir",
+            "mount metadata_cache",
+            "doctor mountpoint",
+            "warm from_list",
+            "warm cache_dir",
+            "demo mountpoint",
+            "testbed tls_ca_out",
+            "stats cache_dir",
+        ] {
+            assert!(
+                checked.iter().any(|c| c == want),
+                "{want} not in {checked:?}"
+            );
+        }
+        // An environment value goes through the same parser (`SSL_CERT_FILE` for --ca-file).
+        let m = Cli::try_parse_from(["physiofs", "mount", "m", "--metadata-cache", "off"]).unwrap();
+        let Command::Mount(a) = m.command else {
+            panic!()
+        };
+        assert_eq!(a.metadata_cache.as_deref(), Some("off"));
+        assert_eq!(a.mountpoint, cwd.join("m"));
     }
 }
