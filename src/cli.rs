@@ -60,9 +60,11 @@ pub enum Command {
     Cache(CacheArgs),
 }
 
-/// `physiofs warm`: the bucket flags of `mount` (same names and meaning), what to fetch, and
-/// how many at once. Resolved through a mount's plan, so warm and mount agree on every default.
+/// `physiofs warm`: the bucket flags of `mount` (the same [`SourceArgs`], described by
+/// reference to mount's), what to fetch, and how many at once. Resolved through a mount's plan,
+/// so warm and mount agree on every default.
 #[derive(Debug, Clone, Args)]
+#[command(mut_args(warm_help))]
 pub struct WarmArgs {
     /// Object names relative to the bucket prefix (`files/p10/p10000032/s50414267/x.dcm`),
     /// paths under a physiofs mount point, or sub-trees (`files/p10/`).
@@ -91,49 +93,13 @@ pub struct WarmArgs {
         long,
         default_value = "50%",
         value_name = "SIZE|N%",
+        value_parser = crate::units::parse_size_or_share,
         help_heading = "Cache"
     )]
-    pub disk_cache_size: String,
+    pub disk_cache_size: crate::units::SizeOrShare,
 
-    /// As `mount --bucket`.
-    #[arg(long, default_value = DEFAULT_BUCKET, help_heading = "Bucket")]
-    pub bucket: String,
-
-    /// As `mount --prefix`: names are relative to it.
-    #[arg(long, help_heading = "Bucket")]
-    pub prefix: Option<String>,
-
-    /// As `mount --billing-project`.
-    #[arg(long, env = "PHYSIOFS_BILLING_PROJECT", help_heading = "Bucket")]
-    pub billing_project: Option<String>,
-
-    /// As `mount --endpoint`.
-    #[arg(long, help_heading = "Bucket")]
-    pub endpoint: Option<String>,
-
-    /// As `mount --anonymous`.
-    #[arg(long, help_heading = "Auth")]
-    pub anonymous: bool,
-
-    /// As `mount --key-file`.
-    #[arg(
-        value_parser = path(),
-        long,
-        value_name = "FILE",
-        help_heading = "Auth",
-        conflicts_with = "anonymous"
-    )]
-    pub key_file: Option<PathBuf>,
-
-    /// As `mount --token-file`.
-    #[arg(
-        value_parser = path(),
-        long,
-        value_name = "FILE",
-        help_heading = "Auth",
-        conflicts_with_all = ["anonymous", "key_file"]
-    )]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: SourceArgs,
 
     /// As `mount --retries`.
     #[arg(long, help_heading = "Network")]
@@ -142,6 +108,25 @@ pub struct WarmArgs {
     /// More log output (-v, -vv).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// Warm's help for the flags it shares with `mount` ([`SourceArgs`]): by reference to mount's.
+fn warm_help(a: clap::Arg) -> clap::Arg {
+    let help = match a.get_id().as_str() {
+        "bucket" => "As `mount --bucket`",
+        "prefix" => "As `mount --prefix`: names are relative to it",
+        "billing_project" => {
+            return a
+                .help("As `mount --billing-project`")
+                .env("PHYSIOFS_BILLING_PROJECT");
+        }
+        "endpoint" => "As `mount --endpoint`",
+        "anonymous" => "As `mount --anonymous`",
+        "key_file" => "As `mount --key-file`",
+        "token_file" => "As `mount --token-file`",
+        _ => return a,
+    };
+    a.help(help)
 }
 
 /// `physiofs cache`.
@@ -176,12 +161,10 @@ pub struct DoctorArgs {
     pub mount: MountArgs,
 }
 
+/// Which bucket, and the credentials to read it with: the flags `mount` (and so `doctor`) and
+/// `warm` share.
 #[derive(Debug, Clone, Args)]
-pub struct MountArgs {
-    /// Directory to mount on (must exist).
-    #[arg(value_parser = path())]
-    pub mountpoint: PathBuf,
-
+pub struct SourceArgs {
     /// Bucket to mount: NAME or gs://NAME[/PREFIX].
     #[arg(long, default_value = DEFAULT_BUCKET, help_heading = "Bucket")]
     pub bucket: String,
@@ -226,6 +209,16 @@ pub struct MountArgs {
         conflicts_with_all = ["anonymous", "key_file"]
     )]
     pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MountArgs {
+    /// Directory to mount on (must exist).
+    #[arg(value_parser = path())]
+    pub mountpoint: PathBuf,
+
+    #[command(flatten)]
+    pub source: SourceArgs,
 
     /// Send credentials to a plain-http:// `--endpoint` on this machine (127.0.0.1, ::1,
     /// localhost). Without it such an endpoint with credentials is refused: any local user
@@ -563,7 +556,7 @@ mod tests {
             "p",
         ]);
         assert_eq!(
-            (a.mountpoint, a.bucket, a.billing_project),
+            (a.mountpoint, a.source.bucket, a.source.billing_project),
             (
                 std::env::current_dir().unwrap(),
                 "b".into(),
