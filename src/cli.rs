@@ -13,7 +13,16 @@ use clap::{Args, Parser, Subcommand};
 use crate::model::ModelKind;
 use crate::testbed::knobs::{Malformed, parse_bandwidth};
 use crate::testbed::overlay::{SyntheticSpec, parse_synthetic};
-use crate::units::{parse_mode, parse_rate, parse_size};
+use crate::units::{absolute_path, parse_dir_or_off, parse_mode, parse_rate, parse_size};
+
+/// The value parser of every path argument (`value_parser = path()`): made absolute against the
+/// current directory as the command line is parsed ([`absolute_path`]: prepended, not
+/// resolved), so a path means the same after `--background` has moved to `/`. The test
+/// `every_path_argument_is_made_absolute` holds every PathBuf argument to it.
+fn path() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().try_map(|s| absolute_path(&s))
+}
 
 pub const DEFAULT_BUCKET: &str = "mimic-cxr-2.0.0.physionet.org";
 pub const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
@@ -51,9 +60,11 @@ pub enum Command {
     Cache(CacheArgs),
 }
 
-/// `physiofs warm`: the bucket flags of `mount` (same names and meaning), what to fetch, and
-/// how many at once. Resolved through a mount's plan, so warm and mount agree on every default.
+/// `physiofs warm`: the bucket flags of `mount` (the same [`SourceArgs`], described by
+/// reference to mount's), what to fetch, and how many at once. Resolved through a mount's plan,
+/// so warm and mount agree on every default.
 #[derive(Debug, Clone, Args)]
+#[command(mut_args(warm_help))]
 pub struct WarmArgs {
     /// Object names relative to the bucket prefix (`files/p10/p10000032/s50414267/x.dcm`),
     /// paths under a physiofs mount point, or sub-trees (`files/p10/`).
@@ -62,7 +73,7 @@ pub struct WarmArgs {
 
     /// A file of paths, one a line, or a CSV (optionally .gz) with a `path` column, such as
     /// MIMIC-CXR's `cxr-record-list.csv.gz`.
-    #[arg(long, value_name = "FILE")]
+    #[arg(value_parser = path(), long, value_name = "FILE")]
     pub from_list: Option<PathBuf>,
 
     /// Objects fetched at once.
@@ -74,7 +85,7 @@ pub struct WarmArgs {
     pub verify_sums: bool,
 
     /// The cache dir to fill (the mount's --cache-dir).
-    #[arg(long, value_name = "DIR", help_heading = "Cache")]
+    #[arg(value_parser = path(), long, value_name = "DIR", help_heading = "Cache")]
     pub cache_dir: PathBuf,
 
     /// As `mount --disk-cache-size`.
@@ -82,47 +93,13 @@ pub struct WarmArgs {
         long,
         default_value = "50%",
         value_name = "SIZE|N%",
+        value_parser = crate::units::parse_size_or_share,
         help_heading = "Cache"
     )]
-    pub disk_cache_size: String,
+    pub disk_cache_size: crate::units::SizeOrShare,
 
-    /// As `mount --bucket`.
-    #[arg(long, default_value = DEFAULT_BUCKET, help_heading = "Bucket")]
-    pub bucket: String,
-
-    /// As `mount --prefix`: names are relative to it.
-    #[arg(long, help_heading = "Bucket")]
-    pub prefix: Option<String>,
-
-    /// As `mount --billing-project`.
-    #[arg(long, env = "PHYSIOFS_BILLING_PROJECT", help_heading = "Bucket")]
-    pub billing_project: Option<String>,
-
-    /// As `mount --endpoint`.
-    #[arg(long, help_heading = "Bucket")]
-    pub endpoint: Option<String>,
-
-    /// As `mount --anonymous`.
-    #[arg(long, help_heading = "Auth")]
-    pub anonymous: bool,
-
-    /// As `mount --key-file`.
-    #[arg(
-        long,
-        value_name = "FILE",
-        help_heading = "Auth",
-        conflicts_with = "anonymous"
-    )]
-    pub key_file: Option<PathBuf>,
-
-    /// As `mount --token-file`.
-    #[arg(
-        long,
-        value_name = "FILE",
-        help_heading = "Auth",
-        conflicts_with_all = ["anonymous", "key_file"]
-    )]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: SourceArgs,
 
     /// As `mount --retries`.
     #[arg(long, help_heading = "Network")]
@@ -131,6 +108,25 @@ pub struct WarmArgs {
     /// More log output (-v, -vv).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// Warm's help for the flags it shares with `mount` ([`SourceArgs`]): by reference to mount's.
+fn warm_help(a: clap::Arg) -> clap::Arg {
+    let help = match a.get_id().as_str() {
+        "bucket" => "As `mount --bucket`",
+        "prefix" => "As `mount --prefix`: names are relative to it",
+        "billing_project" => {
+            return a
+                .help("As `mount --billing-project`")
+                .env("PHYSIOFS_BILLING_PROJECT");
+        }
+        "endpoint" => "As `mount --endpoint`",
+        "anonymous" => "As `mount --anonymous`",
+        "key_file" => "As `mount --key-file`",
+        "token_file" => "As `mount --token-file`",
+        _ => return a,
+    };
+    a.help(help)
 }
 
 /// `physiofs cache`.
@@ -153,7 +149,7 @@ pub enum CacheAction {
 #[derive(Debug, Clone, Args)]
 pub struct CacheDirArg {
     /// The cache dir (a mount's --cache-dir).
-    #[arg(long, value_name = "DIR")]
+    #[arg(value_parser = path(), long, value_name = "DIR")]
     pub cache_dir: PathBuf,
 }
 
@@ -165,11 +161,10 @@ pub struct DoctorArgs {
     pub mount: MountArgs,
 }
 
+/// Which bucket, and the credentials to read it with: the flags `mount` (and so `doctor`) and
+/// `warm` share.
 #[derive(Debug, Clone, Args)]
-pub struct MountArgs {
-    /// Directory to mount on (must exist).
-    pub mountpoint: PathBuf,
-
+pub struct SourceArgs {
     /// Bucket to mount: NAME or gs://NAME[/PREFIX].
     #[arg(long, default_value = DEFAULT_BUCKET, help_heading = "Bucket")]
     pub bucket: String,
@@ -195,6 +190,7 @@ pub struct MountArgs {
 
     /// Service-account JSON key file (instead of application-default credentials).
     #[arg(
+        value_parser = path(),
         long,
         value_name = "FILE",
         help_heading = "Auth",
@@ -206,12 +202,23 @@ pub struct MountArgs {
     /// or one a sidecar rotates): read again whenever it changes. Without this or --key-file,
     /// GOOGLE_OAUTH_ACCESS_TOKEN, if set, is used as the token.
     #[arg(
+        value_parser = path(),
         long,
         value_name = "FILE",
         help_heading = "Auth",
         conflicts_with_all = ["anonymous", "key_file"]
     )]
     pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MountArgs {
+    /// Directory to mount on (must exist).
+    #[arg(value_parser = path())]
+    pub mountpoint: PathBuf,
+
+    #[command(flatten)]
+    pub source: SourceArgs,
 
     /// Send credentials to a plain-http:// `--endpoint` on this machine (127.0.0.1, ::1,
     /// localhost). Without it such an endpoint with credentials is refused: any local user
@@ -234,7 +241,7 @@ pub struct MountArgs {
 
     /// Where the metadata snapshot is kept, so a remount needs no listing
     /// (default ~/.cache/physiofs; `off` disables it).
-    #[arg(long, value_name = "DIR|off", help_heading = "Metadata")]
+    #[arg(long, value_name = "DIR|off", value_parser = parse_dir_or_off, help_heading = "Metadata")]
     pub metadata_cache: Option<String>,
 
     /// Memory for cached file data, e.g. `512MiB`, `2GiB`.
@@ -250,7 +257,7 @@ pub struct MountArgs {
     /// Keep fetched file data on local disk here (e.g. a local NVMe SSD), across unmounts,
     /// remounts and reboots: every epoch after the first reads from disk. Off unless given.
     /// fstab: `cache_dir=DIR`.
-    #[arg(long, value_name = "DIR", help_heading = "Cache")]
+    #[arg(value_parser = path(), long, value_name = "DIR", help_heading = "Cache")]
     pub cache_dir: Option<PathBuf>,
 
     /// Most file data kept in --cache-dir: a size (`300GiB`) or a share of its filesystem
@@ -294,6 +301,7 @@ pub struct MountArgs {
     /// Also trust the certificate authorities in this PEM file (a TLS-inspecting proxy, a
     /// private endpoint, the testbed's `--tls-ca-out`). SSL_CERT_FILE works too.
     #[arg(
+        value_parser = path(),
         long,
         value_name = "FILE",
         env = "SSL_CERT_FILE",
@@ -361,7 +369,7 @@ pub struct MountArgs {
     pub log_level: Option<String>,
 
     /// Append log lines to this file instead of stderr.
-    #[arg(long, value_name = "FILE", help_heading = "Logging")]
+    #[arg(value_parser = path(), long, value_name = "FILE", help_heading = "Logging")]
     pub log_file: Option<PathBuf>,
 }
 
@@ -408,6 +416,7 @@ impl MountArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     /// Where to mount (default: a new temporary directory, removed afterwards).
+    #[arg(value_parser = path())]
     pub mountpoint: Option<PathBuf>,
     /// Patients in the demo dataset (the real one has 65,379).
     #[arg(long, default_value_t = 20)]
@@ -447,7 +456,7 @@ pub struct TestbedArgs {
     #[arg(long, default_value = "127.0.0.1:4443")]
     pub addr: SocketAddr,
     /// Serve a local folder (one sub-folder per bucket) instead of the dataset model.
-    #[arg(long)]
+    #[arg(value_parser = path(), long)]
     pub dir: Option<PathBuf>,
     /// Dataset model to serve (when --dir is not given).
     #[arg(long, value_enum, default_value = "dicom")]
@@ -521,7 +530,7 @@ pub struct TestbedArgs {
     pub tls: bool,
     /// Write the certificate (PEM) that clients must trust to this file (with --tls), e.g. for
     /// `physiofs mount --ca-file`, `curl --cacert`, `rclone --ca-cert`.
-    #[arg(long, value_name = "FILE", requires = "tls")]
+    #[arg(value_parser = path(), long, value_name = "FILE", requires = "tls")]
     pub tls_ca_out: Option<PathBuf>,
     /// Offer HTTP/2 by ALPN (with --tls); `off` leaves clients only http/1.1.
     #[arg(long, value_enum, default_value = "on")]
@@ -547,8 +556,12 @@ mod tests {
             "p",
         ]);
         assert_eq!(
-            (a.mountpoint, a.bucket, a.billing_project),
-            (".".into(), "b".into(), Some("p".into()))
+            (a.mountpoint, a.source.bucket, a.source.billing_project),
+            (
+                std::env::current_dir().unwrap(),
+                "b".into(),
+                Some("p".into())
+            )
         );
         assert_eq!(
             doctor(&["physiofs", "doctor", "/mnt/x"]).mountpoint,
@@ -578,5 +591,70 @@ mod tests {
             ),
             format!("{parsed:?}")
         );
+    }
+
+    /// Every path a subcommand takes, flag or positional, is absolute once parsed: a relative
+    /// one names the same file after `--background` moves the process to `/`. Walks the whole
+    /// CLI, so a path argument added later without `value_parser = path()` fails here.
+    #[test]
+    fn every_path_argument_is_made_absolute() {
+        use clap::CommandFactory;
+        let cwd = std::env::current_dir().unwrap();
+        let mut checked = Vec::new();
+        let mut pending = vec![Cli::command()];
+        while let Some(cmd) = pending.pop() {
+            pending.extend(cmd.get_subcommands().cloned());
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                let is_path = arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>();
+                if !is_path && id != "metadata_cache" {
+                    continue;
+                }
+                let argv: Vec<String> = match arg.get_long() {
+                    Some(long) => vec!["x".into(), format!("--{long}"), "rel/p".into()],
+                    None => vec!["x".into(), "rel/p".into()],
+                };
+                let m = cmd
+                    .clone()
+                    .ignore_errors(true)
+                    .try_get_matches_from(&argv)
+                    .unwrap_or_else(|e| panic!("{} {argv:?}: {e}", cmd.get_name()));
+                let got = if is_path {
+                    m.get_one::<PathBuf>(id).cloned()
+                } else {
+                    m.get_one::<String>(id).map(PathBuf::from)
+                };
+                assert_eq!(got, Some(cwd.join("rel/p")), "{} {argv:?}", cmd.get_name());
+                checked.push(format!("{} {id}", cmd.get_name()));
+            }
+        }
+        // The walk saw the paths it is meant to (and so would see a new one).
+        for want in [
+            "mount mountpoint",
+            "mount ca_file",
+            "mount key_file",
+            "mount token_file",
+            "mount log_file",
+            "mount cache_dir",
+            "mount metadata_cache",
+            "doctor mountpoint",
+            "warm from_list",
+            "warm cache_dir",
+            "demo mountpoint",
+            "testbed tls_ca_out",
+            "stats cache_dir",
+        ] {
+            assert!(
+                checked.iter().any(|c| c == want),
+                "{want} not in {checked:?}"
+            );
+        }
+        // An environment value goes through the same parser (`SSL_CERT_FILE` for --ca-file).
+        let m = Cli::try_parse_from(["physiofs", "mount", "m", "--metadata-cache", "off"]).unwrap();
+        let Command::Mount(a) = m.command else {
+            panic!()
+        };
+        assert_eq!(a.metadata_cache.as_deref(), Some("off"));
+        assert_eq!(a.mountpoint, cwd.join("m"));
     }
 }

@@ -60,37 +60,23 @@ pub fn default_log_file(mountpoint: &Path) -> Option<PathBuf> {
     crate::snapshot::default_dir().map(|d| d.join("logs").join(format!("{name}.log")))
 }
 
-/// Makes the paths in `args` absolute, since the background process runs in `/`.
-fn absolutize(args: &mut MountArgs) -> anyhow::Result<()> {
-    let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let abs = |p: &Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            cwd.join(p)
-        }
-    };
-    args.mountpoint = abs(&args.mountpoint);
-    if let Some(k) = &args.key_file {
-        args.key_file = Some(abs(k));
-    }
-    if let Some(k) = &args.token_file {
-        args.token_file = Some(abs(k));
-    }
-    if let Some(l) = &args.log_file {
-        args.log_file = Some(abs(l));
-    }
-    if let Some(d) = &args.metadata_cache
-        && d != "off"
-        && d != "none"
-    {
-        args.metadata_cache = Some(abs(Path::new(d)).to_string_lossy().into_owned());
-    }
-    if let Some(c) = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
-        let p = Path::new(&c);
+/// Environment variables that name a file or directory and are read after the fork:
+/// made absolute like the path arguments (which `cli` makes absolute as it parses them), since
+/// the background process runs in `/`.
+const PATH_VARIABLES: &[&str] = &["GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"];
+
+/// Makes the relative paths in [`PATH_VARIABLES`] absolute. Must run before any thread exists.
+fn absolutize_environment() -> anyhow::Result<()> {
+    for name in PATH_VARIABLES {
+        let Some(value) = std::env::var_os(name) else {
+            continue;
+        };
+        let p = Path::new(&value);
         if !p.as_os_str().is_empty() && p.is_relative() {
+            let abs = std::path::absolute(p)
+                .with_context(|| format!("cannot make {name}={} absolute", p.display()))?;
             // SAFETY: no other thread exists yet (this runs before the runtime is built).
-            unsafe { std::env::set_var("GOOGLE_APPLICATION_CREDENTIALS", abs(p)) };
+            unsafe { std::env::set_var(name, abs) };
         }
     }
     Ok(())
@@ -150,7 +136,8 @@ pub fn open_log(path: &Path) -> anyhow::Result<File> {
 /// the `Notify` to report with, with stdin on /dev/null and stdout and stderr on the log file.
 /// Must run before any thread is started.
 pub fn detach(args: &mut MountArgs) -> anyhow::Result<Notify> {
-    absolutize(args)?;
+    // The path arguments are absolute already (`cli::path`).
+    absolutize_environment()?;
     let log_path = match &args.log_file {
         Some(p) => p.clone(),
         None => match default_log_file(&args.mountpoint) {

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::cli::{DemoArgs, MountArgs};
+use crate::cli::{DemoArgs, MountArgs, SourceArgs};
 use crate::model::{DatasetModel, ModelConfig, ModelKind};
 use crate::mount::Mounted;
 use crate::plan::{Env, MountPlan};
@@ -21,16 +21,20 @@ pub fn mount_args(
     endpoint: String,
     bucket: String,
 ) -> MountArgs {
+    let defaults = MountArgs::defaults(mountpoint);
     MountArgs {
-        bucket,
-        endpoint: Some(endpoint),
-        billing_project: Some("physiofs-demo".into()),
-        anonymous: true,
+        source: SourceArgs {
+            bucket,
+            endpoint: Some(endpoint),
+            billing_project: Some("physiofs-demo".into()),
+            anonymous: true,
+            ..defaults.source.clone()
+        },
         cache_size: args.cache_size,
         // The demo's server lives only as long as the demo: nothing worth persisting.
         metadata_cache: Some("off".into()),
         verbose: args.verbose,
-        ..MountArgs::defaults(mountpoint)
+        ..defaults
     }
 }
 

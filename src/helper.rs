@@ -337,6 +337,34 @@ mod tests {
         assert!(e.contains("token_file"), "{e}");
     }
 
+    /// Paths in fstab options and the mount point go through the CLI's own parsing: made
+    /// absolute against the directory mount(8) runs the helper in, before it detaches.
+    #[test]
+    fn relative_paths_in_options_are_made_absolute() {
+        use crate::cli::{Cli, Command};
+        use clap::Parser;
+        let Helper::Mount(argv) = translate(&v(&[
+            "physiofs",
+            "b",
+            "mnt",
+            "-o",
+            "ca_file=ca.pem,log_file=/var/log/p.log,cache_dir=cache,metadata_cache=off",
+        ]))
+        .unwrap() else {
+            panic!("fake")
+        };
+        let cli = Cli::try_parse_from(std::iter::once(OsString::from("physiofs")).chain(argv));
+        let Command::Mount(args) = cli.unwrap().command else {
+            panic!("not a mount")
+        };
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(args.mountpoint, cwd.join("mnt"));
+        assert_eq!(args.ca_file, Some(cwd.join("ca.pem")));
+        assert_eq!(args.cache_dir, Some(cwd.join("cache")));
+        assert_eq!(args.log_file, Some("/var/log/p.log".into()));
+        assert_eq!(args.metadata_cache.as_deref(), Some("off"));
+    }
+
     #[test]
     fn bad_options_are_named() {
         let e = translate(&v(&["physiofs", "b", "/m", "-o", "ro,cache_sise=1G"])).unwrap_err();

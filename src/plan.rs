@@ -89,7 +89,7 @@ impl Env {
     /// [`Env::capture`], plus the `project_id` of `args`'s `--key-file`.
     pub fn capture_for(args: &MountArgs) -> Env {
         let mut env = Env::capture();
-        if let Some(key) = &args.key_file {
+        if let Some(key) = &args.source.key_file {
             env.read_key_project(key);
         }
         env
@@ -203,7 +203,7 @@ fn billing_project(
         project: project.to_string(),
         source,
     };
-    if let Some(p) = args.billing_project.as_deref().map(str::trim)
+    if let Some(p) = args.source.billing_project.as_deref().map(str::trim)
         && !p.is_empty()
     {
         return Some(found(p, BillingSource::Flag));
@@ -274,15 +274,15 @@ impl MountPlan {
     /// arguments that contradict each other; what can be checked (an empty bucket name, an
     /// endpoint that is not a URL) is left to `checks::plan`, so `doctor` can show it too.
     pub fn resolve(args: &MountArgs, env: &Env) -> anyhow::Result<MountPlan> {
-        let (bucket, url_prefix) = parse_bucket(&args.bucket);
-        let prefix = match (&url_prefix, &args.prefix) {
+        let (bucket, url_prefix) = parse_bucket(&args.source.bucket);
+        let prefix = match (&url_prefix, &args.source.prefix) {
             (Some(a), Some(b)) => {
                 bail!("both --bucket gs://{bucket}/{a} and --prefix {b} give a prefix; use one")
             }
             (a, b) => normalize_prefix(a.as_deref().or(b.as_deref())),
         };
         let emulator = env.storage_emulator_host.as_deref();
-        let endpoint = match (&args.endpoint, emulator) {
+        let endpoint = match (&args.source.endpoint, emulator) {
             (Some(e), _) => e.trim_end_matches('/').to_string(),
             (None, Some(h)) => emulator_endpoint(h),
             (None, None) => GCS_ENDPOINT.to_string(),
@@ -335,7 +335,7 @@ impl MountPlan {
             .max(MIN_BLOCK_CACHE);
         Ok(MountPlan {
             mountpoint: args.mountpoint.clone(),
-            bucket_arg: args.bucket.clone(),
+            bucket_arg: args.source.bucket.clone(),
             gcs: GcsConfig {
                 endpoint,
                 bucket,
@@ -404,17 +404,17 @@ fn credentials(args: &MountArgs, env: &Env) -> Credentials {
         source,
         account: None,
     };
-    match (&env.storage_emulator_host, &args.key_file) {
-        _ if args.anonymous => Credentials::anonymous(CredentialSource::Flag("--anonymous")),
-        (Some(host), _) if args.endpoint.is_none() => {
+    match (&env.storage_emulator_host, &args.source.key_file) {
+        _ if args.source.anonymous => Credentials::anonymous(CredentialSource::Flag("--anonymous")),
+        (Some(host), _) if args.source.endpoint.is_none() => {
             Credentials::anonymous(CredentialSource::Variable {
                 name: "STORAGE_EMULATOR_HOST",
                 value: host.clone(),
             })
         }
-        _ if args.token_file.is_some() => with(
+        _ if args.source.token_file.is_some() => with(
             CredentialKind::TokenFile,
-            CredentialSource::File(args.token_file.clone().unwrap_or_default()),
+            CredentialSource::File(args.source.token_file.clone().unwrap_or_default()),
         ),
         (_, Some(key)) => with(
             CredentialKind::ServiceAccountKey,

@@ -1,5 +1,5 @@
 //! Parsers of the values people type: sizes, octal modes, fractions, bucket URLs, prefixes,
-//! emulator addresses.
+//! emulator addresses, paths.
 //!
 //! One place, imported by the argument declarations (`cli`), the plan that resolves them and
 //! the testbed alike, so a size means the same thing everywhere and this module depends on
@@ -92,6 +92,28 @@ pub fn normalize_prefix(p: Option<&str>) -> String {
     }
 }
 
+/// A path as given, made absolute against the current directory: what every path argument
+/// becomes when the command line is parsed, so that it still names the same file once
+/// `--background` has moved the process to `/`. Only the current directory is prepended
+/// ([`std::path::absolute`]): nothing is read, no symlink is resolved and `..` stays, so what
+/// the path finally names is decided where it always was (the mount point is pinned by
+/// `session`, the log file opened with `O_NOFOLLOW`, ...). Empty is refused.
+pub fn absolute_path(path: &std::ffi::OsStr) -> Result<std::path::PathBuf, String> {
+    if path.is_empty() {
+        return Err("an empty path names no file".into());
+    }
+    std::path::absolute(path).map_err(|e| format!("cannot make {path:?} absolute: {e}"))
+}
+
+/// A directory or a word that turns it off (`off`, `none`, kept as they are): the directory
+/// made absolute like [`absolute_path`].
+pub fn parse_dir_or_off(s: &str) -> Result<String, String> {
+    if matches!(s, "off" | "none") {
+        return Ok(s.to_string());
+    }
+    Ok(absolute_path(s.as_ref())?.to_string_lossy().into_owned())
+}
+
 /// Turns `STORAGE_EMULATOR_HOST` (`host:port` or a URL) into a service root URL.
 pub fn emulator_endpoint(v: &str) -> String {
     let v = v.trim().trim_end_matches('/');
@@ -105,6 +127,7 @@ pub fn emulator_endpoint(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn sizes_modes_buckets() {
@@ -130,5 +153,30 @@ mod tests {
         assert_eq!(normalize_prefix(None), "");
         assert_eq!(emulator_endpoint("localhost:4443"), "http://localhost:4443");
         assert_eq!(emulator_endpoint("https://x:1/"), "https://x:1");
+    }
+
+    #[test]
+    fn paths_are_made_absolute_without_being_resolved() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            absolute_path("ca.pem".as_ref()).unwrap(),
+            cwd.join("ca.pem")
+        );
+        // `..` and whatever symlinks the path crosses are left for the kernel to resolve.
+        assert_eq!(
+            absolute_path("../x/./y".as_ref()).unwrap(),
+            cwd.join("../x/y")
+        );
+        assert_eq!(
+            absolute_path("/etc/x".as_ref()).unwrap(),
+            Path::new("/etc/x")
+        );
+        assert!(absolute_path("".as_ref()).is_err());
+        assert_eq!(parse_dir_or_off("off").unwrap(), "off");
+        assert_eq!(parse_dir_or_off("none").unwrap(), "none");
+        assert_eq!(
+            parse_dir_or_off("snap").unwrap(),
+            cwd.join("snap").to_string_lossy()
+        );
     }
 }

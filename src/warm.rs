@@ -33,42 +33,18 @@ use crate::read::object::Object;
 
 const TIER: &str = "physiofs-cache-v1";
 
-/// The mount's arguments for warm's flags (a placeholder mount point: warm mounts nothing).
-fn mount_args(a: &WarmArgs) -> anyhow::Result<MountArgs> {
-    use clap::{Args, FromArgMatches};
-    let mut v: Vec<std::ffi::OsString> = vec!["warm".into(), "/".into()];
-    let mut flag = |k: &str, val: &std::ffi::OsStr| {
-        v.push(k.into());
-        v.push(val.into());
-    };
-    flag("--bucket", a.bucket.as_ref());
-    flag("--cache-dir", a.cache_dir.as_os_str());
-    flag("--disk-cache-size", a.disk_cache_size.as_ref());
-    flag("--metadata-cache", "off".as_ref());
-    if let Some(p) = &a.prefix {
-        flag("--prefix", p.as_ref());
-    }
-    if let Some(p) = &a.billing_project {
-        flag("--billing-project", p.as_ref());
-    }
-    if let Some(e) = &a.endpoint {
-        flag("--endpoint", e.as_ref());
-    }
-    if let Some(k) = &a.key_file {
-        flag("--key-file", k.as_os_str());
-    }
-    if let Some(t) = &a.token_file {
-        flag("--token-file", t.as_os_str());
-    }
+/// The mount's arguments for warm's flags (a placeholder mount point: warm mounts nothing):
+/// the same bucket flags, warm's cache dir, and mount's defaults for the rest.
+fn mount_args(a: &WarmArgs) -> MountArgs {
+    let mut m = MountArgs::defaults(PathBuf::from("/"));
+    m.source = a.source.clone();
+    m.cache_dir = Some(a.cache_dir.clone());
+    m.disk_cache_size = a.disk_cache_size;
+    m.metadata_cache = Some("off".into());
     if let Some(r) = a.retries {
-        flag("--retries", r.to_string().as_ref());
+        m.retries = r;
     }
-    if a.anonymous {
-        v.push("--anonymous".into());
-    }
-    let cmd = MountArgs::augment_args(clap::Command::new("warm").no_binary_name(false));
-    let m = cmd.try_get_matches_from(v)?;
-    Ok(MountArgs::from_arg_matches(&m)?)
+    m
 }
 
 /// The tier's lock file text, `pid N mounted at /path`: the mount point, when a mount holds it.
@@ -287,7 +263,7 @@ struct Outcome {
 
 /// `physiofs warm`.
 pub async fn run(args: WarmArgs) -> anyhow::Result<()> {
-    let margs = mount_args(&args)?;
+    let margs = mount_args(&args);
     let plan = MountPlan::resolve(&margs, &Env::capture())?;
     let jobs = args.jobs.max(1);
     let mounts = fuse_mountpoints();

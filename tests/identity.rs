@@ -505,3 +505,100 @@ fn a_token_still_refused_after_a_refresh_is_eacces_logged_once() {
     );
     assert!(tb.stats()["responses"]["401"].as_u64() >= Some(4));
 }
+
+/// A token file whose token is rotated under a running mount, the old token revoked at the
+/// same moment (the testbed answers it 401 Invalid Credentials, as GCS answers a revoked
+/// token). The file is rewritten in place with its size and modification time kept, so
+/// nothing but the 401 can tell physiofs to read it again: the read that meets the 401 reads
+/// the file again, is asked once more with the new token, and gets every byte; nothing is
+/// logged as refused.
+#[test]
+fn a_rotated_token_file_is_read_again_after_a_401() {
+    use std::io::{Seek, Write};
+    let tb = TestbedProc::start(&[
+        "--addr",
+        "127.0.0.1:0",
+        "--patients",
+        "1",
+        "--size-scale",
+        "0.01",
+        "--require-token",
+        "ya29.rot-*",
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    let token = home.path().join("token");
+    std::fs::write(&token, "ya29.rot-1\n").unwrap();
+    let mnt = Mount::start_with(
+        &[
+            "--endpoint".into(),
+            tb.endpoint.clone().into(),
+            "--allow-insecure-endpoint".into(),
+            "--bucket".into(),
+            BUCKET.into(),
+            "--token-file".into(),
+            token.clone().into(),
+            "--metadata".into(),
+            "eager".into(),
+        ],
+        &[],
+    );
+    let files: Vec<String> = walk(&mnt.join(""))
+        .into_iter()
+        .filter(|(_, k)| matches!(k, Kind::File))
+        .map(|(p, _)| p)
+        .take(2)
+        .collect();
+    assert_eq!(files.len(), 2);
+    let direct = |name: &str| {
+        let r = http_get(
+            &format!(
+                "{}/storage/v1/b/{BUCKET}/o/{}?alt=media",
+                tb.endpoint,
+                enc(name)
+            ),
+            &[("authorization", "Bearer ya29.rot-direct")],
+        );
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        r.body
+    };
+    let got = std::fs::read(mnt.join(&files[0])).unwrap();
+    assert!(got == direct(&files[0]), "{}: bytes differ", files[0]);
+
+    // Rotate: same inode, same size, the old modification time put back.
+    let before = std::fs::metadata(&token).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&token)
+        .unwrap();
+    f.write_all(b"ya29.rot-2\n").unwrap();
+    f.set_modified(before.modified().unwrap()).unwrap();
+    f.rewind().unwrap();
+    drop(f);
+    let after = std::fs::metadata(&token).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (after.modified().unwrap(), after.len(), after.ino()),
+        (before.modified().unwrap(), before.len(), before.ino()),
+        "the rewrite must not show in the file's stamp"
+    );
+    let set = http_post(
+        &format!("{}/_testbed/faults", tb.endpoint),
+        r#"{"revoke_tokens":["ya29.rot-1"]}"#,
+    );
+    assert_eq!(set.status, 200, "{}", set.text());
+    let refused_before = tb.stats()["responses"]["401"].as_u64().unwrap_or(0);
+
+    let got = std::fs::read(mnt.join(&files[1])).expect("the read survives the rotation");
+    assert!(got == direct(&files[1]), "{}: bytes differ", files[1]);
+    let refused_after = tb.stats()["responses"]["401"].as_u64().unwrap_or(0);
+    assert!(
+        refused_after > refused_before,
+        "the old token was never refused ({refused_before} → {refused_after} 401s): {}",
+        tb.stats()
+    );
+    let log = mnt.stderr_tail();
+    assert!(
+        !log.contains("refused"),
+        "a refresh was logged as a refusal: {log}"
+    );
+}

@@ -328,3 +328,109 @@ fn fstab_style_mount_through_the_fuse3_helper() {
     );
     assert_not_mounted(&mnt, "after a bad option");
 }
+
+/// Relative paths name what they name in the command's directory, though the background
+/// process runs in `/`: a TLS testbed mounted with `--ca-file ca.pem --log-file
+/// logs/physiofs.log --cache-dir cache mnt`, all relative to a temp cwd, serves the model's
+/// bytes exactly and logs where it was told to.
+#[test]
+fn background_mount_takes_paths_relative_to_the_command_directory() {
+    use physiofs::model::{DatasetModel, JPG_BUCKET, ModelConfig, ModelKind};
+    let tb = TlsTestbed::start(&[
+        "--model",
+        "jpg",
+        "--patients",
+        "3",
+        "--size-scale",
+        "0.1",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let model = DatasetModel::new(ModelConfig {
+        kind: ModelKind::Jpg,
+        patients: 3,
+        seed: 0,
+        size_scale: 0.1,
+    });
+    let obj = model
+        .list_from("files/", 1000)
+        .into_iter()
+        .find(|o| o.name.ends_with(".jpg"))
+        .expect("the model has a JPG");
+    let want = model.read_all(&obj);
+
+    let (dir, mnt) = mountpoint_dir();
+    let mut guard = Cleanup {
+        mnt: mnt.clone(),
+        pid: None,
+    };
+    fs::copy(&tb.ca_file, dir.path().join("ca.pem")).unwrap();
+    let mut args = tb.testbed.mount_args(
+        JPG_BUCKET,
+        &[
+            "--ca-file",
+            "ca.pem",
+            "--log-file",
+            "logs/physiofs.log",
+            "--cache-dir",
+            "cache",
+            "--background",
+        ],
+    );
+    args.push("mnt".into());
+    let mut cmd = Command::new(physiofs_bin());
+    cmd.arg("mount")
+        .args(&args)
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("STORAGE_EMULATOR_HOST")
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env_remove("RUST_LOG")
+        .env("XDG_CACHE_HOME", dir.path().join("xdg-cache"))
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost");
+    let out = run_timeout(&mut cmd, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "mount --background with relative paths failed:\n{stderr}"
+    );
+    mount_entry(&mnt).unwrap_or_else(|| panic!("not mounted at return:\n{stderr}"));
+    let pid = process_id(&stderr).unwrap_or_else(|| panic!("no process id in:\n{stderr}"));
+    guard.pid = Some(pid);
+    assert_eq!(
+        fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        Path::new("/"),
+        "the background process should have moved to /"
+    );
+
+    let got = fs::read(mnt.join(&obj.name)).unwrap();
+    assert!(got == want, "{}: bytes differ from the model", obj.name);
+
+    let log = dir.path().join("logs/physiofs.log");
+    let text = fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    assert!(text.contains("mounted gs://"), "{text}");
+    assert!(
+        stderr.contains(&log.display().to_string()),
+        "the command names the log it writes:\n{stderr}"
+    );
+    // The disk cache is the `cache` of the command's directory, and holds what was read.
+    assert!(
+        dir.path().join("cache/physiofs-cache-v1").is_dir(),
+        "no disk cache in {}",
+        dir.path().join("cache").display()
+    );
+
+    let st = Command::new("umount").arg(&mnt).status().unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    while running(pid) {
+        assert!(
+            t.elapsed() < EXIT_TIMEOUT,
+            "the background process outlived its mount"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_not_mounted(&mnt, "after umount");
+}

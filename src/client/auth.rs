@@ -96,6 +96,50 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// What to do when the server refuses these credentials' token (HTTP 401) even after a
+    /// fresh one was asked for: what makes them good again, by where they come from.
+    pub fn refused_fix(&self) -> String {
+        use CredentialKind as K;
+        match (self.kind, &self.source) {
+            (K::Anonymous, _) => "The bucket wants credentials: mount without --anonymous \
+                 (after `gcloud auth application-default login`), or with --key-file"
+                .into(),
+            (K::ServiceAccountKey, CredentialSource::File(p)) => format!(
+                "The key {} may have been deleted or disabled, or its service account removed: \
+                 make a new key (Cloud console: IAM, Service accounts, Keys) and pass it",
+                p.display()
+            ),
+            (K::ServiceAccountKey, _) => "The key may have been deleted or disabled, or its \
+                 service account removed: make a new key (Cloud console: IAM, Service \
+                 accounts, Keys) and pass it"
+                .into(),
+            (K::ApplicationDefault | K::GcloudUser, _) => "Sign in again with `gcloud auth \
+                 application-default login` (the refresh token was revoked, expired or its \
+                 password changed); the mount picks up the new file when remounted"
+                .into(),
+            (K::MetadataServer, _) => "Check the VM's service account: that it still exists \
+                 and is enabled, and that the VM's access scopes include storage \
+                 (devstorage.read_only or cloud-platform)"
+                .into(),
+            (K::GcloudCli, _) => "Sign in again with `gcloud auth login`".into(),
+            (K::TokenFile, CredentialSource::File(p)) => format!(
+                "Write a current access token into {} (e.g. `gcloud auth print-access-token > \
+                 {}`): it is read again on the next request, no remount needed",
+                p.display(),
+                p.display()
+            ),
+            (K::TokenFile, _) => "Write a current access token into the --token-file".into(),
+            (K::AccessTokenVariable, _) => format!(
+                "The token in {GOOGLE_OAUTH_ACCESS_TOKEN} has expired or was revoked, and a \
+                 token given in a variable cannot be renewed: remount with a new one, or pass \
+                 --token-file FILE, which is read again whenever it changes"
+            ),
+            (K::Static, _) => "A fixed token cannot be renewed".into(),
+        }
+    }
+}
+
 impl std::fmt::Display for Credentials {
     /// One line, e.g. `service-account key /k.json (sa@p.iam.gserviceaccount.com)`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,7 +189,7 @@ pub struct AuthError {
 enum Provider {
     None,
     Static(String),
-    Gcp(Arc<dyn gcp_auth::TokenProvider>),
+    Gcp(Arc<GcpProvider>),
     User(Arc<AuthorizedUser>),
     File(Arc<TokenFile>),
     Metadata(Arc<MetadataServer>),
@@ -262,11 +306,7 @@ impl TokenSource {
         match &self.provider {
             Provider::None => Ok(None),
             Provider::Static(t) => Ok(Some(t.clone())),
-            Provider::Gcp(p) => p
-                .token(&[SCOPE_READ_ONLY])
-                .await
-                .map(|t| Some(t.as_str().to_string()))
-                .map_err(|e| ClientError::Auth(format!("cannot obtain an access token: {e}"))),
+            Provider::Gcp(p) => p.token().await.map(Some),
             Provider::User(u) => u.token().await.map(Some),
             Provider::File(f) => f.token().map(Some),
             Provider::Metadata(m) => m.token().await.map(Some),
@@ -274,14 +314,15 @@ impl TokenSource {
     }
 
     /// After the server refused `sent` (HTTP 401): forget it, so the next [`token`] is a
-    /// fresh one (a new grant, the file read again). False when no other token can come
-    /// (anonymous, a fixed token, a provider that refreshes on its own schedule), so there
-    /// is no point in asking again.
+    /// fresh one (a new grant, a gcp_auth provider made anew, the file read again). False
+    /// when no other token can come (anonymous, a fixed token, a provider that could not be
+    /// made again), so there is no point in asking again.
     ///
     /// [`token`]: TokenSource::token
     pub async fn invalidate(&self, sent: Option<&str>) -> bool {
         match &self.provider {
-            Provider::None | Provider::Static(_) | Provider::Gcp(_) => false,
+            Provider::None | Provider::Static(_) => false,
+            Provider::Gcp(p) => p.renew(sent).await,
             Provider::User(u) => {
                 u.cache.forget(sent).await;
                 true
@@ -295,6 +336,14 @@ impl TokenSource {
                 true
             }
         }
+    }
+
+    /// Whether a refused token can be followed by another ([`invalidate`] can succeed):
+    /// false for anonymous requests and fixed tokens.
+    ///
+    /// [`invalidate`]: TokenSource::invalidate
+    pub fn can_refresh(&self) -> bool {
+        !matches!(self.provider, Provider::None | Provider::Static(_))
     }
 
     /// Fills in the account these credentials act as, when the description does not have it
@@ -564,9 +613,10 @@ fn service_account_key(path: &Path, source: CredentialSource) -> Result<TokenSou
         fix: "pass a service-account JSON key (Cloud console: IAM, Service accounts, Keys)".into(),
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail(&e))?;
-    let sa = gcp_auth::CustomServiceAccount::from_json(&text).map_err(|e| fail(&e))?;
+    let made = GcpKind::key(&text).map_err(|e| fail(&e))?;
+    let provider = GcpProvider::new(made, GcpKind::Key(text.clone()));
     Ok(TokenSource {
-        provider: Provider::Gcp(Arc::new(sa)),
+        provider: Provider::Gcp(provider),
         credentials: Credentials {
             kind: CredentialKind::ServiceAccountKey,
             source,
@@ -606,14 +656,14 @@ fn application_default_key(
             },
         });
     }
-    let sa = gcp_auth::CustomServiceAccount::from_json(&text).map_err(|e| AuthError {
+    let made = GcpKind::key(&text).map_err(|e| AuthError {
         cause: format!("cannot use {var}: {e}"),
         fix: format!(
             "point {GOOGLE_APPLICATION_CREDENTIALS} at a service-account JSON key, or unset it"
         ),
     })?;
     Ok(TokenSource {
-        provider: Provider::Gcp(Arc::new(sa)),
+        provider: Provider::Gcp(GcpProvider::new(made, GcpKind::Key(text.clone()))),
         credentials: Credentials {
             kind: CredentialKind::ServiceAccountKey,
             source,
@@ -659,7 +709,7 @@ async fn application_default(
             return Ok(t);
         }
     }
-    let user = match gcp_auth::ConfigDefaultCredentials::new().await {
+    let user = match GcpKind::GcloudUserFile.make().await {
         Ok(p) => {
             let source = match gcloud_file.clone() {
                 Some(f) => CredentialSource::File(f),
@@ -669,7 +719,7 @@ async fn application_default(
                 },
             };
             return Ok(found(
-                Provider::Gcp(Arc::new(p)),
+                Provider::Gcp(GcpProvider::new(p, GcpKind::GcloudUserFile)),
                 CredentialKind::GcloudUser,
                 source,
             ));
@@ -697,20 +747,20 @@ async fn application_default(
             }),
         };
     }
-    let metadata = match gcp_auth::MetadataServiceAccount::new().await {
+    let metadata = match GcpKind::MetadataServer.make().await {
         Ok(p) => {
             return Ok(found(
-                Provider::Gcp(Arc::new(p)),
+                Provider::Gcp(GcpProvider::new(p, GcpKind::MetadataServer)),
                 CredentialKind::MetadataServer,
                 search,
             ));
         }
         Err(e) => e,
     };
-    let cli = match gcp_auth::GCloudAuthorizedUser::new().await {
+    let cli = match GcpKind::GcloudCli.make().await {
         Ok(p) => {
             return Ok(found(
-                Provider::Gcp(Arc::new(p)),
+                Provider::Gcp(GcpProvider::new(p, GcpKind::GcloudCli)),
                 CredentialKind::GcloudCli,
                 search,
             ));
@@ -734,6 +784,85 @@ fn account_field(v: &serde_json::Value) -> Option<String> {
         .map(str::trim)
         .filter(|a| !a.is_empty())
         .map(str::to_string)
+}
+
+/// Which gcp_auth provider, with what it is made from.
+enum GcpKind {
+    /// A service-account key's JSON (`--key-file`, or GOOGLE_APPLICATION_CREDENTIALS).
+    Key(String),
+    /// gcloud's application-default user credentials (gcp_auth's own search for the file).
+    GcloudUserFile,
+    /// The GCE VM's metadata server.
+    MetadataServer,
+    /// `gcloud auth print-access-token`.
+    GcloudCli,
+}
+
+impl GcpKind {
+    fn key(json: &str) -> Result<Arc<dyn gcp_auth::TokenProvider>, gcp_auth::Error> {
+        Ok(Arc::new(gcp_auth::CustomServiceAccount::from_json(json)?))
+    }
+
+    async fn make(&self) -> Result<Arc<dyn gcp_auth::TokenProvider>, gcp_auth::Error> {
+        Ok(match self {
+            GcpKind::Key(json) => GcpKind::key(json)?,
+            GcpKind::GcloudUserFile => Arc::new(gcp_auth::ConfigDefaultCredentials::new().await?),
+            GcpKind::MetadataServer => Arc::new(gcp_auth::MetadataServiceAccount::new().await?),
+            GcpKind::GcloudCli => Arc::new(gcp_auth::GCloudAuthorizedUser::new().await?),
+        })
+    }
+}
+
+/// A gcp_auth provider, and how to make it again. gcp_auth keeps each token until shortly
+/// before it expires and offers no way to drop one early (its `TokenProvider` has `token` and
+/// `project_id` only), so after a 401 the provider is made anew: its cache is empty, and its
+/// first token a fresh grant (a newly signed JWT, a new refresh, the metadata server or
+/// gcloud asked again).
+struct GcpProvider {
+    current: std::sync::Mutex<Arc<dyn gcp_auth::TokenProvider>>,
+    kind: GcpKind,
+    /// One renewal at a time: requests refused together share it.
+    renewing: tokio::sync::Mutex<()>,
+}
+
+impl GcpProvider {
+    fn new(provider: Arc<dyn gcp_auth::TokenProvider>, kind: GcpKind) -> Arc<Self> {
+        Arc::new(GcpProvider {
+            current: std::sync::Mutex::new(provider),
+            kind,
+            renewing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    async fn token(&self) -> Result<String, ClientError> {
+        let provider = self.current.lock().unwrap().clone();
+        provider
+            .token(&[SCOPE_READ_ONLY])
+            .await
+            .map(|t| t.as_str().to_string())
+            .map_err(|e| ClientError::Auth(format!("cannot obtain an access token: {e}")))
+    }
+
+    /// After `sent` was refused: a new provider, unless another request already put one in
+    /// place (the current token is not `sent`). False if it cannot be made.
+    async fn renew(&self, sent: Option<&str>) -> bool {
+        let _one = self.renewing.lock().await;
+        if let (Some(sent), Ok(now)) = (sent, self.token().await)
+            && now != sent
+        {
+            return true;
+        }
+        match self.kind.make().await {
+            Ok(p) => {
+                *self.current.lock().unwrap() = p;
+                true
+            }
+            Err(e) => {
+                tracing::warn!("after HTTP 401, cannot obtain a fresh access token: {e}");
+                false
+            }
+        }
+    }
 }
 
 /// User credentials (`"type": "authorized_user"`, what `gcloud auth application-default

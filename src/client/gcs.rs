@@ -488,10 +488,7 @@ impl GcsClient {
                         .await => {}
                 Err(e) => match backoff.next_delay(&e, retry_after) {
                     Some(delay) => self.pause(kind, backoff.attempt, &e, delay).await,
-                    None => {
-                        self.log_refused(&e);
-                        return Err(e);
-                    }
+                    None => return Err(self.refused(e)),
                 },
             }
         }
@@ -518,26 +515,39 @@ impl GcsClient {
         again
     }
 
-    /// One warning per distinct refusal (HTTP 401/403) for the life of the client, not one
-    /// per request: a mount whose access ends answers EACCES to every read, and the log says
-    /// why once.
-    fn log_refused(&self, e: &ClientError) {
+    /// A request's final error, on its way to the caller. A refusal (HTTP 401/403) is logged
+    /// once per distinct cause for the life of the client, not once per request: a mount
+    /// whose access ends answers EACCES to every read, and the log says why once. A 401 (a
+    /// token refused after a fresh one was asked for, or from credentials that cannot make
+    /// another) comes back naming the credentials and what to do about them.
+    fn refused(&self, e: ClientError) -> ClientError {
         let ClientError::Denied { status, message } = e else {
-            return;
+            return e;
         };
+        let credentials = self.tokens.credentials();
         let cause = format!("HTTP {status}: {message}");
-        if !self.refusals.lock().unwrap().insert(cause.clone()) {
-            return;
-        }
-        let hint = match status {
-            401 => " even with a fresh token; reads answer EACCES until the credentials work again",
-            _ => "; reads answer EACCES",
+        let (hint, message) = match status {
+            401 => {
+                let fresh = if self.tokens.can_refresh() {
+                    " even with a fresh token"
+                } else {
+                    ""
+                };
+                let fix = credentials.refused_fix();
+                (
+                    format!("{fresh}; reads answer EACCES until the credentials work again. {fix}"),
+                    format!("{message} ({credentials} refused{fresh}; {fix})"),
+                )
+            }
+            _ => ("; reads answer EACCES".to_string(), message),
         };
-        tracing::warn!(
-            "gs://{}: the server refused {} ({cause}){hint}",
-            self.cfg.bucket,
-            self.tokens.credentials()
-        );
+        if self.refusals.lock().unwrap().insert(cause.clone()) {
+            tracing::warn!(
+                "gs://{}: the server refused {credentials} ({cause}){hint}",
+                self.cfg.bucket,
+            );
+        }
+        ClientError::Denied { status, message }
     }
 
     /// Reads one media answer into `buf`, which holds the bytes `[start, pos)` already
@@ -1179,10 +1189,7 @@ impl GcsClient {
                     }
                     self.pause(Kind::Get, backoff.attempt, &e, delay).await;
                 }
-                None => {
-                    self.log_refused(&e);
-                    return Err(e);
-                }
+                None => return Err(self.refused(e)),
             }
         }
     }
@@ -2043,6 +2050,94 @@ mod tests {
             assert_eq!(n(&c.stats.token_refreshes), 4);
             assert_eq!(s.responses_with(401), 4, "{s:?}");
             assert_eq!(n(&c.stats.retries), 0, "a refresh is not a retry");
+        }
+
+        /// A service-account key goes through gcp_auth, which keeps a token until it nears
+        /// its expiry and cannot be told to drop it: after a 401 the provider is made anew,
+        /// so the next request carries a newly granted token (JWT grant at the key's
+        /// token_uri). A token refused even then is an error naming the key and the fix.
+        #[tokio::test]
+        async fn a_service_account_token_refused_early_is_replaced() {
+            let bed = bed(TestbedOptions {
+                require_tokens: vec!["tbtok-*".into()],
+                token_ttl: Some(Duration::from_nanos(1)),
+                ..Default::default()
+            })
+            .await;
+            let dir = tempfile::tempdir().unwrap();
+            let pem = dir.path().join("key.pem");
+            let out = std::process::Command::new("openssl")
+                .args([
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                ])
+                .arg("-out")
+                .arg(&pem)
+                .output()
+                .expect("openssl (needed to make a test key)");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let key = dir.path().join("sa.json");
+            std::fs::write(
+                &key,
+                serde_json::json!({
+                    "type": "service_account",
+                    "project_id": "p",
+                    "private_key_id": "k",
+                    "private_key": std::fs::read_to_string(&pem).unwrap(),
+                    "client_email": "sa@p.iam.gserviceaccount.com",
+                    "client_id": "1",
+                    "token_uri": format!("{}/token", bed.server.endpoint()),
+                })
+                .to_string(),
+            )
+            .unwrap();
+            let tokens = TokenSource::build(&crate::client::auth::Credentials {
+                kind: CredentialKind::ServiceAccountKey,
+                source: crate::client::auth::CredentialSource::File(key.clone()),
+                account: None,
+            })
+            .await
+            .unwrap();
+            let c = client(
+                &bed,
+                Opts {
+                    tokens,
+                    max_attempts: 1,
+                    ..Default::default()
+                },
+            );
+            // Each token is good for one request: every request after the first meets a
+            // 401 and is asked again with a token of a new provider.
+            for _ in 0..3 {
+                c.stat(SMALL_NAME).await.unwrap();
+            }
+            assert_eq!(n(&c.stats.token_refreshes), 2);
+            assert_eq!(bed.server.stats().responses_with(401), 2);
+
+            // Refused whatever the token: one refresh, then the error says whose and what to do.
+            set(&bed, r#"{"revoke_tokens":["tbtok-*"]}"#);
+            let e = c.stat(SMALL_NAME).await.unwrap_err();
+            assert!(matches!(e, ClientError::Denied { status: 401, .. }), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("Invalid Credentials")
+                    && msg.contains(&format!("service-account key {}", key.display()))
+                    && msg.contains("even with a fresh token")
+                    && msg.contains("make a new key"),
+                "{msg}"
+            );
+            assert_eq!(
+                bed.server.stats().responses_with(401),
+                2,
+                "asked once more, not again"
+            );
         }
 
         /// testPermissions: what the testbed's grants leave, and a server without it is an

@@ -35,6 +35,10 @@ pub struct Knobs {
     /// leaves it out), or `storage.objects.get` (object reads 403): a grant of one, not both.
     pub deny_list: Vec<String>,
     pub deny_get: Vec<String>,
+    /// Tokens (an entry ending in `*`: a prefix) answered 401 Invalid Credentials, as GCS
+    /// answers a revoked or expired one, though `require_tokens` accepts them. Set at run
+    /// time only (`{"revoke_tokens": [...]}`), to make a client's token go bad under it.
+    pub revoked_tokens: Vec<String>,
 }
 
 /// Ways to break a server answer, for testing clients against malformed responses.
@@ -163,6 +167,8 @@ pub struct KnobsUpdate {
     pub require_tokens: Option<Vec<String>>,
     /// Duration, or 0 / "0s" for no expiry.
     pub token_ttl: Option<DurationValue>,
+    /// Replaces [`Knobs::revoked_tokens`].
+    pub revoke_tokens: Option<Vec<String>>,
     pub unavailable: Option<bool>,
     pub corrupt_rate: Option<f64>,
     pub latency_jitter: Option<DurationValue>,
@@ -212,6 +218,9 @@ impl KnobsUpdate {
         }
         if let Some(v) = &self.require_tokens {
             n.require_tokens = v.clone();
+        }
+        if let Some(v) = &self.revoke_tokens {
+            n.revoked_tokens = v.clone();
         }
         if let Some(d) = &self.token_ttl {
             let d = d.get()?;

@@ -128,6 +128,7 @@ impl TestbedOptions {
             malformed: self.malformed,
             deny_list: self.deny_list.clone(),
             deny_get: self.deny_get.clone(),
+            revoked_tokens: Vec::new(),
         }
     }
 }

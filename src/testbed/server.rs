@@ -1145,14 +1145,26 @@ fn check_auth(
         );
         return Err(resp);
     };
-    let known = knobs
-        .require_tokens
-        .iter()
-        .any(|t| match t.strip_suffix('*') {
+    let matches = |list: &[String]| {
+        list.iter().any(|t| match t.strip_suffix('*') {
             Some(prefix) => token.starts_with(prefix),
             None => t == token,
-        });
-    if !known {
+        })
+    };
+    let invalid = || {
+        let mut resp = err_resp(401, "Invalid Credentials", "authError");
+        resp.headers_mut().insert(
+            "www-authenticate",
+            HeaderValue::from_static(
+                "Bearer realm=\"https://accounts.google.com/\", error=\"invalid_token\"",
+            ),
+        );
+        resp
+    };
+    if matches(&knobs.revoked_tokens) {
+        return Err(invalid());
+    }
+    if !matches(&knobs.require_tokens) {
         return Err(err_resp(
             403,
             &format!(
@@ -1170,14 +1182,7 @@ fn check_auth(
             .entry(token.to_string())
             .or_insert(now);
         if now.duration_since(first) > ttl {
-            let mut resp = err_resp(401, "Invalid Credentials", "authError");
-            resp.headers_mut().insert(
-                "www-authenticate",
-                HeaderValue::from_static(
-                    "Bearer realm=\"https://accounts.google.com/\", error=\"invalid_token\"",
-                ),
-            );
-            return Err(resp);
+            return Err(invalid());
         }
     }
     Ok(())

@@ -836,6 +836,39 @@ async fn tokens_and_ttl() {
     h.shutdown().await;
 }
 
+/// A revoked token is answered 401 Invalid Credentials (as GCS answers one), though the
+/// required tokens accept it; other tokens are served, and revoking nothing restores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_tokens_are_invalid_credentials() {
+    let opts = TestbedOptions {
+        require_tokens: vec!["tok-*".into()],
+        ..Default::default()
+    };
+    let h = server(opts, small_source()).await;
+    let a = h.addr();
+    let status = |t: &'static str| async move {
+        let auth = format!("Bearer {t}");
+        let g = get_h(
+            a,
+            "/storage/v1/b/bkt/o/empty?alt=media",
+            &[("authorization", &auth)],
+        )
+        .await;
+        let message = (g.status != 200).then(|| g.json()["error"]["message"].to_string());
+        (g.status, message)
+    };
+    assert_eq!(status("tok-1").await.0, 200);
+    post(a, "/_testbed/faults", r#"{"revoke_tokens":["tok-1"]}"#).await;
+    assert_eq!(
+        status("tok-1").await,
+        (401, Some("\"Invalid Credentials\"".to_string()))
+    );
+    assert_eq!(status("tok-2").await.0, 200);
+    post(a, "/_testbed/faults", r#"{"revoke_tokens":[]}"#).await;
+    assert_eq!(status("tok-1").await.0, 200);
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_counters() {
     let h = server(TestbedOptions::default(), small_source()).await;
