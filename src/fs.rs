@@ -41,10 +41,7 @@ pub struct FsConfig {
     /// (an unaligned 64 KiB read costs at most 96 KiB).
     pub block_size: u64,
     /// Read-ahead window of a sequential reader: first size, and the cap it grows up to
-    /// (fourfold per sequential read; never more than `prefetch_budget`). A stream moves at
-    /// most window ÷ (first-byte latency + window ÷ link rate): at 30 ms a 64 MiB cap held
-    /// `seq` over TLS to about 615 MB/s on the bench VM, 256 MiB gave about 710 MB/s (same
-    /// CPU per GiB; bench/ seq, 8 runs each, 2026-12-02).
+    /// (fourfold per sequential read).
     pub readahead_min: u64,
     pub readahead_max: u64,
     /// Largest single ranged GET; longer runs are split so they proceed in parallel.
@@ -75,7 +72,7 @@ impl Default for FsConfig {
             attr_ttl: Duration::from_secs(24 * 3600),
             block_size: 32 << 10,
             readahead_min: 1 << 20,
-            readahead_max: 256 << 20,
+            readahead_max: 64 << 20,
             max_request: crate::client::FULL_REQUEST,
             small_object: 4 << 20,
             prefetch_budget: 64 << 20,
@@ -91,7 +88,7 @@ impl FsConfig {
         ReadConfig {
             block_size: self.block_size,
             readahead_min: self.readahead_min,
-            readahead_max: self.readahead_max.min(self.prefetch_budget),
+            readahead_max: self.readahead_max,
             max_request: self.max_request,
             small_object: self.small_object,
             prefetch_budget: self.prefetch_budget,

@@ -45,10 +45,6 @@ use readahead::Readahead;
 use verify::Verdict;
 use walk::{Walk, WholeReaders};
 
-/// First read-ahead window of a whole-object reader opening a big object: a DICOM's worth,
-/// so eight readers of whole files do not each claim a stream's full window at once.
-const WARM_WINDOW: u64 = 16 << 20;
-
 /// Settings of the read path (see `FsConfig` for what each means and why its default).
 #[derive(Clone, Debug)]
 pub struct ReadConfig {
@@ -203,7 +199,7 @@ impl ReadPath {
         let r = Readahead::new(self.cfg.readahead_min, self.cfg.readahead_max)
             .aligned(self.cfg.max_request);
         if obj.size > self.cfg.small_object && self.whole_readers.trusted() {
-            r.warm((self.cfg.readahead_max / 4).min(WARM_WINDOW))
+            r.warm(self.cfg.readahead_max / 4)
         } else {
             r
         }
