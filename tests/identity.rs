@@ -438,11 +438,12 @@ fn a_token_that_expires_during_a_long_read_is_survived() {
     );
 }
 
-/// A token that stays refused (a token file nobody renews, past its life): each request is
-/// asked once more after reading the file again, then the reader gets EACCES, and the log
-/// says why once, however many reads fail.
-#[test]
-fn a_token_still_refused_after_a_refresh_is_eacces_logged_once() {
+/// A small testbed that accepts only tokens matching `require`, and an eager mount that reads
+/// its token from a file (returned, in a temp dir kept alive by the tuple) holding `first`.
+fn token_file_mount(
+    require: &str,
+    first: &str,
+) -> (TestbedProc, tempfile::TempDir, PathBuf, Mount) {
     let tb = TestbedProc::start(&[
         "--addr",
         "127.0.0.1:0",
@@ -451,11 +452,11 @@ fn a_token_still_refused_after_a_refresh_is_eacces_logged_once() {
         "--size-scale",
         "0.01",
         "--require-token",
-        "ya29.stale",
+        require,
     ]);
     let home = tempfile::tempdir().unwrap();
     let token = home.path().join("token");
-    std::fs::write(&token, "ya29.stale\n").unwrap();
+    std::fs::write(&token, format!("{first}\n")).unwrap();
     let mnt = Mount::start_with(
         &[
             "--endpoint".into(),
@@ -470,6 +471,15 @@ fn a_token_still_refused_after_a_refresh_is_eacces_logged_once() {
         ],
         &[],
     );
+    (tb, home, token, mnt)
+}
+
+/// A token that stays refused (a token file nobody renews, past its life): each request is
+/// asked once more after reading the file again, then the reader gets EACCES, and the log
+/// says why once, however many reads fail.
+#[test]
+fn a_token_still_refused_after_a_refresh_is_eacces_logged_once() {
+    let (tb, _home, _token, mnt) = token_file_mount("ya29.stale", "ya29.stale");
     let files: Vec<PathBuf> = walk(&mnt.join(""))
         .into_iter()
         .filter(|(_, k)| matches!(k, Kind::File))
@@ -515,33 +525,7 @@ fn a_token_still_refused_after_a_refresh_is_eacces_logged_once() {
 #[test]
 fn a_rotated_token_file_is_read_again_after_a_401() {
     use std::io::{Seek, Write};
-    let tb = TestbedProc::start(&[
-        "--addr",
-        "127.0.0.1:0",
-        "--patients",
-        "1",
-        "--size-scale",
-        "0.01",
-        "--require-token",
-        "ya29.rot-*",
-    ]);
-    let home = tempfile::tempdir().unwrap();
-    let token = home.path().join("token");
-    std::fs::write(&token, "ya29.rot-1\n").unwrap();
-    let mnt = Mount::start_with(
-        &[
-            "--endpoint".into(),
-            tb.endpoint.clone().into(),
-            "--allow-insecure-endpoint".into(),
-            "--bucket".into(),
-            BUCKET.into(),
-            "--token-file".into(),
-            token.clone().into(),
-            "--metadata".into(),
-            "eager".into(),
-        ],
-        &[],
-    );
+    let (tb, _home, token, mnt) = token_file_mount("ya29.rot-*", "ya29.rot-1");
     let files: Vec<String> = walk(&mnt.join(""))
         .into_iter()
         .filter(|(_, k)| matches!(k, Kind::File))

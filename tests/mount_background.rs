@@ -57,6 +57,20 @@ fn process_id(stderr: &str) -> Option<i32> {
 }
 
 /// Running: present and not a zombie (in a container nobody may reap it).
+/// Unmounts `mnt` and waits for background process `pid` to end with it.
+fn umount_and_wait_for_exit(mnt: &Path, pid: i32) {
+    let st = Command::new("umount").arg(mnt).status().unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    while running(pid) {
+        assert!(
+            t.elapsed() < EXIT_TIMEOUT,
+            "the background process outlived its mount"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn running(pid: i32) -> bool {
     matches!(proc_stat(pid), Some((st, ..)) if st != 'Z' && st != 'X')
 }
@@ -147,16 +161,7 @@ fn background_mount_is_ready_when_the_command_returns() {
     assert_eq!(&sha256_file(&mnt.join(&want[0].0)), &want[0].1);
 
     // umount ends the process cleanly, with its counters in the log.
-    let st = Command::new("umount").arg(&mnt).status().unwrap();
-    assert!(st.success());
-    let t = Instant::now();
-    while running(pid) {
-        assert!(
-            t.elapsed() < EXIT_TIMEOUT,
-            "the background process outlived its mount"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    umount_and_wait_for_exit(&mnt, pid);
     let text = fs::read_to_string(&log).unwrap();
     assert!(text.contains("unmounted"), "{text}");
     assert_not_mounted(&mnt, "after umount");
@@ -422,15 +427,6 @@ fn background_mount_takes_paths_relative_to_the_command_directory() {
         dir.path().join("cache").display()
     );
 
-    let st = Command::new("umount").arg(&mnt).status().unwrap();
-    assert!(st.success());
-    let t = Instant::now();
-    while running(pid) {
-        assert!(
-            t.elapsed() < EXIT_TIMEOUT,
-            "the background process outlived its mount"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    umount_and_wait_for_exit(&mnt, pid);
     assert_not_mounted(&mnt, "after umount");
 }

@@ -943,41 +943,47 @@ fn client_email(key_json: &str) -> Option<String> {
     Some(v.get("client_email")?.as_str()?.to_string())
 }
 
+/// A service-account key (JSON) with a throwaway private key made by openssl in `dir`, for
+/// tests; `token_uri` is where gcp_auth asks for tokens with it.
+#[cfg(test)]
+pub(crate) fn test_key_json(dir: &Path, email: &str, token_uri: &str) -> String {
+    let pem = dir.join("key.pem");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&pem)
+        .output()
+        .expect("openssl (needed to make a test key)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::json!({
+        "type": "service_account",
+        "project_id": "p",
+        "private_key_id": "k",
+        "private_key": std::fs::read_to_string(&pem).unwrap(),
+        "client_email": email,
+        "client_id": "1",
+        "token_uri": token_uri,
+    })
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A service-account key with a throwaway private key made by openssl (as the mount test
-    /// of key files does); nothing is ever signed with it.
+    /// A key nothing is ever signed with (its token_uri is Google's, never asked).
     fn key_json(dir: &Path, email: &str) -> String {
-        let pem = dir.join("key.pem");
-        let out = std::process::Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ])
-            .arg(&pem)
-            .output()
-            .expect("openssl (needed to make a test key)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::json!({
-            "type": "service_account",
-            "project_id": "p",
-            "private_key_id": "k",
-            "private_key": std::fs::read_to_string(&pem).unwrap(),
-            "client_email": email,
-            "client_id": "1",
-            "token_uri": "https://oauth2.googleapis.com/token",
-        })
-        .to_string()
+        test_key_json(dir, email, "https://oauth2.googleapis.com/token")
     }
 
     #[tokio::test]

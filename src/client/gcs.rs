@@ -2065,37 +2065,14 @@ mod tests {
             })
             .await;
             let dir = tempfile::tempdir().unwrap();
-            let pem = dir.path().join("key.pem");
-            let out = std::process::Command::new("openssl")
-                .args([
-                    "genpkey",
-                    "-algorithm",
-                    "RSA",
-                    "-pkeyopt",
-                    "rsa_keygen_bits:2048",
-                ])
-                .arg("-out")
-                .arg(&pem)
-                .output()
-                .expect("openssl (needed to make a test key)");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
             let key = dir.path().join("sa.json");
             std::fs::write(
                 &key,
-                serde_json::json!({
-                    "type": "service_account",
-                    "project_id": "p",
-                    "private_key_id": "k",
-                    "private_key": std::fs::read_to_string(&pem).unwrap(),
-                    "client_email": "sa@p.iam.gserviceaccount.com",
-                    "client_id": "1",
-                    "token_uri": format!("{}/token", bed.server.endpoint()),
-                })
-                .to_string(),
+                crate::client::auth::test_key_json(
+                    dir.path(),
+                    "sa@p.iam.gserviceaccount.com",
+                    &format!("{}/token", bed.server.endpoint()),
+                ),
             )
             .unwrap();
             let tokens = TokenSource::build(&crate::client::auth::Credentials {
