@@ -444,6 +444,47 @@ async fn served_blocks_leave_the_cache_partial_ones_stay() {
     assert!(c.requests() > before);
 }
 
+/// A random reader's reads (jumps in a big object) leave nothing in the cache, part-blocks
+/// included: it seldom reads next to its last read, and a kept part-block pins the whole
+/// receive buffer it came in. A first read and a sequential one keep their part-blocks.
+#[tokio::test]
+async fn a_random_readers_part_blocks_leave_the_cache_too() {
+    let m = 1u64 << 20;
+    let c = Arc::new(FakeClient::new("b"));
+    let src = data(20 * m as usize, 7);
+    c.put("big.bin", src.clone());
+    let cfg = FsConfig {
+        block_size: m,
+        ..Default::default()
+    };
+    let fs = loaded_with(&c, cfg).await;
+    let a = path(&fs, "big.bin").await.unwrap();
+    let fh = fs.open(a.ino, false).unwrap();
+    let obj = fs.reader().object_of(fh).unwrap();
+    let cached = |i| fs.cache().contains(&obj.key(i));
+    let read = |off: u64, len: u64| {
+        let (fs, src) = (&fs, &src);
+        async move {
+            let (got, served) = fs.read_for_kernel(fh, off, len as u32).await.unwrap();
+            assert_eq!(&got[..], &src[off as usize..(off + len) as usize]);
+            fs.served(served).await;
+        }
+    };
+    // The first read, then two jumps, each across a block boundary.
+    read(m + m / 2, m).await;
+    read(10 * m + m / 2, m).await;
+    read(16 * m + m / 2, m).await;
+    assert!(cached(1) && cached(2), "a first read keeps its part-blocks");
+    for i in [10, 11, 16, 17] {
+        assert!(!cached(i), "block {i} of a random read is still cached");
+    }
+    // A read continuing the last one is sequential: its part-block at the end stays, for the
+    // read that wants the rest.
+    read(17 * m + m / 2, 3 * m / 4).await;
+    assert!(cached(18), "a sequential read's part-block was dropped");
+    settle(&fs).await;
+}
+
 #[tokio::test]
 async fn prefix_mounts_a_subtree() {
     let (_c, fs) = setup("dir/");
