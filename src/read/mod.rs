@@ -411,19 +411,15 @@ impl ReadPath {
     /// the page cache.)
     pub async fn served(&self, s: Served) {
         let (size, bs) = (s.handle.object.size, self.cfg.block_size);
-        // Whole blocks: from the first starting in the range to the last ending in it (the
-        // tail block ends at the end of the object); for a random read, every block it covers.
-        let end = if s.end == size {
-            size.div_ceil(bs)
-        } else if s.random {
-            s.end.div_ceil(bs)
+        // A random read: every block it covers. Otherwise whole blocks: from the first
+        // starting in the range to the last ending in it (the tail block ends at the end of
+        // the object).
+        let (first, end) = if s.random {
+            (s.offset / bs, s.end.div_ceil(bs))
+        } else if s.end == size {
+            (s.offset.div_ceil(bs), size.div_ceil(bs))
         } else {
-            s.end / bs
-        };
-        let first = if s.random {
-            s.offset / bs
-        } else {
-            s.offset.div_ceil(bs)
+            (s.offset.div_ceil(bs), s.end / bs)
         };
         if first < end {
             self.fetcher.release(&s.handle.object, first..end).await;

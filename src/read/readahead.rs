@@ -109,14 +109,13 @@ impl Readahead {
         // opened one, and 3x the bytes read were fetched ahead).
         let random = self.jumps >= 2 && self.window == 0;
         let near = touches
-            || if random {
-                false
-            } else if offset < self.pos {
-                let behind = if self.window > 0 { BEHIND } else { SLACK };
-                offset + behind >= self.pos
-            } else {
-                offset <= (self.pos + SLACK).max(self.ahead_until)
-            };
+            || (!random
+                && if offset < self.pos {
+                    let behind = if self.window > 0 { BEHIND } else { SLACK };
+                    offset + behind >= self.pos
+                } else {
+                    offset <= (self.pos + SLACK).max(self.ahead_until)
+                });
         self.jumped = !first && !near;
         self.jumps += self.jumped as u64;
         if first && offset == 0 && self.warm > 0 {
