@@ -170,6 +170,45 @@ fn served_bytes_live_in_the_page_cache_not_twice() {
     m.unmount();
 }
 
+/// A random reader keeps nothing in the block cache, not even the blocks it read in part (each
+/// would pin its whole receive buffer): 200 unaligned 64 KiB reads at scattered offsets leave
+/// the cache nearly empty, where keeping part-blocks left about two per read (~12 MiB), and
+/// every read gets exact bytes.
+#[test]
+fn random_reads_leave_no_part_blocks_cached() {
+    use std::os::unix::fs::FileExt;
+    const SIZE: usize = 64 * MIB;
+    let seed = tempfile::tempdir().unwrap();
+    let data = random_bytes(77, SIZE);
+    seed_file(seed.path(), BUCKET, "random.bin", &data);
+    let gcs = FakeGcs::start(seed.path());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let m = Mount::start(&gcs, BUCKET, &["--metrics-addr", &addr]);
+    let f = std::fs::File::open(m.join("random.bin")).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut x: u64 = 12345;
+    for _ in 0..200 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = ((x >> 11) % (SIZE - buf.len()) as u64) | 1; // unaligned
+        f.read_exact_at(&mut buf, off).unwrap();
+        assert_eq!(
+            &buf[..],
+            &data[off as usize..off as usize + buf.len()],
+            "read at {off}"
+        );
+    }
+    let cached = prometheus_metric(&addr, "cache_bytes");
+    assert!(
+        cached < 2 * MIB as u64,
+        "{cached} bytes cached after 200 random reads\n{}",
+        m.diag()
+    );
+    drop(f);
+    m.unmount();
+}
+
 /// A read-only shared mapping of a whole file, populated and locked in memory (`mlock`) as it
 /// is made, so its pages stay in the page cache until it is dropped.
 struct PinnedMapping {
