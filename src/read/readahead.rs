@@ -151,9 +151,15 @@ impl Readahead {
             self.pos + self.window
         }
         .min(size);
-        // Refill only once half the window is used up, so each refill is one big request
-        // rather than a trickle of small ones (the end of the file is always fetched).
-        if from >= to || (to < size && to - from < self.window / 2) {
+        // Refill once a whole request's worth is free (half the window while the window is
+        // smaller than a request), so each refill is a full request rather than a trickle of
+        // small ones (the end of the file is always fetched).
+        let step = if self.align > 1 && self.window >= self.align {
+            self.align
+        } else {
+            self.window / 2
+        };
+        if from >= to || (to < size && to - from < step) {
             return 0..0;
         }
         self.ahead_until = to;
@@ -242,6 +248,36 @@ mod tests {
         let mut r = Readahead::new(M, 4 * M);
         let _ = r.on_read(0, k, 2 * k);
         assert_eq!(r.on_read(k, 2 * k, 2 * k), 0..0);
+    }
+
+    #[test]
+    fn an_aligned_stream_refills_one_request_at_a_time() {
+        // A stream whose window spans many requests asks for the next one as soon as one is
+        // read, so its requests stay staggered: refilled in half-window bursts, they would all
+        // wait out the first-byte latency together and leave the link idle meanwhile.
+        let mut r = Readahead::new(M, 64 * M).aligned(4 * M);
+        let size = 1000 * M;
+        let mut refills = Vec::new();
+        let mut off = 0;
+        while off < 200 * M {
+            let a = r.on_read(off, off + M, size);
+            if !a.is_empty() {
+                refills.push(a);
+            }
+            off += M;
+        }
+        for w in refills.windows(2) {
+            assert_eq!(w[0].end, w[1].start, "refills are contiguous");
+        }
+        let full: Vec<_> = refills.iter().filter(|a| a.end >= 64 * M).collect();
+        assert!(full.len() > 30, "{refills:?}");
+        assert!(
+            full.iter()
+                .skip(1)
+                .all(|a| a.end - a.start == 4 * M && a.end % (4 * M) == 0),
+            "{refills:?}"
+        );
+        assert!(refills.last().unwrap().end <= 200 * M + 64 * M);
     }
 
     #[test]
