@@ -4,7 +4,6 @@
 //! generated on the fly (so a 1 GiB object costs 1 MiB of memory).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -32,7 +31,7 @@ struct Entry {
 #[derive(Default)]
 pub struct MemSource {
     buckets: BTreeMap<String, BTreeMap<String, Entry>>,
-    table: Option<Arc<Vec<u8>>>,
+    table: Option<Bytes>,
     /// Base value for `updated_unix` (default 1_700_000_000).
     pub base_time: i64,
 }
@@ -120,7 +119,7 @@ impl MemSource {
             for c in t.chunks_mut(8) {
                 c.copy_from_slice(&splitmix64(&mut st).to_le_bytes());
             }
-            self.table = Some(Arc::new(t));
+            self.table = Some(Bytes::from(t));
         }
         let generation = self.next_generation();
         let obj = SourceObject {
@@ -165,23 +164,32 @@ impl MemSource {
 
     /// The bytes a PRNG object of this `seed` holds at `offset..offset+buf.len()`.
     fn fill_prng(&self, seed: u64, offset: u64, buf: &mut [u8]) {
-        let table = self.table.as_ref().expect("prng table");
-        let mut off = offset;
         let mut done = 0;
         while done < buf.len() {
-            let block = off / PRNG_TABLE as u64;
-            let within = (off % PRNG_TABLE as u64) as usize;
-            let mut st = seed ^ block.wrapping_mul(0xA076_1D64_78BD_642F);
-            let rot = (splitmix64(&mut st) % PRNG_TABLE as u64) as usize;
-            // Segment: stay within this block and within one wrap of the table.
-            let idx = (within + rot) % PRNG_TABLE;
-            let n = (PRNG_TABLE - within)
-                .min(PRNG_TABLE - idx)
-                .min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&table[idx..idx + n]);
-            done += n;
-            off += n as u64;
+            let seg = self.prng_segment(seed, offset + done as u64, buf.len() - done);
+            buf[done..done + seg.len()].copy_from_slice(&seg);
+            done += seg.len();
         }
+    }
+
+    /// The PRNG object's bytes from `off`: one piece of the table (up to `max` bytes, within
+    /// one table-sized block of the object and one wrap of the table), shared, not copied.
+    fn prng_segment(&self, seed: u64, off: u64, max: usize) -> Bytes {
+        let table = self.table.as_ref().expect("prng table");
+        let block = off / PRNG_TABLE as u64;
+        let within = (off % PRNG_TABLE as u64) as usize;
+        let mut st = seed ^ block.wrapping_mul(0xA076_1D64_78BD_642F);
+        let rot = (splitmix64(&mut st) % PRNG_TABLE as u64) as usize;
+        let idx = (within + rot) % PRNG_TABLE;
+        let n = (PRNG_TABLE - within).min(PRNG_TABLE - idx).min(max);
+        table.slice(idx..idx + n)
+    }
+
+    fn entry(&self, bucket: &str, obj: &SourceObject) -> std::io::Result<&Entry> {
+        self.buckets
+            .get(bucket)
+            .and_then(|b| b.get(&obj.name))
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"))
     }
 
     /// Convenience: the full content of an object (for test assertions).
@@ -219,11 +227,7 @@ impl ObjectSource for MemSource {
         offset: u64,
         buf: &mut [u8],
     ) -> std::io::Result<()> {
-        let e = self
-            .buckets
-            .get(bucket)
-            .and_then(|b| b.get(&obj.name))
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"))?;
+        let e = self.entry(bucket, obj)?;
         if offset + buf.len() as u64 > e.obj.size {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -240,7 +244,76 @@ impl ObjectSource for MemSource {
         Ok(())
     }
 
+    fn bytes_at(
+        &self,
+        bucket: &str,
+        obj: &SourceObject,
+        offset: u64,
+        max: usize,
+    ) -> Option<std::io::Result<Bytes>> {
+        let e = match self.entry(bucket, obj) {
+            Ok(e) => e,
+            Err(err) => return Some(Err(err)),
+        };
+        if offset >= e.obj.size || max == 0 {
+            return Some(Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past end",
+            )));
+        }
+        let max = max.min((e.obj.size - offset) as usize);
+        Some(Ok(match &e.content {
+            Content::Bytes(b) => b.slice(offset as usize..offset as usize + max),
+            Content::Prng(seed) => self.prng_segment(*seed, offset, max),
+        }))
+    }
+
     fn hashes(&self, bucket: &str, obj: &SourceObject) -> Option<(String, Option<String>)> {
         self.buckets.get(bucket)?.get(&obj.name)?.hashes.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bodies are served from `bytes_at` (shared pieces) where a source has it: its pieces
+    /// must be exactly the bytes `read_at` gives, from any offset, across table blocks.
+    #[test]
+    fn bytes_at_pieces_are_the_bytes_read_at_gives() {
+        let mut m = MemSource::default();
+        let size = 3 * PRNG_TABLE as u64 + 12_345;
+        let p = m.insert_prng("b", "big", size, 7);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        let d = m.insert("b", "small", data.clone());
+        for (obj, from) in [
+            (&p, 0u64),
+            (&p, PRNG_TABLE as u64 - 100),
+            (&p, 2 * PRNG_TABLE as u64 + 5),
+            (&d, 0),
+            (&d, 99_999),
+        ] {
+            let len = (obj.size - from).min(PRNG_TABLE as u64 + 777) as usize;
+            let mut want = vec![0u8; len];
+            m.read_at("b", obj, from, &mut want).unwrap();
+            let mut got = Vec::new();
+            while got.len() < len {
+                let piece = m
+                    .bytes_at("b", obj, from + got.len() as u64, len - got.len())
+                    .expect("in-memory source")
+                    .unwrap();
+                assert!(!piece.is_empty() && piece.len() <= len - got.len());
+                got.extend_from_slice(&piece);
+            }
+            assert!(got == want, "{} from {from}", obj.name);
+        }
+        assert!(
+            m.bytes_at("b", &d, 100_000, 10).unwrap().is_err(),
+            "past the end"
+        );
+        assert_eq!(
+            &m.bytes_at("b", &d, 99_990, 1 << 20).unwrap().unwrap()[..],
+            &data[99_990..]
+        );
     }
 }

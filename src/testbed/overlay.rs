@@ -157,6 +157,20 @@ impl ObjectSource for Overlay {
         }
     }
 
+    fn bytes_at(
+        &self,
+        bucket: &str,
+        obj: &SourceObject,
+        offset: u64,
+        max: usize,
+    ) -> Option<std::io::Result<bytes::Bytes>> {
+        if self.extra.stat(bucket, &obj.name).is_some() {
+            self.extra.bytes_at(bucket, obj, offset, max)
+        } else {
+            self.base.bytes_at(bucket, obj, offset, max)
+        }
+    }
+
     fn hashes(&self, bucket: &str, obj: &SourceObject) -> Option<(String, Option<String>)> {
         if self.extra.stat(bucket, &obj.name).is_some() {
             self.extra.hashes(bucket, obj)

@@ -1103,6 +1103,15 @@ impl ObjectSource for ScanCounter {
     ) -> std::io::Result<()> {
         self.inner.read_at(bucket, obj, offset, buf)
     }
+    fn bytes_at(
+        &self,
+        bucket: &str,
+        obj: &SourceObject,
+        offset: u64,
+        max: usize,
+    ) -> Option<std::io::Result<Bytes>> {
+        self.inner.bytes_at(bucket, obj, offset, max)
+    }
     fn hashes(&self, bucket: &str, obj: &SourceObject) -> Option<(String, Option<String>)> {
         self.inner.hashes(bucket, obj)
     }
@@ -1413,7 +1422,8 @@ fn httpdate(unix: i64) -> String {
     format!("{wd}, {d} {m} {y} {} GMT", &s[11..19])
 }
 
-/// Blocking producer: read the range in CHUNK pieces and hand them to the body.
+/// Blocking producer: read the range in pieces of up to CHUNK bytes and hand them to the body
+/// (shared with the source when it holds them in memory, else read into a fresh buffer).
 fn produce(
     src: &dyn ObjectSource,
     bucket: &str,
@@ -1425,15 +1435,20 @@ fn produce(
     let mut off = 0u64;
     while off < len {
         let n = ((len - off) as usize).min(CHUNK);
-        let mut buf = vec![0u8; n];
-        let r = src
-            .read_at(bucket, obj, start + off, &mut buf)
-            .map(|_| Bytes::from(buf));
-        let failed = r.is_err();
+        let r = match src.bytes_at(bucket, obj, start + off, n) {
+            Some(r) => r,
+            None => {
+                let mut buf = vec![0u8; n];
+                src.read_at(bucket, obj, start + off, &mut buf)
+                    .map(|_| Bytes::from(buf))
+            }
+        };
+        let got = r.as_ref().map_or(0, |b| b.len() as u64);
+        let failed = r.is_err() || got == 0;
         if tx.blocking_send(r).is_err() || failed {
             return;
         }
-        off += n as u64;
+        off += got;
     }
 }
 

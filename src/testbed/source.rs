@@ -22,6 +22,20 @@ pub trait ObjectSource: Send + Sync + 'static {
         offset: u64,
         buf: &mut [u8],
     ) -> std::io::Result<()>;
+    /// Up to `max` bytes of the object from `offset` (at least one, within its size) without
+    /// copying them, for a source that holds its bytes in memory; `None`: use `read_at`.
+    /// Serving a body from shared buffers spares the testbed a fill and a copy per byte, CPU
+    /// that on a small machine it would otherwise take from the client under test.
+    fn bytes_at(
+        &self,
+        bucket: &str,
+        obj: &SourceObject,
+        offset: u64,
+        max: usize,
+    ) -> Option<std::io::Result<bytes::Bytes>> {
+        let _ = (bucket, obj, offset, max);
+        None
+    }
     /// Optional whole-object hashes (base64 crc32c / md5 as GCS gives them), None when too costly.
     fn hashes(&self, bucket: &str, obj: &SourceObject) -> Option<(String, Option<String>)> {
         let _ = (bucket, obj);
