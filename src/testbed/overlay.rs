@@ -124,6 +124,17 @@ fn union_buckets(mut v: Vec<String>, extra: &MemSource) -> Vec<String> {
     v
 }
 
+impl Overlay {
+    /// The layer that holds `obj`: the extra objects shadow the base.
+    fn owner(&self, bucket: &str, obj: &SourceObject) -> &dyn ObjectSource {
+        if self.extra.stat(bucket, &obj.name).is_some() {
+            &self.extra
+        } else {
+            &*self.base
+        }
+    }
+}
+
 impl ObjectSource for Overlay {
     fn buckets(&self) -> Vec<String> {
         union_buckets(self.base.buckets(), &self.extra)
@@ -150,11 +161,7 @@ impl ObjectSource for Overlay {
         offset: u64,
         buf: &mut [u8],
     ) -> std::io::Result<()> {
-        if self.extra.stat(bucket, &obj.name).is_some() {
-            self.extra.read_at(bucket, obj, offset, buf)
-        } else {
-            self.base.read_at(bucket, obj, offset, buf)
-        }
+        self.owner(bucket, obj).read_at(bucket, obj, offset, buf)
     }
 
     fn bytes_at(
@@ -164,19 +171,11 @@ impl ObjectSource for Overlay {
         offset: u64,
         max: usize,
     ) -> Option<std::io::Result<bytes::Bytes>> {
-        if self.extra.stat(bucket, &obj.name).is_some() {
-            self.extra.bytes_at(bucket, obj, offset, max)
-        } else {
-            self.base.bytes_at(bucket, obj, offset, max)
-        }
+        self.owner(bucket, obj).bytes_at(bucket, obj, offset, max)
     }
 
     fn hashes(&self, bucket: &str, obj: &SourceObject) -> Option<(String, Option<String>)> {
-        if self.extra.stat(bucket, &obj.name).is_some() {
-            self.extra.hashes(bucket, obj)
-        } else {
-            self.base.hashes(bucket, obj)
-        }
+        self.owner(bucket, obj).hashes(bucket, obj)
     }
 }
 
