@@ -245,6 +245,9 @@ pub struct GcsClient {
     cfg: GcsConfig,
     tokens: TokenSource,
     objects_url: String,
+    /// `objects_url` parsed once: a request's URL is a clone of it with a path and query set,
+    /// not a parse of a whole string (host included) per request.
+    objects_base: reqwest::Url,
     pub stats: Arc<ClientStats>,
     /// Recycled receive buffers for full-size media requests.
     pool: Arc<BufferPool>,
@@ -301,11 +304,16 @@ impl GcsClient {
             "{endpoint}/storage/v1/b/{}/o",
             utf8_percent_encode(&cfg.bucket, SEGMENT)
         );
+        let objects_base = reqwest::Url::parse(&objects_url).map_err(|e| ClientError::Network {
+            endpoint: endpoint.clone(),
+            cause: format!("not a URL ({e}): give the endpoint as http(s)://HOST[:PORT]"),
+        })?;
         Ok(GcsClient {
             http,
             cfg: GcsConfig { endpoint, ..cfg },
             tokens,
             objects_url,
+            objects_base,
             stats: Arc::default(),
             // 8 x 4 MiB waiting at most: 32 MiB, within the memory slack `--cache-size` allows.
             pool: BufferPool::new(super::FULL_REQUEST as usize, 8),
@@ -323,6 +331,7 @@ impl GcsClient {
             },
             tokens: self.tokens.clone(),
             objects_url: self.objects_url.clone(),
+            objects_base: self.objects_base.clone(),
             stats: self.stats.clone(),
             pool: self.pool.clone(),
             refusals: self.refusals.clone(),
@@ -358,27 +367,43 @@ impl GcsClient {
             .await
     }
 
-    fn object_url(&self, name: &str) -> String {
-        format!(
-            "{}/{}",
-            self.objects_url,
-            utf8_percent_encode(name, SEGMENT)
-        )
+    fn url_with(&self, base: &str, params: &[(&str, String)]) -> Result<reqwest::Url, ClientError> {
+        let url = reqwest::Url::parse(base)
+            .map_err(|e| ClientError::Malformed(format!("bad URL {base}: {e}")))?;
+        Ok(self.with_query(url, params))
     }
 
-    fn url_with(&self, base: &str, params: &[(&str, String)]) -> Result<reqwest::Url, ClientError> {
-        let mut url = reqwest::Url::parse(base)
-            .map_err(|e| ClientError::Malformed(format!("bad URL {base}: {e}")))?;
+    /// The URL of the object listing (`name` None) or of object `name`, with `params` and the
+    /// billing project.
+    fn objects_url_with<V: AsRef<str>>(
+        &self,
+        name: Option<&str>,
+        params: &[(&str, V)],
+    ) -> reqwest::Url {
+        let mut url = self.objects_base.clone();
+        if let Some(name) = name {
+            // Already percent-encoded, so the path is taken as it is.
+            let path = format!("{}/{}", url.path(), utf8_percent_encode(name, SEGMENT));
+            url.set_path(&path);
+        }
+        self.with_query(url, params)
+    }
+
+    fn with_query<V: AsRef<str>>(
+        &self,
+        mut url: reqwest::Url,
+        params: &[(&str, V)],
+    ) -> reqwest::Url {
         {
             let mut q = url.query_pairs_mut();
             for (k, v) in params {
-                q.append_pair(k, v);
+                q.append_pair(k, v.as_ref());
             }
             if let Some(p) = &self.cfg.billing_project {
                 q.append_pair("userProject", p);
             }
         }
-        Ok(url)
+        url
     }
 
     /// Sends one request once: billing project (in the URL), bearer token, headers, and a
@@ -557,7 +582,7 @@ impl GcsClient {
     async fn read_media(
         &self,
         resp: reqwest::Response,
-        what: &str,
+        what: &(dyn std::fmt::Display + Sync),
         obj: ObjectVersion<'_>,
         (start, end): (u64, u64),
         buf: &mut Received,
@@ -749,7 +774,7 @@ pub fn plain_http(endpoint: &str) -> Option<bool> {
 }
 
 /// Turns a non-success response into the right error, with the server's own message.
-async fn error_from(resp: reqwest::Response, what: &str) -> ClientError {
+async fn error_from(resp: reqwest::Response, what: &(dyn std::fmt::Display + Sync)) -> ClientError {
     let status = resp.status().as_u16();
     if resp.status().is_redirection() {
         let to = resp
@@ -989,7 +1014,7 @@ enum Capped {
 /// server sends or announces.
 async fn read_capped(
     mut resp: reqwest::Response,
-    what: &str,
+    what: &(dyn std::fmt::Display + Sync),
     cap: usize,
 ) -> Result<Capped, ClientError> {
     let mut out = BytesMut::new();
@@ -1008,7 +1033,10 @@ async fn read_capped(
     Ok(Capped::Whole(out.freeze()))
 }
 
-async fn read_body(resp: reqwest::Response, what: &str) -> Result<Bytes, ClientError> {
+async fn read_body(
+    resp: reqwest::Response,
+    what: &(dyn std::fmt::Display + Sync),
+) -> Result<Bytes, ClientError> {
     let too_big = || {
         ClientError::Malformed(format!(
             "answer for {what} is larger than {} MiB",
@@ -1054,17 +1082,17 @@ impl ObjectClient for GcsClient {
         if let Some(e) = &req.end_offset {
             params.push(("endOffset", e.clone()));
         }
-        let url = self.url_with(&self.objects_url, &params)?;
+        let url = self.objects_url_with(None, &params);
         let bucket = &self.cfg.bucket;
         let what = format!("bucket gs://{bucket}");
         self.get_json(Kind::List, url, what, parse_list_page).await
     }
 
     async fn stat(&self, name: &str) -> Result<ObjectMeta, ClientError> {
-        let url = self.url_with(
-            &self.object_url(name),
-            &[("fields", "name,size,generation,updated,crc32c".to_string())],
-        )?;
+        let url = self.objects_url_with(
+            Some(name),
+            &[("fields", "name,size,generation,updated,crc32c")],
+        );
         // Escaped: a name is the server's text, and must not forge lines in the log.
         let what = format!("gs://{}/{}", self.cfg.bucket, name.escape_debug());
         self.get_json(Kind::Stat, url, what, parse_object).await
@@ -1103,25 +1131,21 @@ impl GcsClient {
         if start >= end {
             return Ok((Bytes::new(), Vec::new()));
         }
-        let what = format!(
-            "gs://{}/{}#{}",
-            self.cfg.bucket,
-            obj.name.escape_debug(),
-            obj.generation
-        );
+        let what = VersionName {
+            bucket: &self.cfg.bucket,
+            obj,
+        };
         if end > obj.size {
             return Err(ClientError::Malformed(format!(
                 "read of {what} asked bytes {start}..{end} of a {}-byte object",
                 obj.size
             )));
         }
-        let url = self.url_with(
-            &self.object_url(obj.name),
-            &[
-                ("alt", "media".to_string()),
-                ("generation", obj.generation.to_string()),
-            ],
-        )?;
+        let generation = obj.generation.to_string();
+        let url = self.objects_url_with(
+            Some(obj.name),
+            &[("alt", "media"), ("generation", generation.as_str())],
+        );
         let whole = start == 0 && end == obj.size;
         let mut buf = Received::new(self.pool.take((end - start) as usize), block as usize);
         let mut backoff = Backoff::new(&self.cfg.retry);
@@ -1195,6 +1219,26 @@ impl GcsClient {
     }
 }
 
+/// Names one object version in messages (`gs://BUCKET/NAME#GENERATION`, the name escaped: it
+/// is the server's text and must not forge lines in a log), formatted only when a message
+/// needs it rather than for every request.
+struct VersionName<'a> {
+    bucket: &'a str,
+    obj: ObjectVersion<'a>,
+}
+
+impl std::fmt::Display for VersionName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "gs://{}/{}#{}",
+            self.bucket,
+            self.obj.name.escape_debug(),
+            self.obj.generation
+        )
+    }
+}
+
 /// `Retry-After` in seconds, if the server sent one.
 fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
     resp.headers()
@@ -1231,9 +1275,16 @@ mod tests {
             TokenSource::Anonymous,
         )
         .unwrap();
+        let u = c.objects_url_with(Some("a/b c%+#?é"), &[("alt", "media")]);
         assert_eq!(
-            c.object_url("a/b c%+#?é"),
-            "http://127.0.0.1:1/storage/v1/b/b/o/a%2Fb%20c%25%2B%23%3F%C3%A9"
+            u.as_str(),
+            "http://127.0.0.1:1/storage/v1/b/b/o/a%2Fb%20c%25%2B%23%3F%C3%A9?alt=media&userProject=proj"
+        );
+        // The base is reused: a second URL carries nothing of the first.
+        let u = c.objects_url_with(None, &[("prefix", "x/")]);
+        assert_eq!(
+            u.as_str(),
+            "http://127.0.0.1:1/storage/v1/b/b/o?prefix=x%2F&userProject=proj"
         );
         let u = c
             .url_with(&c.objects_url, &[("prefix", "x/".into())])
