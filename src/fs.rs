@@ -580,7 +580,7 @@ impl Fs {
 
     /// Reads up to `size` bytes at `offset`. Returns fewer only at end of file.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
-        Ok(self.read_for_kernel(fh, offset, size).await?.0)
+        Ok(self.read_for_kernel(fh, offset, size, false).await?.0)
     }
 
     /// `read`, plus a token for `served` once the bytes are delivered. A read that finds its
@@ -590,8 +590,9 @@ impl Fs {
         fh: u64,
         offset: u64,
         size: u32,
+        buffered: bool,
     ) -> Result<(Bytes, Served), FsError> {
-        let r = self.reader.read(fh, offset, size).await;
+        let r = self.reader.read(fh, offset, size, buffered).await;
         if let Err(e) = &r
             && e.errno() == libc::ESTALE
             && let Some(obj) = self.reader.object_of(fh)

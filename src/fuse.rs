@@ -424,7 +424,7 @@ impl Filesystem for FuseAdapter {
         // A buffered read lands in the kernel's page cache; an O_DIRECT one does not.
         let buffered = flags.0 & libc::O_DIRECT == 0;
         self.rt.spawn(async move {
-            match fs.read_for_kernel(fh.0, offset, size).await {
+            match fs.read_for_kernel(fh.0, offset, size, buffered).await {
                 Ok((data, served)) => {
                     reply.data(&data);
                     if buffered {

@@ -82,6 +82,12 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         "Opens of files complete in the disk cache answered with passthrough (the kernel reads the cached file; no read reaches physiofs).",
         n(&f.passthrough_opens),
     );
+    metric(
+        "direct_reads_total",
+        "counter",
+        "Random reads fetched as exactly their range in one request, cached nowhere (the page cache keeps them).",
+        n(&f.direct_reads),
+    );
     if let Some(d) = fs.reader().disk() {
         let s = d.stats();
         metric(

@@ -205,6 +205,14 @@ fn random_reads_leave_no_part_blocks_cached() {
         "{cached} bytes cached after 200 random reads\n{}",
         m.diag()
     );
+    // Most of them were fetched as exactly their range (the first read, and reads the kernel
+    // split around pages it held, take blocks).
+    let direct = prometheus_metric(&addr, "direct_reads_total");
+    assert!(
+        direct >= 100,
+        "{direct} of 200 random reads fetched as their range\n{}",
+        m.diag()
+    );
     drop(f);
     m.unmount();
 }

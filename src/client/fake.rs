@@ -46,6 +46,8 @@ pub struct FakeClient {
     pub list_calls: AtomicU64,
     pub stat_calls: AtomicU64,
     pub get_calls: AtomicU64,
+    /// Bytes media reads returned.
+    pub get_bytes: AtomicU64,
     /// Fail this many upcoming requests with the given error.
     fail_next: Mutex<Option<(u32, ClientError)>>,
 }
@@ -176,6 +178,7 @@ impl ObjectClient for FakeClient {
                 message: "range not satisfiable".into(),
             });
         }
+        self.get_bytes.fetch_add(end - start, Ordering::Relaxed);
         Ok(data.slice(start as usize..end as usize))
     }
 }

@@ -172,7 +172,7 @@ async fn read_whole(fs: &Fs, rel: &str) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let (d, s) = fs
-            .read_for_kernel(fh, out.len() as u64, 1 << 20)
+            .read_for_kernel(fh, out.len() as u64, 1 << 20, true)
             .await
             .unwrap();
         fs.served(s).await;
@@ -243,7 +243,7 @@ async fn whole_file_readers_get_read_ahead_from_their_first_read() {
         async move {
             let ino = path(fs, &name).await.unwrap().ino;
             let fh = fs.open(ino, false).unwrap();
-            let (d, s) = fs.read_for_kernel(fh, 0, 16384).await.unwrap();
+            let (d, s) = fs.read_for_kernel(fh, 0, 16384, true).await.unwrap();
             assert_eq!(&d[..], &data(size, i as u8)[..16384]);
             fs.served(s).await;
             fh
@@ -294,20 +294,23 @@ async fn a_small_object_is_fetched_whole_whichever_piece_comes_first() {
     let gets = || c.get_calls.load(Ordering::Relaxed);
     let ino = path(&fs, "img.jpg").await.unwrap().ino;
     let fh = fs.open(ino, false).unwrap();
-    let (tail, _) = fs.read_for_kernel(fh, 1 << 20, 1 << 20).await.unwrap();
+    let (tail, _) = fs
+        .read_for_kernel(fh, 1 << 20, 1 << 20, true)
+        .await
+        .unwrap();
     assert_eq!(&tail[..], &body[1 << 20..]);
-    let (head, _) = fs.read_for_kernel(fh, 0, 1 << 20).await.unwrap();
+    let (head, _) = fs.read_for_kernel(fh, 0, 1 << 20, true).await.unwrap();
     assert_eq!(&head[..], &body[..1 << 20]);
     assert_eq!(gets(), 1, "one request for the whole object");
     settle(&fs).await;
     // A big object's first read still fetches only what it asks (a header scan).
     let ino = path(&fs, "big.dcm").await.unwrap().ino;
     let fh = fs.open(ino, false).unwrap();
-    let (d, _) = fs.read_for_kernel(fh, 1 << 20, 16384).await.unwrap();
+    let (d, _) = fs.read_for_kernel(fh, 1 << 20, 16384, true).await.unwrap();
     let big = data(13_000_000, 9);
     assert_eq!(&d[..], &big[1 << 20..(1 << 20) + 16384]);
     assert_eq!(gets(), 2);
-    let (d, _) = fs.read_for_kernel(fh, 0, 4096).await.unwrap();
+    let (d, _) = fs.read_for_kernel(fh, 0, 4096, true).await.unwrap();
     assert_eq!(&d[..], &big[..4096]);
     assert_eq!(gets(), 3, "the start of the big object was not fetched");
 }
@@ -376,7 +379,7 @@ async fn files_read_in_key_order_are_fetched_before_they_are_opened() {
     for n in &names {
         let a = path(&fs, n).await.unwrap();
         let fh = fs.open(a.ino, false).unwrap();
-        let (_, s) = fs.read_for_kernel(fh, 0, 16384).await.unwrap();
+        let (_, s) = fs.read_for_kernel(fh, 0, 16384, true).await.unwrap();
         fs.served(s).await;
         fs.release(fh);
     }
@@ -409,7 +412,10 @@ async fn served_blocks_leave_the_cache_partial_ones_stay() {
     let obj = fs.reader().object_of(fh).unwrap();
     let key = |index| obj.key(index);
     let m = 1u64 << 20;
-    let (got, served) = fs.read_for_kernel(fh, m / 2, (2 * m) as u32).await.unwrap();
+    let (got, served) = fs
+        .read_for_kernel(fh, m / 2, (2 * m) as u32, true)
+        .await
+        .unwrap();
     assert_eq!(got.len() as u64, 2 * m);
     for i in 0..=2 {
         assert!(
@@ -427,7 +433,7 @@ async fn served_blocks_leave_the_cache_partial_ones_stay() {
     assert!(fs.cache().contains(&key(2)));
     // The tail block counts as whole when served up to the end of the object.
     let before = c.requests();
-    let (tail, served) = fs.read_for_kernel(fh, 5 * m, 4096).await.unwrap();
+    let (tail, served) = fs.read_for_kernel(fh, 5 * m, 4096, true).await.unwrap();
     assert_eq!(tail.len(), 123);
     // ... even when the handle was released first (the reader closed the file).
     fs.release(fh);
@@ -465,7 +471,7 @@ async fn a_random_readers_part_blocks_leave_the_cache_too() {
     let read = |off: u64, len: u64| {
         let (fs, src) = (&fs, &src);
         async move {
-            let (got, served) = fs.read_for_kernel(fh, off, len as u32).await.unwrap();
+            let (got, served) = fs.read_for_kernel(fh, off, len as u32, true).await.unwrap();
             assert_eq!(&got[..], &src[off as usize..(off + len) as usize]);
             fs.served(served).await;
         }
@@ -483,6 +489,67 @@ async fn a_random_readers_part_blocks_leave_the_cache_too() {
     // part-block at the end goes too.
     read(17 * m + m / 2, 3 * m / 4).await;
     assert!(!cached(18), "a random reader's part-block is still cached");
+    settle(&fs).await;
+}
+
+/// A random read for the page cache fetches exactly its bytes in one request and caches
+/// nothing (its blocks would leave at once); one not for the page cache (`O_DIRECT`) fetches
+/// blocks and keeps them, and a random read whose block is at hand takes it.
+#[tokio::test]
+async fn a_random_read_for_the_page_cache_fetches_just_its_bytes() {
+    let m = 1u64 << 20;
+    let c = Arc::new(FakeClient::new("b"));
+    let src = data(20 * m as usize, 9);
+    c.put("big.bin", src.clone());
+    let cfg = FsConfig {
+        block_size: m,
+        ..Default::default()
+    };
+    let fs = loaded_with(&c, cfg).await;
+    let a = path(&fs, "big.bin").await.unwrap();
+    let fh = fs.open(a.ino, false).unwrap();
+    let obj = fs.reader().object_of(fh).unwrap();
+    let cached = |i| fs.cache().contains(&obj.key(i));
+    let fetched = || {
+        (
+            c.get_calls.load(Ordering::Relaxed),
+            c.get_bytes.load(Ordering::Relaxed),
+        )
+    };
+    let read = |off: u64, len: u64, buffered: bool| {
+        let (fs, src) = (&fs, &src);
+        async move {
+            let (got, served) = fs
+                .read_for_kernel(fh, off, len as u32, buffered)
+                .await
+                .unwrap();
+            assert_eq!(&got[..], &src[off as usize..(off + len) as usize]);
+            // As the adapter does: only bytes bound for the page cache are "served".
+            if buffered {
+                fs.served(served).await;
+            }
+        }
+    };
+    // A first read fetches its blocks.
+    read(m + m / 2, 4096, true).await;
+    assert_eq!(fs.reader().stats().direct_reads.load(Ordering::Relaxed), 0);
+    // A jump: exactly its bytes, one request, nothing cached.
+    let before = fetched();
+    read(10 * m + 100, 65536, true).await;
+    assert_eq!(fetched(), (before.0 + 1, before.1 + 65536));
+    assert!(!cached(10));
+    assert_eq!(fs.reader().stats().direct_reads.load(Ordering::Relaxed), 1);
+    // Not for the page cache: whole blocks, kept.
+    let before = fetched();
+    read(16 * m + 5, 65536, false).await;
+    assert_eq!(fetched(), (before.0 + 1, before.1 + m));
+    assert!(cached(16));
+    // A random read inside a block at hand takes it: no request.
+    let before = fetched();
+    read(16 * m + 70_000, 1000, true).await;
+    read(3 * m, 1000, true).await;
+    assert_eq!(fetched().0, before.0 + 1, "only the read at 3 MiB asked");
+    assert_eq!(fs.reader().stats().direct_reads.load(Ordering::Relaxed), 2);
     settle(&fs).await;
 }
 

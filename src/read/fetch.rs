@@ -150,6 +150,51 @@ impl Fetcher {
         }
     }
 
+    /// Fetches exactly `range` of `obj` (cut at its end) in one request, within the demand
+    /// budget, and caches nothing: for a random read, whose blocks would leave the cache as
+    /// soon as it is served, so fetching whole blocks only cost more bytes (a 64 KiB read at
+    /// a random offset covers three 32 KiB blocks) and cache work. Returns the bytes and their
+    /// CRC32C. None when a block of the range is cached or in flight: those bytes are at hand
+    /// or on their way, and the read takes them.
+    pub fn direct(
+        &self,
+        obj: &Object,
+        range: Range<u64>,
+    ) -> Option<BoxFuture<'static, Result<(Bytes, u32), ClientError>>> {
+        let (first, last) = self.blocks_of(obj, &range)?;
+        {
+            let inflight = self.inflight.lock().unwrap();
+            let held = (first..=last).any(|i| {
+                let k = obj.key(i);
+                inflight.contains_key(&k) || self.cache.contains(&k)
+            });
+            if held {
+                return None;
+            }
+        }
+        let (start, end) = (range.start, range.end.min(obj.size));
+        let ticket = self.demand.reserve(end - start);
+        let (client, gauge, o) = (self.client.clone(), self.gauge.clone(), obj.clone());
+        Some(
+            async move {
+                let _grant = ticket.await;
+                let _counted = gauge.enter(end - start);
+                let (data, crcs) = client
+                    .get_range_blocks(o.version(), start, end, end - start)
+                    .await?;
+                match crcs[..] {
+                    [crc] if data.len() as u64 == end - start => Ok((data, crc)),
+                    _ => Err(ClientError::Malformed(format!(
+                        "{}: asked for bytes {start}..{end}, got {} bytes",
+                        o.name,
+                        data.len()
+                    ))),
+                }
+            }
+            .boxed(),
+        )
+    }
+
     /// Fetches the blocks of `range` that are neither cached nor in flight, in the background
     /// and within the demand budget, not the read-ahead one (the rest of a small object a
     /// reader is reading). Returns how many blocks it asked for.

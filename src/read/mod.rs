@@ -70,6 +70,8 @@ pub struct ReadStats {
     pub files_prefetched: AtomicU64,
     /// Opens answered with a backing file the kernel reads directly (no read reaches us).
     pub passthrough_opens: AtomicU64,
+    /// Random reads fetched as exactly their range, caching nothing (`Fetcher::direct`).
+    pub direct_reads: AtomicU64,
 }
 
 /// What the read path needs to know of the tree: which files follow a file in key order, and
@@ -91,6 +93,17 @@ pub struct Served {
     /// A random read (a jump, or any read of a random reader, in a big object): the blocks it
     /// covered in part are released too (see [`ReadPath::served`]).
     random: bool,
+    /// Its bytes came from blocks (not from a request of exactly its range, which cached
+    /// nothing): there are blocks to release.
+    blocks: bool,
+}
+
+/// Where a read's bytes come from.
+enum Source {
+    /// Blocks: cached, in flight, or fetched now.
+    Blocks(Vec<fetch::SharedFetch>),
+    /// One request of exactly the read's range, cached nowhere (see [`fetch::Fetcher::direct`]).
+    Direct(futures::future::BoxFuture<'static, Result<(Bytes, u32), crate::client::ClientError>>),
 }
 
 pub struct ReadPath {
@@ -282,8 +295,16 @@ impl ReadPath {
     }
 
     /// Reads up to `size` bytes at `offset` through handle `fh` (fewer only at the end of the
-    /// object), and a token for [`ReadPath::served`] once they are delivered.
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<(Bytes, Served), FsError> {
+    /// object), and a token for [`ReadPath::served`] once they are delivered. `buffered`: the
+    /// bytes go to the kernel's page cache (not an `O_DIRECT` read, nor a read for physiofs
+    /// itself), so a random read need not keep them.
+    pub async fn read(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        buffered: bool,
+    ) -> Result<(Bytes, Served), FsError> {
         let h = self
             .handles
             .lock()
@@ -305,13 +326,17 @@ impl ReadPath {
                 offset,
                 end: offset,
                 random: false,
+                blocks: false,
             };
             return Ok((Bytes::new(), served));
         }
-        let (waits, random) = self.plan(&h, offset, end);
-        let (data, crc) = fetch::assemble(self.cfg.block_size, waits, offset, end)
-            .await
-            .map_err(|e| {
+        let (source, random) = self.plan(&h, offset, end, buffered);
+        let blocks = matches!(source, Source::Blocks(_));
+        let got = match source {
+            Source::Blocks(waits) => fetch::assemble(self.cfg.block_size, waits, offset, end).await,
+            Source::Direct(f) => f.await,
+        };
+        let (data, crc) = got.map_err(|e| {
                 tracing::warn!(object = %h.object.name, generation = h.object.generation, error = %e, "read failed");
                 FsError::Client(e)
             })?;
@@ -327,6 +352,7 @@ impl ReadPath {
             offset,
             end,
             random,
+            blocks,
         };
         Ok((data, served))
     }
@@ -337,8 +363,9 @@ impl ReadPath {
     /// between another's decision and registration would split a whole-object fetch in two.
     /// Also says whether the read is a random one: a read of a big object that jumped, or any
     /// read of a reader that reads at random (its reads the kernel split in touching pieces
-    /// included).
-    fn plan(&self, h: &Handle, offset: u64, end: u64) -> (Vec<fetch::SharedFetch>, bool) {
+    /// included). A random read for the page cache, with no disk tier to fill, fetches exactly
+    /// its range when none of its blocks is at hand.
+    fn plan(&self, h: &Handle, offset: u64, end: u64, buffered: bool) -> (Source, bool) {
         let obj = &h.object;
         let mut r = h.readahead.lock().unwrap();
         let first_read = r.reads() == 0;
@@ -355,7 +382,18 @@ impl ReadPath {
         if obj.size <= self.cfg.small_object && (offset == 0 || first_read) {
             self.fetcher.background(obj, 0..obj.size);
         }
-        (self.fetcher.demand(obj, offset..end), random)
+        if random
+            && buffered
+            && self.disk.is_none()
+            && let Some(f) = self.fetcher.direct(obj, offset..end)
+        {
+            self.stats.direct_reads.fetch_add(1, Ordering::Relaxed);
+            return (Source::Direct(f), random);
+        }
+        (
+            Source::Blocks(self.fetcher.demand(obj, offset..end)),
+            random,
+        )
     }
 
     /// A read through `h` reached the end of its object: score the whole-file readers, and
@@ -414,6 +452,9 @@ impl ReadPath {
     /// the part again in its own request. (O_DIRECT reads skip this: they bypass the page
     /// cache.)
     pub async fn served(&self, s: Served) {
+        if !s.blocks {
+            return;
+        }
         let (size, bs) = (s.handle.object.size, self.cfg.block_size);
         // A random read: every block it covers. Otherwise whole blocks: from the first
         // starting in the range to the last ending in it (the tail block ends at the end of
