@@ -90,8 +90,7 @@ pub struct Served {
     handle: Arc<Handle>,
     offset: u64,
     end: u64,
-    /// A random read (a jump, or any read of a random reader, in a big object): the blocks it
-    /// covered in part are released too (see [`ReadPath::served`]).
+    /// A random read: the blocks it covered in part are released too (see [`ReadPath::served`]).
     random: bool,
     /// Its bytes came from blocks (not from a request of exactly its range, which cached
     /// nothing): there are blocks to release.
@@ -361,17 +360,16 @@ impl ReadPath {
     /// blocks. Decided, and registered in flight, under the handle's read-ahead lock: the
     /// kernel sends a reader's pieces concurrently, and a piece registering its own fetch
     /// between another's decision and registration would split a whole-object fetch in two.
-    /// Also says whether the read is a random one: a read of a big object that jumped, or any
-    /// read of a reader that reads at random (its reads the kernel split in touching pieces
-    /// included). A random read for the page cache, with no disk tier to fill, fetches exactly
-    /// its range when none of its blocks is at hand.
+    /// Also says whether the read is a random one: a jump in a big object. A random read for
+    /// the page cache, with no disk tier to fill, fetches exactly its range when none of its
+    /// blocks is at hand.
     fn plan(&self, h: &Handle, offset: u64, end: u64, buffered: bool) -> (Source, bool) {
         let obj = &h.object;
         let mut r = h.readahead.lock().unwrap();
         let first_read = r.reads() == 0;
         // Read-ahead first, so its requests are on the wire while we wait for ours.
         let ahead = r.on_read(offset, end, obj.size);
-        let random = (r.jumped() || r.random_reader()) && obj.size > self.cfg.small_object;
+        let random = r.jumped() && obj.size > self.cfg.small_object;
         if !ahead.is_empty() {
             self.prefetched(self.fetcher.prefetch(obj, ahead));
         }
@@ -443,14 +441,13 @@ impl ReadPath {
     /// memory: keeping a second copy would only double the memory a streaming reader uses,
     /// and releasing it lets the receive buffer it came in be reused at once (`client::pool`)
     /// instead of faulting in fresh memory for every request. Blocks read only in part stay,
-    /// for the read that wants the rest, and are released once reads got all of their bytes,
-    /// except after a random read (see [`Served`]): a random reader seldom reads next to its
-    /// last read, and a part-block kept would pin the whole run of blocks (one request's
-    /// receive buffer) it came in, so a random epoch would grow the mount by every request's
-    /// buffer until the cache is full (`rand8` in bench/: peak RSS 225 -> 40 MiB, ~20% less
-    /// CPU per read, from page faults on fresh memory). A read that does continue one fetches
-    /// the part again in its own request. (O_DIRECT reads skip this: they bypass the page
-    /// cache.)
+    /// for the read that wants the rest, except after a random read (a jump in a big object):
+    /// a random reader seldom reads next to its last read, and a part-block kept would pin
+    /// the whole receive buffer it came in, so a random epoch would grow the mount by every
+    /// request's buffer until the cache is full (`rand8` in bench/: peak RSS 225 -> 40 MiB,
+    /// ~20% less CPU per read, from page faults on fresh memory). A read that does continue
+    /// one fetches the part again in its own request. (O_DIRECT reads skip this: they bypass
+    /// the page cache.)
     pub async fn served(&self, s: Served) {
         if !s.blocks {
             return;
@@ -468,16 +465,6 @@ impl ReadPath {
         };
         if first < end {
             self.fetcher.release(&s.handle.object, first..end).await;
-        }
-        // Blocks the read covered in part: counted, and released once the kernel got all
-        // of their bytes (its pieces of a stream seldom end on a block boundary, and a block
-        // kept would keep its whole request's buffer cached).
-        if !s.random {
-            let touched = s.offset / bs..s.end.div_ceil(bs);
-            for b in touched.filter(|b| !(first..end).contains(b)) {
-                let part = s.end.min((b + 1) * bs) - s.offset.max(b * bs);
-                self.fetcher.release_part(&s.handle.object, b, part).await;
-            }
         }
     }
 

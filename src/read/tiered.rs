@@ -78,7 +78,9 @@ impl BlockCache for TieredCache {
     }
 
     async fn insert_run(&self, obj: &Object, first: u64, blocks: &[Block]) {
-        self.memory.insert_run(obj, first, blocks).await;
+        for (i, b) in (first..).zip(blocks) {
+            self.memory.insert(obj.key(i), b.clone()).await;
+        }
         self.disk.write_run(obj, first, blocks);
     }
 
@@ -91,10 +93,6 @@ impl BlockCache for TieredCache {
 
     async fn release(&self, key: &BlockKey) {
         self.memory.release(key).await;
-    }
-
-    async fn release_part(&self, key: &BlockKey, bytes: u64) {
-        self.memory.release_part(key, bytes).await;
     }
 
     async fn invalidate(&self, key: &BlockKey) {
