@@ -174,9 +174,10 @@ pub use crate::cli::HttpProtocol;
 /// Everything the protocol choice decides, in one place.
 ///
 /// HTTP/1.1 is the default (README "HTTP/1.1 or HTTP/2"): against the TLS testbed at 30 ms
-/// on the idle 2-core dev VM (`bench/run --tls`, 2026-12-07), h1 against h2: DICOM epoch 682
-/// vs 610 MB/s, 16 JPG readers 607 vs 447 MB/s, a 1 GiB sequential read 757 vs 606 MB/s,
-/// header scan 486 vs 475 files/s, at 1.4-1.8 CPU s/GiB either way. With HTTP/1.1 each
+/// on the 2-core dev VM (`bench/run --tls`, 2026-12-07 07:23 UTC), h1 against h2: DICOM
+/// epoch 830 vs 719 MB/s, 16 JPG readers 618 vs 471 MB/s, a 1 GiB sequential read 881 vs
+/// 698 MB/s, header scan 485 vs 475 files/s, at 1.3-1.4 CPU s/GiB either way (the same order
+/// in the two runs before it that day). With HTTP/1.1 each
 /// request in flight has its own connection, so the kernel's TCP windows and one rustls
 /// session per connection carry the bytes in parallel; with HTTP/2 all of a mount's requests share one connection, one TLS
 /// stream (one core's worth of decryption) and its flow-control windows. gcsfuse defaults to
