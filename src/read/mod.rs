@@ -90,7 +90,8 @@ pub struct Served {
     handle: Arc<Handle>,
     offset: u64,
     end: u64,
-    /// A random read: the blocks it covered in part are released too (see [`ReadPath::served`]).
+    /// A random read (a jump, or any read of a random reader, in a big object): the blocks it
+    /// covered in part are released too (see [`ReadPath::served`]).
     random: bool,
     /// Its bytes came from blocks (not from a request of exactly its range, which cached
     /// nothing): there are blocks to release.
@@ -360,16 +361,17 @@ impl ReadPath {
     /// blocks. Decided, and registered in flight, under the handle's read-ahead lock: the
     /// kernel sends a reader's pieces concurrently, and a piece registering its own fetch
     /// between another's decision and registration would split a whole-object fetch in two.
-    /// Also says whether the read is a random one: a jump in a big object. A random read for
-    /// the page cache, with no disk tier to fill, fetches exactly its range when none of its
-    /// blocks is at hand.
+    /// Also says whether the read is a random one: a read of a big object that jumped, or any
+    /// read of a reader that reads at random (its reads the kernel split in touching pieces
+    /// included). A random read for the page cache, with no disk tier to fill, fetches exactly
+    /// its range when none of its blocks is at hand.
     fn plan(&self, h: &Handle, offset: u64, end: u64, buffered: bool) -> (Source, bool) {
         let obj = &h.object;
         let mut r = h.readahead.lock().unwrap();
         let first_read = r.reads() == 0;
         // Read-ahead first, so its requests are on the wire while we wait for ours.
         let ahead = r.on_read(offset, end, obj.size);
-        let random = r.jumped() && obj.size > self.cfg.small_object;
+        let random = (r.jumped() || r.random_reader()) && obj.size > self.cfg.small_object;
         if !ahead.is_empty() {
             self.prefetched(self.fetcher.prefetch(obj, ahead));
         }

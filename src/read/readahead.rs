@@ -85,6 +85,13 @@ impl Readahead {
         self.jumped
     }
 
+    /// Whether the reader reads at random: it jumped twice or more, and has no stream's
+    /// window open (reads touching one another, a random read the kernel sent in pieces,
+    /// open only a small one).
+    pub fn random_reader(&self) -> bool {
+        self.jumps >= 2 && self.window < self.min_window.max(1)
+    }
+
     /// Records a read of `[offset, end)` of a `size`-byte file and returns the byte range to
     /// fetch ahead now (empty if none).
     #[must_use]
@@ -213,8 +220,18 @@ mod tests {
         let at = 200 * M + 4 * k;
         assert_eq!(r.on_read(at, at + k, size), at + k..at + k + M / 8);
         assert!(!r.jumped());
+        // Not a jump, but still a random reader until its window is a stream's.
+        assert!(r.random_reader());
         let a = r.on_read(at + k, at + 2 * k, size);
         assert_eq!(a, at + k + M / 8..at + 2 * k + M / 2);
+        assert!(r.random_reader());
+        let _ = r.on_read(at + 2 * k, at + 3 * k, size);
+        assert!(!r.random_reader(), "a window of 2 MiB is a stream's");
+        // One jump does not make a random reader.
+        let mut r = Readahead::new(M, 32 * M);
+        let _ = r.on_read(0, k, size);
+        let _ = r.on_read(500 * M, 500 * M + k, size);
+        assert!(r.jumped() && !r.random_reader());
     }
 
     #[test]
