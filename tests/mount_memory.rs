@@ -209,8 +209,8 @@ fn random_reads_leave_no_part_blocks_cached() {
         "{cached} bytes cached after 200 random reads, {ahead} of read-ahead\n{}",
         m.diag()
     );
-    // Most of them were fetched as exactly their range (the first read, and reads the kernel
-    // split around pages it held, take blocks).
+    // Most of them were fetched as exactly their range (the first read, and reads whose
+    // blocks were at hand, take blocks).
     let direct = prometheus_metric(&addr, "direct_reads_total");
     assert!(
         direct >= 100,

@@ -450,6 +450,19 @@ async fn served_blocks_leave_the_cache_partial_ones_stay() {
     assert!(c.requests() > before);
 }
 
+/// Reads `len` bytes at `off` through `fh` as the kernel would, checks them against `src`,
+/// and (as the adapter does) reports them served only when bound for the page cache.
+async fn read_checked(fs: &Fs, fh: u64, src: &[u8], off: u64, len: u64, buffered: bool) {
+    let (got, served) = fs
+        .read_for_kernel(fh, off, len as u32, buffered)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &src[off as usize..(off + len) as usize]);
+    if buffered {
+        fs.served(served).await;
+    }
+}
+
 /// A random reader's reads (jumps in a big object) leave nothing in the cache, part-blocks
 /// included: it seldom reads next to its last read, and a kept part-block pins the whole
 /// receive buffer it came in. A first read and a sequential one keep their part-blocks.
@@ -468,14 +481,7 @@ async fn a_random_readers_part_blocks_leave_the_cache_too() {
     let fh = fs.open(a.ino, false).unwrap();
     let obj = fs.reader().object_of(fh).unwrap();
     let cached = |i| fs.cache().contains(&obj.key(i));
-    let read = |off: u64, len: u64| {
-        let (fs, src) = (&fs, &src);
-        async move {
-            let (got, served) = fs.read_for_kernel(fh, off, len as u32, true).await.unwrap();
-            assert_eq!(&got[..], &src[off as usize..(off + len) as usize]);
-            fs.served(served).await;
-        }
-    };
+    let read = |off: u64, len: u64| read_checked(&fs, fh, &src, off, len, true);
     // The first read, then two jumps, each across a block boundary.
     read(m + m / 2, m).await;
     read(10 * m + m / 2, m).await;
@@ -516,20 +522,7 @@ async fn a_random_read_for_the_page_cache_fetches_just_its_bytes() {
             c.get_bytes.load(Ordering::Relaxed),
         )
     };
-    let read = |off: u64, len: u64, buffered: bool| {
-        let (fs, src) = (&fs, &src);
-        async move {
-            let (got, served) = fs
-                .read_for_kernel(fh, off, len as u32, buffered)
-                .await
-                .unwrap();
-            assert_eq!(&got[..], &src[off as usize..(off + len) as usize]);
-            // As the adapter does: only bytes bound for the page cache are "served".
-            if buffered {
-                fs.served(served).await;
-            }
-        }
-    };
+    let read = |off: u64, len: u64, buffered: bool| read_checked(&fs, fh, &src, off, len, buffered);
     // A first read fetches its blocks.
     read(m + m / 2, 4096, true).await;
     assert_eq!(fs.reader().stats().direct_reads.load(Ordering::Relaxed), 0);

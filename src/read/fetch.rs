@@ -184,11 +184,7 @@ impl Fetcher {
                     .await?;
                 match crcs[..] {
                     [crc] if data.len() as u64 == end - start => Ok((data, crc)),
-                    _ => Err(ClientError::Malformed(format!(
-                        "{}: asked for bytes {start}..{end}, got {} bytes",
-                        o.name,
-                        data.len()
-                    ))),
+                    _ => Err(wrong_length(&o, start, end, data.len())),
                 }
             }
             .boxed(),
@@ -321,11 +317,7 @@ impl Fetcher {
                     let _counted = gauge.enter(e - s);
                     let data = client.get_range(obj.version(), s, e).await?;
                     if data.len() as u64 != e - s {
-                        return Err(ClientError::Malformed(format!(
-                            "{}: asked for bytes {s}..{e}, got {} bytes",
-                            obj.name,
-                            data.len()
-                        )));
+                        return Err(wrong_length(&obj, s, e, data.len()));
                     }
                     Ok(Block::whole(data))
                 }
@@ -366,8 +358,7 @@ impl Fetcher {
                 None => None,
             };
             let counted = gauge.enter(end - start);
-            // An answer of another length than asked is refused before anything is cut from
-            // it or cached (a client bug or a broken server must fail the read, not panic).
+            // An answer of another length is refused before anything is cut (`wrong_length`).
             let r = client
                 .get_range_blocks(o.version(), start, end, bs)
                 .await
@@ -375,11 +366,7 @@ impl Fetcher {
                     if data.len() as u64 == end - start && crcs.len() as u64 == b - a + 1 {
                         Ok((data, crcs))
                     } else {
-                        Err(ClientError::Malformed(format!(
-                            "{}: asked for bytes {start}..{end}, got {} bytes",
-                            o.name,
-                            data.len()
-                        )))
+                        Err(wrong_length(&o, start, end, data.len()))
                     }
                 })
                 .map(|(data, crcs)| {
@@ -420,6 +407,15 @@ impl Fetcher {
             })
             .collect()
     }
+}
+
+/// An answer of another length than asked: refused before anything is cut from it or cached
+/// (a client bug or a broken server must fail the read, not panic).
+fn wrong_length(obj: &Object, start: u64, end: u64, got: usize) -> ClientError {
+    ClientError::Malformed(format!(
+        "{}: asked for bytes {start}..{end}, got {got} bytes",
+        obj.name
+    ))
 }
 
 /// Waits for the blocks of `[offset, end)` (in order, the first holding `offset`) and returns
