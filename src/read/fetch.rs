@@ -239,6 +239,12 @@ impl Fetcher {
         }
     }
 
+    /// The kernel's page cache got `bytes` of block `index` of `obj` (a read covering it in
+    /// part): the block's memory is freed once all of its bytes went there.
+    pub async fn release_part(&self, obj: &Object, index: u64, bytes: u64) {
+        self.cache.release_part(&obj.key(index), bytes).await;
+    }
+
     /// Bytes of `obj` were found wrong: drop all of its blocks from every tier.
     pub async fn invalidate(&self, obj: &Object) {
         for index in 0..obj.size.div_ceil(self.block_size) {

@@ -443,13 +443,14 @@ impl ReadPath {
     /// memory: keeping a second copy would only double the memory a streaming reader uses,
     /// and releasing it lets the receive buffer it came in be reused at once (`client::pool`)
     /// instead of faulting in fresh memory for every request. Blocks read only in part stay,
-    /// for the read that wants the rest, except after a random read (a jump in a big object):
-    /// a random reader seldom reads next to its last read, and a part-block kept would pin
-    /// the whole receive buffer it came in, so a random epoch would grow the mount by every
-    /// request's buffer until the cache is full (`rand8` in bench/: peak RSS 225 -> 40 MiB,
-    /// ~20% less CPU per read, from page faults on fresh memory). A read that does continue
-    /// one fetches the part again in its own request. (O_DIRECT reads skip this: they bypass
-    /// the page cache.)
+    /// for the read that wants the rest, and are released once reads got all of their bytes,
+    /// except after a random read (see [`Served`]): a random reader seldom reads next to its
+    /// last read, and a part-block kept would pin the whole run of blocks (one request's
+    /// receive buffer) it came in, so a random epoch would grow the mount by every request's
+    /// buffer until the cache is full (`rand8` in bench/: peak RSS 225 -> 40 MiB, ~20% less
+    /// CPU per read, from page faults on fresh memory). A read that does continue one fetches
+    /// the part again in its own request. (O_DIRECT reads skip this: they bypass the page
+    /// cache.)
     pub async fn served(&self, s: Served) {
         if !s.blocks {
             return;
@@ -467,6 +468,16 @@ impl ReadPath {
         };
         if first < end {
             self.fetcher.release(&s.handle.object, first..end).await;
+        }
+        // Blocks the read covered in part: counted, and released once the kernel got all
+        // of their bytes (its pieces of a stream seldom end on a block boundary, and a block
+        // kept would keep its whole request's buffer cached).
+        if !s.random {
+            let touched = s.offset / bs..s.end.div_ceil(bs);
+            for b in touched.filter(|b| !(first..end).contains(b)) {
+                let part = s.end.min((b + 1) * bs) - s.offset.max(b * bs);
+                self.fetcher.release_part(&s.handle.object, b, part).await;
+            }
         }
     }
 

@@ -78,9 +78,7 @@ impl BlockCache for TieredCache {
     }
 
     async fn insert_run(&self, obj: &Object, first: u64, blocks: &[Block]) {
-        for (i, b) in (first..).zip(blocks) {
-            self.memory.insert(obj.key(i), b.clone()).await;
-        }
+        self.memory.insert_run(obj, first, blocks).await;
         self.disk.write_run(obj, first, blocks);
     }
 
@@ -93,6 +91,10 @@ impl BlockCache for TieredCache {
 
     async fn release(&self, key: &BlockKey) {
         self.memory.release(key).await;
+    }
+
+    async fn release_part(&self, key: &BlockKey, bytes: u64) {
+        self.memory.release_part(key, bytes).await;
     }
 
     async fn invalidate(&self, key: &BlockKey) {
