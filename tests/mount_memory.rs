@@ -170,6 +170,92 @@ fn served_bytes_live_in_the_page_cache_not_twice() {
     m.unmount();
 }
 
+/// A later epoch meets a page cache that lost a few pages of a file (memory pressure, or a
+/// host's proactive reclaim: this VM's DAMON `pageout` takes a few MB now and then). The
+/// kernel then reads just those pages, at some page inside the file. physiofs fetches from
+/// there to the file's end in one request (the later holes are then at hand), not the whole
+/// object again, and a refill that reaches a file's end sets off no walk prefetch of the
+/// next files, which are still in the page cache. The pages before each hole are pinned
+/// (mlock), so nothing but the holes made here can be missing before them.
+#[test]
+fn pages_the_page_cache_lost_are_refilled_from_the_first_hole_on() {
+    const SIZE: usize = 1_500_000; // a JPG's size: fetched whole by a cold read
+    const HOLE: usize = 120; // page; its byte offset is a block boundary (15 x 32 KiB)
+    let seed = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..8).map(|i| format!("p10/s0{i}/img.jpg")).collect();
+    let datas: Vec<Vec<u8>> = (0..8).map(|i| random_bytes(600 + i, SIZE)).collect();
+    for (n, d) in names.iter().zip(&datas) {
+        seed_file(seed.path(), BUCKET, n, d);
+    }
+    let gcs = FakeGcs::start(seed.path());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let m = Mount::start(&gcs, BUCKET, &["--metrics-addr", &addr]);
+    let metric = |name| prometheus_metric(&addr, name);
+    // The first epoch: every file whole, in key order (so the walk prefetch is on).
+    for (n, d) in names.iter().zip(&datas) {
+        assert_eq!(sha256_file(&m.join(n)), sha256_hex(d), "{}", m.diag());
+    }
+    std::thread::sleep(Duration::from_millis(300)); // walk prefetches land
+    let drop_pages = |path: &std::path::Path, from: usize, pages: usize| {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        let len = pages * 4096; // 0: to the end
+        // SAFETY: a plain advice call on an open descriptor.
+        let r = unsafe {
+            libc::posix_fadvise(
+                f.as_raw_fd(),
+                (from * 4096) as i64,
+                len as i64,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0, "posix_fadvise");
+    };
+
+    // Two holes in file 2: four pages at HOLE, two further on.
+    let file = m.join(&names[2]);
+    let pinned = PinnedMapping::new(&file, HOLE * 4096);
+    drop_pages(&file, HOLE, 4);
+    drop_pages(&file, HOLE + 150, 2);
+    let (gets, fetched) = (metric("get_requests_total"), metric("bytes_fetched_total"));
+    assert_eq!(sha256_file(&file), sha256_hex(&datas[2]), "{}", m.diag());
+    let got = metric("bytes_fetched_total") - fetched;
+    assert!(
+        got > 0 && got <= (SIZE - HOLE * 4096) as u64,
+        "fetched {got} bytes: from the hole on is {}, the whole object {SIZE}\n{}",
+        SIZE - HOLE * 4096,
+        m.diag()
+    );
+    assert_eq!(
+        metric("get_requests_total") - gets,
+        1,
+        "one request for both holes\n{}",
+        m.diag()
+    );
+    drop(pinned);
+
+    // The last pages of file 4: refilled, and the files after it are not fetched again.
+    let file = m.join(&names[4]);
+    let tail = SIZE / 4096 - 3;
+    let pinned = PinnedMapping::new(&file, tail * 4096);
+    drop_pages(&file, tail, 0);
+    let (prefetched, gets) = (
+        metric("files_prefetched_total"),
+        metric("get_requests_total"),
+    );
+    assert_eq!(sha256_file(&file), sha256_hex(&datas[4]), "{}", m.diag());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric("get_requests_total") - gets, 1, "{}", m.diag());
+    assert_eq!(
+        metric("files_prefetched_total"),
+        prefetched,
+        "a refill of a file's last pages prefetched the next files\n{}",
+        m.diag()
+    );
+    drop(pinned);
+    m.unmount();
+}
+
 /// A random reader keeps nothing in the block cache, not even the blocks it read in part (each
 /// would pin its whole receive buffer): 200 unaligned 64 KiB reads at scattered offsets leave
 /// the cache nearly empty, where keeping part-blocks left about two per read (~12 MiB), and

@@ -316,6 +316,75 @@ async fn a_small_object_is_fetched_whole_whichever_piece_comes_first() {
 }
 
 #[tokio::test]
+async fn pages_the_page_cache_lost_are_refilled_from_there_on() {
+    // A later epoch whose page cache lost a few pages here and there (memory pressure, or
+    // proactive reclaim): the kernel's first read of an open is the first hole, at some page
+    // in the file. One request fetches from there to the end (the reader's later holes in the
+    // file are then at hand), not the bytes before it; one that reaches the file's end sets
+    // off no walk prefetch: the next files are in the page cache.
+    let c = Arc::new(FakeClient::new("b"));
+    let names: Vec<String> = (0..12).map(|i| format!("p1/s{i:02}/img.jpg")).collect();
+    let size = |i: usize| 1_600_000 + i;
+    for (i, n) in names.iter().enumerate() {
+        c.put(n, data(size(i), i as u8));
+    }
+    let cfg = FsConfig {
+        next_files: 3,
+        ..Default::default()
+    };
+    let fs = loaded_with(&c, cfg).await;
+    let (gets, bytes) = (
+        || c.get_calls.load(Ordering::Relaxed),
+        || c.get_bytes.load(Ordering::Relaxed),
+    );
+    let prefetched = || fs.stats().files_prefetched.load(Ordering::Relaxed);
+    // The first epoch: whole files in key order, so the walk prefetch is on (files 4-6).
+    for (i, n) in names.iter().enumerate().take(4) {
+        assert_eq!(read_whole(&fs, n).await, data(size(i), i as u8));
+    }
+    settle(&fs).await;
+    assert_eq!(prefetched(), 3);
+    // Reads of one open, each a hole: (offset, length).
+    let refill = |i: usize, holes: Vec<(u64, u32)>| {
+        let (fs, n) = (fs.clone(), names[i].clone());
+        async move {
+            let a = path(&fs, &n).await.unwrap();
+            let fh = fs.open(a.ino, false).unwrap();
+            let want = data(size(i), i as u8);
+            for (offset, len) in holes {
+                let (d, s) = fs.read_for_kernel(fh, offset, len, true).await.unwrap();
+                let end = (offset as usize + len as usize).min(want.len());
+                assert_eq!(&d[..], &want[offset as usize..end], "{n} at {offset}");
+                fs.served(s).await;
+            }
+            fs.release(fh);
+            settle(&fs).await;
+        }
+    };
+    // Three pages at page 200 of file 8 (block 25 starts there), then two further on.
+    let (g, b) = (gets(), bytes());
+    refill(8, vec![(200 * 4096, 3 * 4096), (300 * 4096, 2 * 4096)]).await;
+    assert_eq!(gets(), g + 1, "one request for both holes");
+    assert_eq!(bytes() - b, size(8) as u64 - 200 * 4096, "from the hole on");
+    // The last pages of file 9, up to its end.
+    let last = size(9) as u64 / 4096 * 4096 - 4096;
+    refill(9, vec![(last, 1 << 20)]).await;
+    assert_eq!(gets(), g + 2);
+    assert_eq!(
+        prefetched(),
+        3,
+        "a refill at a file's end prefetches nothing"
+    );
+    // A reader's first piece at 1 MiB (the kernel's pieces of a whole-file read arrive in
+    // any order) still fetches the whole object, and reaching the end still counts.
+    let b = bytes();
+    refill(10, vec![(1 << 20, 1 << 20)]).await;
+    assert!(bytes() - b >= size(10) as u64, "file 10 was fetched whole");
+    assert_eq!(prefetched(), 4, "the file after 10 was fetched ahead");
+    assert_eq!(gets(), g + 4, "file 10 whole in one request, and file 11");
+}
+
+#[tokio::test]
 async fn files_read_in_key_order_are_fetched_before_they_are_opened() {
     let c = Arc::new(FakeClient::new("b"));
     let names: Vec<String> = (0..20)

@@ -37,6 +37,9 @@ pub struct Handle {
     pub poisoned: AtomicBool,
     /// A read through this handle reached the end of the object.
     pub finished: AtomicBool,
+    /// A read through this handle started at a multiple of [`super::KERNEL_READ`] (offset 0
+    /// included): the file is being read, not just a few pages the page cache lost refilled.
+    pub piece_read: AtomicBool,
 }
 
 impl Handle {
@@ -49,6 +52,7 @@ impl Handle {
             readahead: Mutex::new(readahead),
             poisoned: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            piece_read: AtomicBool::new(false),
         }
     }
 }

@@ -45,6 +45,13 @@ use readahead::Readahead;
 use verify::Verdict;
 use walk::{Walk, WholeReaders};
 
+/// The size of the pieces the kernel cuts a buffered reader's reads into: 256 pages, the
+/// kernel's default `fs.fuse.max_pages_limit` (physiofs asks for more). Its read-ahead starts
+/// at the file's start and sends pieces at multiples of this. A read the page cache could not
+/// serve whole because it lost a few pages (memory pressure, proactive reclaim) starts at any
+/// page instead, and tells nothing about how the file is being read.
+pub const KERNEL_READ: u64 = 1 << 20;
+
 /// Settings of the read path (see `FsConfig` for what each means and why its default).
 #[derive(Clone, Debug)]
 pub struct ReadConfig {
@@ -319,6 +326,9 @@ impl ReadPath {
             )));
         }
         let file_size = h.object.size;
+        if offset.is_multiple_of(KERNEL_READ) {
+            h.piece_read.store(true, Ordering::Relaxed);
+        }
         let end = offset.saturating_add(size as u64).min(file_size);
         if offset >= end {
             let served = Served {
@@ -376,11 +386,19 @@ impl ReadPath {
             self.prefetched(self.fetcher.prefetch(obj, ahead));
         }
         // A small object is fetched whole, in one request, by a read from its start or by the
-        // first read of an open (the kernel sends a whole-file reader's first 1 MiB pieces at
-        // once, and the one at 1 MiB may come first). The blocks this read does not need are
-        // fetched like read-ahead: only missing ones, in the background.
-        if obj.size <= self.cfg.small_object && (offset == 0 || first_read) {
-            self.fetcher.background(obj, 0..obj.size);
+        // first read of an open at a piece's place (the kernel sends a whole-file reader's
+        // first 1 MiB pieces at once, and the one at 1 MiB may come first). A first read
+        // elsewhere is the kernel refilling pages its cache lost (or a reader starting in the
+        // middle): the bytes before it are still there, so it fetches from its own start to
+        // the object's end, in one request, and the reader's later holes in the file are at
+        // hand. The blocks this read does not need are fetched like read-ahead: only missing
+        // ones, in the background.
+        if obj.size <= self.cfg.small_object {
+            if offset == 0 || (first_read && offset.is_multiple_of(KERNEL_READ)) {
+                self.fetcher.background(obj, 0..obj.size);
+            } else if first_read {
+                self.fetcher.background(obj, offset..obj.size);
+            }
         }
         if random
             && buffered
@@ -398,8 +416,14 @@ impl ReadPath {
 
     /// A read through `h` reached the end of its object: score the whole-file readers, and
     /// note the file for the walk prefetch before the reader gets the bytes (so it cannot have
-    /// opened the next file yet, which read-ahead would then fetch a second time).
+    /// opened the next file yet, which read-ahead would then fetch a second time). Only when
+    /// the handle read the file in the kernel's pieces: a refill of a few lost pages at its
+    /// end (a warm epoch whose page cache has holes) says nothing about the next files, which
+    /// the page cache most likely still holds.
     fn reached_end(&self, h: &Handle) {
+        if !h.piece_read.load(Ordering::Relaxed) {
+            return;
+        }
         if h.object.size > self.cfg.small_object && !h.finished.swap(true, Ordering::Relaxed) {
             self.whole_readers.read_to_end();
         }
