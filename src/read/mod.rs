@@ -52,6 +52,11 @@ use walk::{Walk, WholeReaders};
 /// page instead, and tells nothing about how the file is being read.
 pub const KERNEL_READ: u64 = 1 << 20;
 
+/// Whether a read at `offset` is where one of the kernel's pieces of a read starts.
+fn kernel_piece(offset: u64) -> bool {
+    offset.is_multiple_of(KERNEL_READ)
+}
+
 /// Settings of the read path (see `FsConfig` for what each means and why its default).
 #[derive(Clone, Debug)]
 pub struct ReadConfig {
@@ -326,7 +331,7 @@ impl ReadPath {
             )));
         }
         let file_size = h.object.size;
-        if offset.is_multiple_of(KERNEL_READ) {
+        if kernel_piece(offset) {
             h.piece_read.store(true, Ordering::Relaxed);
         }
         let end = offset.saturating_add(size as u64).min(file_size);
@@ -393,12 +398,9 @@ impl ReadPath {
         // the object's end, in one request, and the reader's later holes in the file are at
         // hand. The blocks this read does not need are fetched like read-ahead: only missing
         // ones, in the background.
-        if obj.size <= self.cfg.small_object {
-            if offset == 0 || (first_read && offset.is_multiple_of(KERNEL_READ)) {
-                self.fetcher.background(obj, 0..obj.size);
-            } else if first_read {
-                self.fetcher.background(obj, offset..obj.size);
-            }
+        if obj.size <= self.cfg.small_object && (offset == 0 || first_read) {
+            let from = if kernel_piece(offset) { 0 } else { offset };
+            self.fetcher.background(obj, from..obj.size);
         }
         if random
             && buffered
