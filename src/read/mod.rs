@@ -220,14 +220,20 @@ impl ReadPath {
     }
 
     /// The read-ahead state of a new handle on `obj`: a wide first window when readers have
-    /// been reading big objects whole. Never for a small object, which its first read fetches
-    /// whole in one request (checked against its CRC32C by the client): a window would fetch
-    /// part of it in a ranged request first.
+    /// been reading big objects whole, or when the first read is a whole kernel piece at the
+    /// start (a reader of large reads: see [`Readahead::bulk`]). Never for a small object,
+    /// which its first read fetches whole in one request (checked against its CRC32C by the
+    /// client): a window would fetch part of it in a ranged request first.
     fn readahead_for(&self, obj: &Object) -> Readahead {
         let r = Readahead::new(self.cfg.readahead_min, self.cfg.readahead_max)
             .aligned(self.cfg.max_request);
-        if obj.size > self.cfg.small_object && self.whole_readers.trusted() {
-            r.warm(self.cfg.readahead_max / 4)
+        if obj.size <= self.cfg.small_object {
+            return r;
+        }
+        let first = self.cfg.readahead_max / 4;
+        let r = r.bulk(KERNEL_READ, first);
+        if self.whole_readers.trusted() {
+            r.warm(first)
         } else {
             r
         }

@@ -37,6 +37,11 @@ pub struct Readahead {
     recent: [(u64, u64); RECENT],
     /// Window for a first read at offset 0 (0 = none: a first read fetches only itself).
     warm: u64,
+    /// A first read at offset 0 at least this long opens the `warm` window too, whatever the
+    /// history (0 = never; see [`Readahead::bulk`]).
+    bulk_read: u64,
+    /// The window such a read opens.
+    bulk_window: u64,
     /// The last read was a jump: not the first, and not near any earlier one.
     jumped: bool,
     /// Jumps so far.
@@ -55,6 +60,8 @@ impl Readahead {
             align: 1,
             recent: [(0, 0); RECENT],
             warm: 0,
+            bulk_read: 0,
+            bulk_window: 0,
             jumped: false,
             jumps: 0,
         }
@@ -64,6 +71,19 @@ impl Readahead {
     /// that has been reading whole objects, instead of growing one over several round trips.
     pub fn warm(mut self, window: u64) -> Self {
         self.warm = window.min(self.max_window);
+        self
+    }
+
+    /// A first read at offset 0 of at least `read` bytes opens a `window`-byte window at once.
+    /// The kernel sends a whole 1 MiB piece as an open's first read only for a reader whose own
+    /// reads are 512 KiB or more (its first read-ahead is twice the read): `dd bs=1M`,
+    /// Python's `f.read()`, `numpy.fromfile`, a `readv` of a whole file. Such a reader
+    /// streams; growing its window from 1 MiB would cost it three first-byte latencies
+    /// before the object flows at full rate. A header scan or `cat` (reads of 128 KiB or
+    /// less: first pieces of 512 KiB at most) still starts with no window.
+    pub fn bulk(mut self, read: u64, window: u64) -> Self {
+        self.bulk_read = read;
+        self.bulk_window = window.min(self.max_window);
         self
     }
 
@@ -125,11 +145,13 @@ impl Readahead {
                 });
         self.jumped = !first && !near;
         self.jumps += self.jumped as u64;
-        if first && offset == 0 && self.warm > 0 {
-            // A reader of whole objects starting one: read ahead at once.
+        let bulk = self.bulk_read > 0 && end - offset >= self.bulk_read;
+        if first && offset == 0 && (self.warm > 0 || bulk) {
+            // A reader of whole objects starting one, or one whose reads are large: read
+            // ahead at once.
             self.pos = end;
             self.ahead_until = end;
-            self.window = self.warm;
+            self.window = self.warm.max(if bulk { self.bulk_window } else { 0 });
         } else if first || !near || self.max_window == 0 {
             // A first read (maybe a header scan) or a jump: fetch only what is asked.
             self.window = 0;
@@ -371,6 +393,25 @@ mod tests {
         // Clipped to the object.
         let mut r = Readahead::new(M, 64 * M).aligned(4 * M).warm(16 * M);
         assert_eq!(r.on_read(0, M, 13 * M), M..13 * M);
+    }
+
+    #[test]
+    fn a_first_whole_piece_at_zero_opens_the_bulk_window() {
+        let new = || Readahead::new(M, 64 * M).aligned(4 * M).bulk(M, 16 * M);
+        // dd bs=1M: the first piece opens 16 MiB at once (to the request boundary past it).
+        let mut r = new();
+        assert_eq!(r.on_read(0, M, 100 * M), M..20 * M);
+        // and the next piece grows it fourfold.
+        assert_eq!(r.on_read(M, 2 * M, 100 * M), 20 * M..68 * M);
+        // A header scan's first read (the kernel's 64 KiB for a 16 KiB read), and cat's
+        // (512 KiB), fetch only themselves.
+        assert_eq!(new().on_read(0, 64 * 1024, 100 * M), 0..0);
+        assert_eq!(new().on_read(0, 512 * 1024, 100 * M), 0..0);
+        // A whole piece elsewhere (a refill, a reader starting in the middle) neither.
+        assert_eq!(new().on_read(8 * M, 9 * M, 100 * M), 0..0);
+        // Without the option, a first piece fetches only itself.
+        let mut r = Readahead::new(M, 64 * M).aligned(4 * M);
+        assert_eq!(r.on_read(0, M, 100 * M), 0..0);
     }
 
     #[test]
