@@ -283,6 +283,42 @@ async fn whole_file_readers_get_read_ahead_from_their_first_read() {
 }
 
 #[tokio::test]
+async fn a_first_whole_kernel_piece_at_zero_reads_ahead_at_once() {
+    let c = Arc::new(FakeClient::new("b"));
+    let size = 40_000_000;
+    for i in 0..3u8 {
+        c.put(&format!("big/{i}.bin"), data(size, i));
+    }
+    let cfg = FsConfig {
+        next_files: 0,
+        ..Default::default()
+    };
+    let window = cfg.readahead_max / 4;
+    let fs = loaded_with(&c, cfg).await;
+    let ahead = || fs.stats().prefetch_bytes.load(Ordering::Relaxed);
+    let first_read = |i: u8, len: u64| {
+        let fs = &fs;
+        async move {
+            let ino = path(fs, &format!("big/{i}.bin")).await.unwrap().ino;
+            let fh = fs.open(ino, false).unwrap();
+            let before = ahead();
+            read_checked(fs, fh, &data(size, i), 0, len, true).await;
+            let got = ahead() - before;
+            settle(fs).await;
+            fs.release(fh);
+            got
+        }
+    };
+    // dd bs=1M on a fresh mount: the first 1 MiB piece opens the window (to the request
+    // boundary past it).
+    let got = first_read(0, crate::read::KERNEL_READ).await;
+    assert!(got >= window, "read ahead {got}, want >= {window}");
+    // A header scan's first read (the kernel's 64 KiB), and cat's (512 KiB): none.
+    assert_eq!(first_read(1, 65536).await, 0);
+    assert_eq!(first_read(2, 512 << 10).await, 0);
+}
+
+#[tokio::test]
 async fn a_small_object_is_fetched_whole_whichever_piece_comes_first() {
     // The kernel sends a whole-file reader's 1 MiB pieces at once; the one at 1 MiB may
     // arrive first. Either way the object costs one request.
