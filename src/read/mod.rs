@@ -231,11 +231,10 @@ impl ReadPath {
             return r;
         }
         let first = self.cfg.readahead_max / 4;
-        let r = r.bulk(KERNEL_READ, first);
         if self.whole_readers.trusted() {
             r.warm(first)
         } else {
-            r
+            r.bulk(KERNEL_READ, first)
         }
     }
 

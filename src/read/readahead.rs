@@ -35,13 +35,10 @@ pub struct Readahead {
     align: u64,
     /// The last `RECENT` reads, as `[start, end)`, in a ring (empty ones are unused slots).
     recent: [(u64, u64); RECENT],
-    /// Window for a first read at offset 0 (0 = none: a first read fetches only itself).
-    warm: u64,
-    /// A first read at offset 0 at least this long opens the `warm` window too, whatever the
-    /// history (0 = never; see [`Readahead::bulk`]).
-    bulk_read: u64,
-    /// The window such a read opens.
-    bulk_window: u64,
+    /// Window for a first read at offset 0 (0 = none: a first read fetches only itself)...
+    first_window: u64,
+    /// ... if it is at least this long (see [`Readahead::warm`] and [`Readahead::bulk`]).
+    first_min_len: u64,
     /// The last read was a jump: not the first, and not near any earlier one.
     jumped: bool,
     /// Jumps so far.
@@ -59,9 +56,8 @@ impl Readahead {
             max_window,
             align: 1,
             recent: [(0, 0); RECENT],
-            warm: 0,
-            bulk_read: 0,
-            bulk_window: 0,
+            first_window: 0,
+            first_min_len: 0,
             jumped: false,
             jumps: 0,
         }
@@ -69,9 +65,8 @@ impl Readahead {
 
     /// A first read at offset 0 opens a `window`-byte read-ahead window at once: for a reader
     /// that has been reading whole objects, instead of growing one over several round trips.
-    pub fn warm(mut self, window: u64) -> Self {
-        self.warm = window.min(self.max_window);
-        self
+    pub fn warm(self, window: u64) -> Self {
+        self.bulk(0, window)
     }
 
     /// A first read at offset 0 of at least `read` bytes opens a `window`-byte window at once.
@@ -82,8 +77,8 @@ impl Readahead {
     /// before the object flows at full rate. A header scan or `cat` (reads of 128 KiB or
     /// less: first pieces of 512 KiB at most) still starts with no window.
     pub fn bulk(mut self, read: u64, window: u64) -> Self {
-        self.bulk_read = read;
-        self.bulk_window = window.min(self.max_window);
+        self.first_min_len = read;
+        self.first_window = window.min(self.max_window);
         self
     }
 
@@ -145,13 +140,12 @@ impl Readahead {
                 });
         self.jumped = !first && !near;
         self.jumps += self.jumped as u64;
-        let bulk = self.bulk_read > 0 && end - offset >= self.bulk_read;
-        if first && offset == 0 && (self.warm > 0 || bulk) {
+        if first && offset == 0 && self.first_window > 0 && end - offset >= self.first_min_len {
             // A reader of whole objects starting one, or one whose reads are large: read
             // ahead at once.
             self.pos = end;
             self.ahead_until = end;
-            self.window = self.warm.max(if bulk { self.bulk_window } else { 0 });
+            self.window = self.first_window;
         } else if first || !near || self.max_window == 0 {
             // A first read (maybe a header scan) or a jump: fetch only what is asked.
             self.window = 0;
