@@ -321,6 +321,48 @@ fn random_reads_leave_no_part_blocks_cached() {
     m.unmount();
 }
 
+/// A program that reads big pieces from a file's start (`dd bs=1M`, Python's `f.read()`)
+/// makes the kernel send a whole 1 MiB piece as the open's first read: physiofs opens its
+/// read-ahead window on that piece, on a fresh mount, instead of growing one over several
+/// first-byte latencies. A header read (16 KiB) and `cat`'s 128 KiB reads make smaller first
+/// pieces (the kernel reads ahead 4x and 4x of them) and read nothing ahead.
+#[test]
+fn a_large_first_read_opens_the_read_ahead_window_at_once() {
+    use std::io::Read;
+    const SIZE: usize = 24 * MIB;
+    let seed = tempfile::tempdir().unwrap();
+    let datas: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(900 + i, SIZE)).collect();
+    for (i, d) in datas.iter().enumerate() {
+        seed_file(seed.path(), BUCKET, &format!("big/{i}.bin"), d);
+    }
+    let gcs = FakeGcs::start(seed.path());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let m = Mount::start(&gcs, BUCKET, &["--metrics-addr", &addr]);
+    let ahead = || prometheus_metric(&addr, "prefetch_bytes_total");
+    let first_read = |i: usize, len: usize| {
+        let mut f = std::fs::File::open(m.join(&format!("big/{i}.bin"))).unwrap();
+        let mut buf = vec![0u8; len];
+        f.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, datas[i][..len], "{}", m.diag());
+    };
+    first_read(0, 16 << 10);
+    first_read(1, 128 << 10);
+    assert_eq!(
+        ahead(),
+        0,
+        "small first reads read nothing ahead\n{}",
+        m.diag()
+    );
+    first_read(2, MIB);
+    let got = ahead();
+    assert!(
+        got >= 16 * MIB as u64,
+        "a 1 MiB first read read {got} bytes ahead, want the 16 MiB window\n{}",
+        m.diag()
+    );
+    m.unmount();
+}
+
 /// A read-only shared mapping of a whole file, populated and locked in memory (`mlock`) as it
 /// is made, so its pages stay in the page cache until it is dropped.
 struct PinnedMapping {

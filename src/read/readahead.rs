@@ -140,11 +140,15 @@ impl Readahead {
                 });
         self.jumped = !first && !near;
         self.jumps += self.jumped as u64;
-        if first && offset == 0 && self.first_window > 0 && end - offset >= self.first_min_len {
+        // The start of the file, read first, or second right after the piece it leads up to
+        // (the kernel sends a large reader's first pieces at once, and the one at 1 MiB may
+        // come first).
+        let start = offset == 0 && (first || (self.reads == 2 && touches && self.window == 0));
+        if start && self.first_window > 0 && end - offset >= self.first_min_len {
             // A reader of whole objects starting one, or one whose reads are large: read
             // ahead at once.
-            self.pos = end;
-            self.ahead_until = end;
+            self.pos = self.pos.max(end);
+            self.ahead_until = self.ahead_until.max(end);
             self.window = self.first_window;
         } else if first || !near || self.max_window == 0 {
             // A first read (maybe a header scan) or a jump: fetch only what is asked.
@@ -403,6 +407,14 @@ mod tests {
         assert_eq!(new().on_read(0, 512 * 1024, 100 * M), 0..0);
         // A whole piece elsewhere (a refill, a reader starting in the middle) neither.
         assert_eq!(new().on_read(8 * M, 9 * M, 100 * M), 0..0);
+        // The kernel's second piece first, then the first: the window opens on the first.
+        let mut r = new();
+        assert_eq!(r.on_read(M, 2 * M, 100 * M), 0..0);
+        assert_eq!(r.on_read(0, M, 100 * M), 2 * M..20 * M);
+        // But not after a jump elsewhere.
+        let mut r = new();
+        assert_eq!(r.on_read(50 * M, 51 * M, 100 * M), 0..0);
+        assert_eq!(r.on_read(0, M, 100 * M), 0..0);
         // Without the option, a first piece fetches only itself.
         let mut r = Readahead::new(M, 64 * M).aligned(4 * M);
         assert_eq!(r.on_read(0, M, 100 * M), 0..0);
