@@ -340,7 +340,7 @@ fn a_large_first_read_opens_the_read_ahead_window_at_once() {
     let m = Mount::start(&gcs, BUCKET, &["--metrics-addr", &addr]);
     let ahead = || prometheus_metric(&addr, "prefetch_bytes_total");
     let first_read = |i: usize, len: usize| {
-        let mut f = std::fs::File::open(m.join(&format!("big/{i}.bin"))).unwrap();
+        let mut f = std::fs::File::open(m.join(format!("big/{i}.bin"))).unwrap();
         let mut buf = vec![0u8; len];
         f.read_exact(&mut buf).unwrap();
         assert_eq!(buf, datas[i][..len], "{}", m.diag());
