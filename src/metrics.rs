@@ -218,15 +218,18 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 16;
 
-/// Serves `GET /metrics` (any path, in fact) on `addr` until the process ends. Bounded against
-/// a misbehaving scraper: a few connections at once, each given 5 s for its request head and
-/// 30 s in all, and a failing `accept` (out of descriptors) is retried after a pause instead
-/// of in a busy loop.
-pub async fn serve(
-    addr: SocketAddr,
-    client: Arc<ClientStats>,
-    fs: Arc<Fs>,
-) -> std::io::Result<SocketAddr> {
+/// The metrics endpoint's socket, bound but not yet served: bound before the mount, so that a
+/// bad or taken `--metrics-addr` fails with nothing mounted, and so that a scraper that waits
+/// for the mount to appear finds the port open (connections made before [`Listener::serve`]
+/// wait in the kernel's backlog).
+pub struct Listener {
+    listener: tokio::net::TcpListener,
+    /// The address bound (the port filled in when the one asked for was 0).
+    pub local: SocketAddr,
+}
+
+/// Binds `addr` for the metrics endpoint (warning when it is not a loopback address).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
     if !addr.ip().is_loopback() {
         tracing::warn!(
             "--metrics-addr {addr} is not a loopback address: anyone who can reach it reads \
@@ -235,38 +238,48 @@ pub async fn serve(
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
-        loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::debug!("metrics: accept failed: {e}; retrying in 100 ms");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let (client, fs) = (client.clone(), fs.clone());
-            tokio::spawn(async move {
-                let _slot = slot;
-                let svc = hyper::service::service_fn(move |_req| {
-                    let body = render(&client, &fs);
-                    async move {
-                        hyper::Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(http_body_util::Full::new(Bytes::from(body)))
+    Ok(Listener { listener, local })
+}
+
+impl Listener {
+    /// Serves `GET /metrics` (any path, in fact) until the process ends. Bounded against a
+    /// misbehaving scraper: a few connections at once, each given 5 s for its request head
+    /// and 30 s in all, and a failing `accept` (out of descriptors) is retried after a pause
+    /// instead of in a busy loop.
+    pub fn serve(self, client: Arc<ClientStats>, fs: Arc<Fs>) {
+        let Listener { listener, .. } = self;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::debug!("metrics: accept failed: {e}; retrying in 100 ms");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
                     }
+                };
+                let (client, fs) = (client.clone(), fs.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let body = render(&client, &fs);
+                        async move {
+                            hyper::Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4")
+                                .body(http_body_util::Full::new(Bytes::from(body)))
+                        }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(std::time::Duration::from_secs(5))
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(5))
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
-            });
-        }
-    });
-    Ok(local)
+            }
+        });
+    }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use crate::cache::MemoryCache;
 use crate::checks;
@@ -458,17 +458,26 @@ pub async fn run(args: MountArgs, notify: Option<&Notify>) -> anyhow::Result<()>
     }
     let target = plan.target();
     let endpoint = plan.gcs.endpoint.clone();
-    let metrics_addr = plan.metrics_addr;
+    // Bound before mounting: a taken port fails with nothing mounted, and the endpoint
+    // answers as soon as the mount is there (early scrapes wait in the backlog).
+    let metrics = match plan.metrics_addr {
+        Some(addr) => Some(crate::metrics::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!(
+                "--metrics-addr {addr}: {e}{}",
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    " (another process listens there: pick another port, or 127.0.0.1:0 for \
+                     any free one)"
+                } else {
+                    ""
+                }
+            )
+        })?),
+        None => None,
+    };
     let mounted = Mounted::start(plan, tokens).await?;
-    if let Some(addr) = metrics_addr {
-        match crate::metrics::serve(addr, mounted.client.stats.clone(), mounted.fs.clone()).await {
-            Ok(at) => eprintln!("physiofs: metrics at http://{at}/metrics"),
-            Err(e) => {
-                // Leave nothing mounted behind the error.
-                mounted.unmount().await?;
-                bail!("--metrics-addr {addr}: {e}");
-            }
-        }
+    if let Some(m) = metrics {
+        eprintln!("physiofs: metrics at http://{}/metrics", m.local);
+        m.serve(mounted.client.stats.clone(), mounted.fs.clone());
     }
     let stop = if notify.is_some() { "" } else { " or Ctrl-C" };
     let line = format!(

@@ -141,6 +141,23 @@ fn bad_options_fail_without_mounting() {
     }
 }
 
+/// A `--metrics-addr` whose port another process holds fails before anything is mounted,
+/// naming the address and the way out.
+#[test]
+fn a_taken_metrics_port_fails_before_mounting_naming_it() {
+    let (_seed, gcs) = one_bucket();
+    let (_dir, mnt) = mountpoint_dir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let args = emulator_args(&gcs, "present", &["--metrics-addr", &addr]);
+    let (_, stderr) = expect_mount_failure(&args, &mnt, Duration::from_secs(30));
+    assert!(
+        stderr.contains(&format!("--metrics-addr {addr}")) && stderr.contains("127.0.0.1:0"),
+        "stderr should name the taken address and the fix:\n{stderr}"
+    );
+    drop(taken);
+}
+
 #[test]
 fn missing_key_file_fails_naming_it() {
     let (_seed, gcs) = one_bucket();

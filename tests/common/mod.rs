@@ -1345,13 +1345,13 @@ pub fn http_get(url: &str, headers: &[(&str, &str)]) -> HttpResponse {
         let r = req
             .send()
             .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            .unwrap_or_else(|e| panic!("GET {url}: {}", error_chain(&e)));
         let status = r.status().as_u16();
         let headers = r.headers().clone();
         let body = r
             .bytes()
             .await
-            .unwrap_or_else(|e| panic!("GET {url}: body: {e}"))
+            .unwrap_or_else(|e| panic!("GET {url}: body: {}", error_chain(&e)))
             .to_vec();
         HttpResponse {
             status,
@@ -1360,6 +1360,18 @@ pub fn http_get(url: &str, headers: &[(&str, &str)]) -> HttpResponse {
             elapsed: t0.elapsed(),
         }
     })
+}
+
+/// `e` and each of its sources, joined with ": " (reqwest's own message omits the cause,
+/// e.g. "connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    out
 }
 
 /// One counter (`physiofs_NAME`) from a mount's Prometheus endpoint at `addr`.
