@@ -876,7 +876,13 @@ impl Mount {
         };
         let start = Instant::now();
         loop {
-            if mount_entry(&m.path).is_some() {
+            // Mounted, and done starting: the mount appears before physiofs prints its
+            // `mounted` line (and before anything it does after mounting), so a test that
+            // checked only the mount table would race the rest of the start.
+            if mount_entry(&m.path).is_some()
+                && fs::read_to_string(&m.stderr)
+                    .is_ok_and(|t| t.lines().any(|l| l.starts_with("physiofs: mounted ")))
+            {
                 return m;
             }
             if let Some(st) = m.child.try_wait().unwrap() {
