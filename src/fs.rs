@@ -176,6 +176,9 @@ pub struct Fs {
     /// Called when an object is seen to have changed under the mount (snapshot invalidation).
     #[allow(clippy::type_complexity)]
     on_change: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The tree came from a snapshot: a name it lacks is asked of the server before the
+    /// answer is ENOENT (see [`Fs::confirm_misses`]).
+    confirm_misses: std::sync::atomic::AtomicBool,
 }
 
 /// The read path's view of the tree: file order and object versions, from the inode table.
@@ -220,7 +223,19 @@ impl Fs {
             bulk_loading: Default::default(),
             bulk_progress: Default::default(),
             on_change: Mutex::default(),
+            confirm_misses: Default::default(),
         }
+    }
+
+    /// A name the tree lacks is asked of the server (one stat and a one-item listing of
+    /// `NAME/`) before a lookup answers ENOENT. For a tree loaded from a snapshot: the snapshot
+    /// is keyed by endpoint, bucket and prefix, and checked at mount by one of its objects, but
+    /// a bucket that gained objects since (or another server on the same address, such as an
+    /// emulator started again on a port an earlier one used) passes that check. A name found
+    /// this way is added, and the snapshot is dropped (`set_on_change`) so the next mount lists
+    /// afresh. The kernel caches the answer either way, so each missing name is asked once.
+    pub fn confirm_misses(&self) {
+        self.confirm_misses.store(true, Ordering::Relaxed);
     }
 
     /// Registers what to do when an object is found changed under the mount.
@@ -311,13 +326,36 @@ impl Fs {
                 Some(r) => return r,
                 None if asked => return Err(FsError::NotFound),
                 None => {
-                    if self.bulk_loading.load(Ordering::Relaxed) {
+                    if matches!(self.inodes.lookup(parent, name), Lookup::Absent) {
+                        self.confirm_miss(parent, name).await;
+                    } else if self.bulk_loading.load(Ordering::Relaxed) {
                         self.targeted_lookup(parent, name).await?;
                     } else {
                         self.ensure_listed(parent).await?;
                     }
                     asked = true;
                 }
+            }
+        }
+    }
+
+    /// Asks the server for a name a snapshot's tree lacks (see [`Fs::confirm_misses`]). When
+    /// the server cannot be asked, the snapshot's answer stands (ENOENT, not EIO: a mount
+    /// working from its snapshot and disk cache answers as before).
+    async fn confirm_miss(&self, parent: Ino, name: &str) {
+        if let Err(e) = self.targeted_lookup(parent, name).await {
+            tracing::debug!("could not confirm that {name:?} is absent: {e}");
+            return;
+        }
+        if let Lookup::Found(_) = self.inodes.lookup(parent, name) {
+            tracing::warn!(
+                "metadata snapshot is out of date: {}{} is on the server but not in it; \
+                 it is deleted, and the next mount lists afresh",
+                self.inodes.rel_path(parent),
+                name.escape_debug()
+            );
+            if let Some(f) = self.on_change.lock().unwrap().as_ref() {
+                f();
             }
         }
     }
@@ -331,6 +369,8 @@ impl Fs {
         }
         match self.inodes.lookup(parent, name) {
             Lookup::Found(v) => Some(Ok(self.attr_of(&v))),
+            // A snapshot's "absent" needs the server's word (see `confirm_misses`).
+            Lookup::Absent if self.confirm_misses.load(Ordering::Relaxed) => None,
             Lookup::Absent => Some(Err(FsError::NotFound)),
             Lookup::NotDir => Some(Err(FsError::NotDir)),
             Lookup::Unknown => None,

@@ -201,6 +201,9 @@ impl Mounted {
             }
         }
 
+        if from_snapshot {
+            fs.confirm_misses();
+        }
         if let Some((path, _)) = &snapshot {
             // An object seen changed makes the snapshot untrue: the next mount lists afresh.
             let p = path.clone();

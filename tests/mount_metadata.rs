@@ -433,3 +433,77 @@ fn forgets_during_the_bulk_load_lose_no_entry() {
     assert_eq!(find_files(&m.join("files")), objects.len(), "{}", m.diag());
     m.unmount();
 }
+
+/// A snapshot that lacks objects the server has (a bucket that gained objects since, or another
+/// server started on the address the snapshot was made from: an emulator on a port an earlier
+/// one used, with the same bucket name) passes the mount's check, which reads one object the
+/// snapshot holds. The first lookup of a name it lacks asks the server before answering
+/// ENOENT: the object and the directory it lacked read exactly, a name that is truly missing
+/// is still ENOENT, the snapshot is deleted, and the next mount lists afresh.
+#[test]
+fn a_snapshot_lacking_objects_the_server_has_is_caught_at_the_first_miss() {
+    const B: &str = "grown";
+    let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, data: &[u8]| {
+        let p = dir.path().join(B).join(name);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, data).unwrap();
+    };
+    put("a/1.txt", b"one");
+    put("c/x.txt", b"x");
+    let snapdir = tempfile::tempdir().unwrap();
+    let snap = snapdir.path().to_str().unwrap();
+    let snapshots = || fs::read_dir(snapdir.path()).unwrap().count();
+    let serve =
+        |addr: &str| TestbedProc::start(&["--dir", dir.path().to_str().unwrap(), "--addr", addr]);
+
+    // The first server: its tree is loaded and saved.
+    let tb = serve("127.0.0.1:0");
+    let addr = tb.endpoint.trim_start_matches("http://").to_string();
+    let m = Mount::start_with(&tb.mount_args(B, &["--metadata-cache", snap]), &[]);
+    wait_loaded(&m);
+    let t0 = Instant::now();
+    while snapshots() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no snapshot saved:\n{}",
+            m.diag()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m.unmount();
+    drop(tb);
+
+    // Another server on the same address, with more objects (the old ones unchanged).
+    put("a/2.txt", b"two");
+    put("b/3.txt", b"three");
+    let tb = serve(&addr);
+    let m = Mount::start_with(&tb.mount_args(B, &["--metadata-cache", snap]), &[]);
+    let log = || fs::read_to_string(m.stderr_path()).unwrap();
+    assert!(log().contains("entries from snapshot"), "{}", log());
+    assert_eq!(fs::read(m.join("a/1.txt")).unwrap(), b"one");
+    assert_eq!(fs::read(m.join("a/2.txt")).unwrap(), b"two", "{}", m.diag());
+    assert_eq!(
+        fs::read(m.join("b/3.txt")).unwrap(),
+        b"three",
+        "{}",
+        m.diag()
+    );
+    let err = fs::metadata(m.join("a/none.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    assert!(
+        log().contains("metadata snapshot is out of date"),
+        "{}",
+        log()
+    );
+    assert_eq!(snapshots(), 0, "the stale snapshot is deleted");
+    m.unmount();
+
+    // The next mount lists afresh and shows every object.
+    tb.reset_stats();
+    let m = Mount::start_with(&tb.mount_args(B, &["--metadata-cache", snap]), &[]);
+    wait_loaded(&m);
+    assert!(count(&tb.stats(), "list") > 0);
+    assert_eq!(find_files(&m.path), 4);
+    m.unmount();
+}
