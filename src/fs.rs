@@ -243,6 +243,14 @@ impl Fs {
         *self.on_change.lock().unwrap() = Some(Box::new(f));
     }
 
+    /// The bucket was seen to differ from the tree loaded (an object replaced, or one the
+    /// tree lacked): tells the owner, whose persisted snapshot is no longer true.
+    fn tree_changed(&self) {
+        if let Some(f) = self.on_change.lock().unwrap().as_ref() {
+            f();
+        }
+    }
+
     pub fn stats(&self) -> &FsStats {
         self.reader.stats()
     }
@@ -354,9 +362,7 @@ impl Fs {
                 self.inodes.rel_path(parent),
                 name.escape_debug()
             );
-            if let Some(f) = self.on_change.lock().unwrap().as_ref() {
-                f();
-            }
+            self.tree_changed();
         }
     }
 
@@ -654,9 +660,7 @@ impl Fs {
             object,
             "object changed under the mount; its open handles get ESTALE"
         );
-        if let Some(f) = self.on_change.lock().unwrap().as_ref() {
-            f();
-        }
+        self.tree_changed();
         if let Ok(m) = self.client.stat(object).await {
             self.insert_meta(&m);
         }

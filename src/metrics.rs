@@ -228,15 +228,23 @@ pub struct Listener {
     pub local: SocketAddr,
 }
 
-/// Binds `addr` for the metrics endpoint (warning when it is not a loopback address).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
+/// Binds `addr` for the metrics endpoint (warning when it is not a loopback address); an
+/// error names the flag, and for a taken port the way out.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<Listener> {
     if !addr.ip().is_loopback() {
         tracing::warn!(
             "--metrics-addr {addr} is not a loopback address: anyone who can reach it reads \
              the counters; use 127.0.0.1:PORT unless it is firewalled"
         );
     }
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process listens there: pick another port, or 127.0.0.1:0 for any free one)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("--metrics-addr {addr}: {e}{hint}")
+    })?;
     let local = listener.local_addr()?;
     Ok(Listener { listener, local })
 }

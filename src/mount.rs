@@ -464,17 +464,7 @@ pub async fn run(args: MountArgs, notify: Option<&Notify>) -> anyhow::Result<()>
     // Bound before mounting: a taken port fails with nothing mounted, and the endpoint
     // answers as soon as the mount is there (early scrapes wait in the backlog).
     let metrics = match plan.metrics_addr {
-        Some(addr) => Some(crate::metrics::bind(addr).await.map_err(|e| {
-            anyhow::anyhow!(
-                "--metrics-addr {addr}: {e}{}",
-                if e.kind() == std::io::ErrorKind::AddrInUse {
-                    " (another process listens there: pick another port, or 127.0.0.1:0 for \
-                     any free one)"
-                } else {
-                    ""
-                }
-            )
-        })?),
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
     let mounted = Mounted::start(plan, tokens).await?;
