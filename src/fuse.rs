@@ -447,6 +447,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.touch();
+        // A header scan's close may start fetches of the next files' headers.
+        let _rt = self.rt.enter();
         if self.fs.release(fh.0) == Some(crate::read::OpenMode::Passthrough) {
             let mut backing = self.backing.lock().unwrap();
             if let Some((_, n)) = backing.get_mut(&ino.0) {

@@ -128,6 +128,12 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         n(&f.files_prefetched),
     );
     metric(
+        "headers_prefetched_total",
+        "counter",
+        "Of those, files whose start was fetched for readers scanning headers in key order.",
+        n(&f.headers_prefetched),
+    );
+    metric(
         "read_bytes_total",
         "counter",
         "Bytes returned to readers.",

@@ -479,3 +479,69 @@ fn sorted_walk_fetches_next_files_ahead_shuffled_does_not() {
     assert_eq!(prefetched, 0, "a shuffled epoch is not a walk");
     assert_eq!(fetched, shuffled.iter().map(|f| f.2).sum::<u64>());
 }
+
+/// A header scan in key order (`dcmread(f, stop_before_pixels=True)` over `sorted(glob(...))`:
+/// the first 16 KiB of each DICOM, then close): from the fourth file on, the start of the next
+/// files is fetched before they are opened (`headers_prefetched_total`), each header is fetched
+/// once, and every byte read is the object's. The same scan in shuffled order fetches nothing
+/// ahead.
+#[test]
+fn sorted_header_scan_fetches_next_headers_ahead_shuffled_does_not() {
+    const DICOM: &str = "mimic-cxr-2.0.0.physionet.org";
+    const HEAD: usize = 16 << 10;
+    let tb = TestbedProc::start(&[
+        "--model",
+        "dicom",
+        "--patients",
+        "300",
+        "--size-scale",
+        "1",
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let scan = |pick: &dyn Fn(Vec<String>) -> Vec<String>| {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let args = tb.mount_args(DICOM, &["--metrics-addr", &addr]);
+        let m = Mount::start_with(&args, &[]);
+        let all: Vec<String> = walk(&m.join("files"))
+            .into_iter()
+            .filter(|(p, k)| *k == Kind::File && p.ends_with(".dcm"))
+            .map(|(p, _)| format!("files/{p}"))
+            .collect();
+        assert!(all.len() > 500, "{} DICOMs\n{}", all.len(), m.diag());
+        let files = pick(all);
+        tb.reset_stats();
+        for name in &files {
+            let mut got = vec![0u8; HEAD];
+            let mut f = File::open(m.join(name)).unwrap();
+            std::io::Read::read_exact(&mut f, &mut got).unwrap();
+            drop(f);
+            let url = format!(
+                "{}/storage/v1/b/{DICOM}/o/{}?alt=media",
+                tb.endpoint,
+                enc(name)
+            );
+            let want = http_get(&url, &[("range", &format!("bytes=0-{}", HEAD - 1))]);
+            assert_eq!(got, want.body, "{name}\n{}", m.diag());
+        }
+        // The reference reads above are media GETs too: one per file.
+        let gets = tb.stats()["requests"]["get_media"].as_u64().unwrap() - files.len() as u64;
+        let ahead = prometheus_metric(&addr, "headers_prefetched_total");
+        m.unmount();
+        (files.len() as u64, gets, ahead)
+    };
+    let (n, gets, ahead) = scan(&|all| all.into_iter().take(40).collect());
+    assert!(
+        ahead >= 30,
+        "only {ahead} of {n} headers fetched ahead of a sorted scan"
+    );
+    // Each header once (what the scan read, plus at most the 32 files after its last one).
+    assert!(gets <= n + 32, "{gets} media GETs for {n} headers");
+    let (n, gets, ahead) = scan(&|mut all| {
+        all.shuffle(&mut StdRng::seed_from_u64(11));
+        all.truncate(40);
+        all
+    });
+    assert_eq!(ahead, 0, "a shuffled scan is not a walk");
+    assert_eq!(gets, n, "one GET per header, nothing ahead");
+}

@@ -476,17 +476,27 @@ async fn files_read_in_key_order_are_fetched_before_they_are_opened() {
     settle(&fs).await;
     assert_eq!(fs.stats().files_prefetched.load(Ordering::Relaxed), 0);
 
-    // A header scan (first bytes of each file, in order) never reads to the end.
+    // A header scan (first bytes of each file, in order) never reads to the end: no
+    // whole-file walk, but the header walk fetches the start of the next files (these small
+    // objects whole, as their first read would) from the fifth on.
     let fs = loaded_with(&c, FsConfig::default()).await;
-    for n in &names {
+    for (i, n) in names.iter().enumerate() {
         let a = path(&fs, n).await.unwrap();
+        let before = gets();
         let fh = fs.open(a.ino, false).unwrap();
-        let (_, s) = fs.read_for_kernel(fh, 0, 16384, true).await.unwrap();
+        let (got, s) = fs.read_for_kernel(fh, 0, 16384, true).await.unwrap();
+        assert_eq!(got[..], data(100_000 + i, i as u8)[..16384], "{n}");
         fs.served(s).await;
         fs.release(fh);
+        settle(&fs).await;
+        if i >= 5 {
+            assert_eq!(gets(), before, "{n}'s start was fetched ahead");
+        }
     }
-    settle(&fs).await;
-    assert_eq!(fs.stats().files_prefetched.load(Ordering::Relaxed), 0);
+    let st = fs.stats();
+    let headers = st.headers_prefetched.load(Ordering::Relaxed);
+    assert_eq!(st.files_prefetched.load(Ordering::Relaxed), headers);
+    assert_eq!(headers, 16, "files 5-20");
 
     // --prefetch-files 0: never.
     let fs = loaded(Fs::new(

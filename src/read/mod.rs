@@ -52,6 +52,13 @@ use walk::{Walk, WholeReaders};
 /// page instead, and tells nothing about how the file is being read.
 pub const KERNEL_READ: u64 = 1 << 20;
 
+/// A handle closed having read no further than this from offset 0 read a header.
+const HEADER_MAX: u64 = 1 << 20;
+
+/// A header scan in key order fetches `next_files` times this many files ahead: parallel
+/// readers (a DataLoader's workers, a thread pool) have the next dozen or so open already.
+const HEADER_FILES_PER_NEXT: usize = 4;
+
 /// Whether a read at `offset` is where one of the kernel's pieces of a read starts.
 fn kernel_piece(offset: u64) -> bool {
     offset.is_multiple_of(KERNEL_READ)
@@ -80,6 +87,8 @@ pub struct ReadStats {
     pub verify_failures: AtomicU64,
     /// Files fetched before they were opened (`ReadConfig::next_files`).
     pub files_prefetched: AtomicU64,
+    /// Of those, files whose start was fetched for a header scan in key order.
+    pub headers_prefetched: AtomicU64,
     /// Opens answered with a backing file the kernel reads directly (no read reaches us).
     pub passthrough_opens: AtomicU64,
     /// Random reads fetched as exactly their range, caching nothing (`Fetcher::direct`).
@@ -127,6 +136,8 @@ pub struct ReadPath {
     /// Files whose served bytes failed their CRC32C: their next open drops the page cache.
     suspect: Mutex<HashSet<Ino>>,
     walk: Mutex<Walk>,
+    /// The same for header scans: files closed after reading only their start.
+    header_walk: Mutex<Walk>,
     whole_readers: WholeReaders,
     /// The persistent tier, whose complete objects can be opened with passthrough.
     disk: Option<Arc<DiskCache>>,
@@ -172,6 +183,7 @@ impl ReadPath {
             stats: ReadStats::default(),
             suspect: Mutex::default(),
             walk: Mutex::default(),
+            header_walk: Mutex::default(),
             whole_readers: WholeReaders::default(),
             disk: None,
             passthrough: AtomicBool::new(false),
@@ -296,13 +308,67 @@ impl ReadPath {
         // A big object closed before its end, after reading some of it: not a whole-file
         // reader (a header scan, a random reader).
         if let Some(h) = h
-            && h.object.size > self.cfg.small_object
             && !h.finished.load(Ordering::Relaxed)
-            && h.readahead.lock().unwrap().reads() > 0
         {
-            self.whole_readers.closed_early();
+            let (reads, furthest, jumps) = {
+                let r = h.readahead.lock().unwrap();
+                (r.reads(), r.furthest(), r.jumps())
+            };
+            if reads > 0 && h.object.size > self.cfg.small_object {
+                self.whole_readers.closed_early();
+            }
+            // Only its start was read, from offset 0 on, not to its end (`finished` is kept
+            // for big objects only): a header (pydicom's `stop_before_pixels`, PIL's
+            // `Image.open`, `file`).
+            if reads > 0
+                && jumps == 0
+                && furthest <= HEADER_MAX
+                && furthest < h.object.size
+                && h.piece_read.load(Ordering::Relaxed)
+            {
+                self.header_read(h.ino, furthest);
+            }
         }
         mode
+    }
+
+    /// File `ino` was closed after its first `len` bytes were read: when readers are going
+    /// through files in key order reading only their headers, fetch the start of the files
+    /// after it (as many bytes as this one's reads took; a small object whole, as its first
+    /// read would). Each header is otherwise one first-byte latency, so a scan in key order
+    /// would run at one file per latency per reader. Further ahead than the whole-file walk
+    /// ([`HEADER_FILES_PER_NEXT`]): the next few files are open in parallel readers already.
+    fn header_read(&self, ino: Ino, len: u64) {
+        let n = self.cfg.next_files * HEADER_FILES_PER_NEXT;
+        if n == 0 || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let next = self.catalog.next_files(ino, n + 8);
+        let ahead = self.header_walk.lock().unwrap().finished(ino, next, n);
+        let len = len
+            .next_multiple_of(self.cfg.block_size)
+            .max(self.cfg.block_size);
+        for f in ahead {
+            if self.handles.lock().unwrap().is_open(f) {
+                continue; // being read now
+            }
+            let Some(obj) = self.catalog.object(f) else {
+                continue;
+            };
+            let range = if obj.size <= self.cfg.small_object {
+                0..obj.size.min(self.cfg.max_request)
+            } else {
+                0..len.min(obj.size)
+            };
+            let blocks = self.fetcher.prefetch(&obj, range);
+            if blocks > 0 {
+                self.prefetched(blocks);
+                self.stats.files_prefetched.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .headers_prefetched
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Whether the kernel may keep its page cache for `ino` across opens: yes, unless bytes

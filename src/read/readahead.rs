@@ -94,6 +94,16 @@ impl Readahead {
         self.reads
     }
 
+    /// One past the furthest byte read so far.
+    pub fn furthest(&self) -> u64 {
+        self.pos
+    }
+
+    /// Reads that were jumps (see [`Readahead::jumped`]) so far.
+    pub fn jumps(&self) -> u64 {
+        self.jumps
+    }
+
     /// Whether the last read was a jump (a random read): not the first read, and neither near
     /// the furthest byte read nor touching a recent read.
     pub fn jumped(&self) -> bool {

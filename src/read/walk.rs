@@ -20,7 +20,8 @@ const TRUST: u32 = 3;
 /// miss; once hits outweigh misses, the files after each finished one are fetched before
 /// they are opened. Parallel readers that finish files a little out of order still score,
 /// while a shuffled epoch (a DataLoader) hits only by chance, at most `RECENT * window /
-/// files` of the time, and a header scan never reads to the end at all.
+/// files` of the time, and a header scan never reads to the end at all. (The read path keeps a
+/// second `Walk` for header scans, fed with files closed after reading only their start.)
 #[derive(Default)]
 pub struct Walk {
     /// Successors of the last `RECENT` finished files, oldest first.
