@@ -348,27 +348,17 @@ impl ReadPath {
         let len = len
             .next_multiple_of(self.cfg.block_size)
             .max(self.cfg.block_size);
-        for f in ahead {
-            if self.handles.lock().unwrap().is_open(f) {
-                continue; // being read now
-            }
-            let Some(obj) = self.catalog.object(f) else {
-                continue;
-            };
-            let range = if obj.size <= self.cfg.small_object {
-                0..obj.size.min(self.cfg.max_request)
+        let (small, first) = (self.cfg.small_object, self.cfg.max_request);
+        let fetched = self.fetch_starts(ahead, |obj| {
+            if obj.size <= small {
+                0..obj.size.min(first)
             } else {
                 0..len.min(obj.size)
-            };
-            let blocks = self.fetcher.prefetch(&obj, range);
-            if blocks > 0 {
-                self.prefetched(blocks);
-                self.stats.files_prefetched.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .headers_prefetched
-                    .fetch_add(1, Ordering::Relaxed);
             }
-        }
+        });
+        self.stats
+            .headers_prefetched
+            .fetch_add(fetched, Ordering::Relaxed);
     }
 
     /// Whether the kernel may keep its page cache for `ino` across opens: yes, unless bytes
@@ -512,20 +502,35 @@ impl ReadPath {
         }
         let next = self.catalog.next_files(ino, n + 8);
         let ahead = self.walk.lock().unwrap().finished(ino, next, n);
-        for f in ahead {
+        let first = self.cfg.max_request;
+        self.fetch_starts(ahead, |obj| 0..obj.size.min(first));
+    }
+
+    /// Fetches `range(obj)` of each of `files` not open now, within the read-ahead budget;
+    /// returns how many files it asked anything for (counted in `files_prefetched`).
+    fn fetch_starts(
+        &self,
+        files: Vec<Ino>,
+        range: impl Fn(&Object) -> std::ops::Range<u64>,
+    ) -> u64 {
+        let mut fetched = 0;
+        for f in files {
             if self.handles.lock().unwrap().is_open(f) {
                 continue; // being read now
             }
             let Some(obj) = self.catalog.object(f) else {
                 continue;
             };
-            let first_request = 0..obj.size.min(self.cfg.max_request);
-            let blocks = self.fetcher.prefetch(&obj, first_request);
+            let blocks = self.fetcher.prefetch(&obj, range(&obj));
             if blocks > 0 {
                 self.prefetched(blocks);
-                self.stats.files_prefetched.fetch_add(1, Ordering::Relaxed);
+                fetched += 1;
             }
         }
+        self.stats
+            .files_prefetched
+            .fetch_add(fetched, Ordering::Relaxed);
+        fetched
     }
 
     fn prefetched(&self, blocks: u64) {
