@@ -190,10 +190,19 @@ fn header_reads_cost_one_request_and_metrics_are_served() {
     ]);
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
+    // `--prefetch-files 0`: these headers are read in key order, which would fetch the next
+    // files' headers ahead (tested in mount_data.rs); here each read's own cost is counted.
     let m = Mount::start_with(
         &tb.mount_args(
             BUCKET,
-            &["--metadata-cache", "off", "--metrics-addr", &addr],
+            &[
+                "--metadata-cache",
+                "off",
+                "--metrics-addr",
+                &addr,
+                "--prefetch-files",
+                "0",
+            ],
         ),
         &[],
     );
