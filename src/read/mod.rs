@@ -310,23 +310,18 @@ impl ReadPath {
         if let Some(h) = h
             && !h.finished.load(Ordering::Relaxed)
         {
-            let (reads, furthest, jumps) = {
+            let (reads, header) = {
                 let r = h.readahead.lock().unwrap();
-                (r.reads(), r.furthest(), r.jumps())
+                (r.reads(), r.header_len(h.object.size, HEADER_MAX))
             };
             if reads > 0 && h.object.size > self.cfg.small_object {
                 self.whole_readers.closed_early();
             }
-            // Only its start was read, from offset 0 on, not to its end (`finished` is kept
-            // for big objects only): a header (pydicom's `stop_before_pixels`, PIL's
-            // `Image.open`, `file`).
-            if reads > 0
-                && jumps == 0
-                && furthest <= HEADER_MAX
-                && furthest < h.object.size
+            // Only its start was read, from offset 0 on (not a refill of lost pages).
+            if let Some(len) = header
                 && h.piece_read.load(Ordering::Relaxed)
             {
-                self.header_read(h.ino, furthest);
+                self.header_read(h.ino, len);
             }
         }
         mode

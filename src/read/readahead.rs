@@ -94,14 +94,12 @@ impl Readahead {
         self.reads
     }
 
-    /// One past the furthest byte read so far.
-    pub fn furthest(&self) -> u64 {
-        self.pos
-    }
-
-    /// Reads that were jumps (see [`Readahead::jumped`]) so far.
-    pub fn jumps(&self) -> u64 {
-        self.jumps
+    /// How many bytes of a `size`-byte file were read, when the reads were only its start: at
+    /// least one read, no jumps, and nothing past `max` nor the file's end (a header: pydicom's
+    /// `stop_before_pixels`, PIL's `Image.open`, `file`). None for any other reader.
+    pub fn header_len(&self, size: u64, max: u64) -> Option<u64> {
+        (self.reads > 0 && self.jumps == 0 && self.pos <= max && self.pos < size)
+            .then_some(self.pos)
     }
 
     /// Whether the last read was a jump (a random read): not the first read, and neither near
@@ -209,6 +207,22 @@ mod tests {
     use super::*;
 
     const M: u64 = 1 << 20;
+
+    #[test]
+    fn only_a_files_start_read_is_a_header() {
+        let r = Readahead::new(M, 32 * M);
+        assert_eq!(r.header_len(100 * M, M), None, "nothing read");
+        let mut r = Readahead::new(M, 32 * M);
+        let _ = r.on_read(0, 128 << 10, 100 * M);
+        assert_eq!(r.header_len(100 * M, M), Some(128 << 10));
+        assert_eq!(r.header_len(128 << 10, M), None, "read to its end");
+        let _ = r.on_read(128 << 10, 2 * M, 100 * M);
+        assert_eq!(r.header_len(100 * M, M), None, "past the header limit");
+        let mut r = Readahead::new(M, 32 * M);
+        let _ = r.on_read(0, 4096, 100 * M);
+        let _ = r.on_read(50 * M, 50 * M + 4096, 100 * M);
+        assert_eq!(r.header_len(100 * M, 64 * M), None, "a jump");
+    }
 
     #[test]
     fn first_read_and_jumps_fetch_nothing_ahead() {
