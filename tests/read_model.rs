@@ -576,3 +576,50 @@ fn short_answer_fails_the_read() {
     };
     block_on(run_case(c)).unwrap();
 }
+
+/// The case the short-answer property found in CI: a corruption episode whose reads cut a
+/// block (62,041-byte reads of a 76,033-byte object, 4 KiB blocks, a cache too small to keep
+/// the first answer), so the block was served in two parts from two answers and the second
+/// answer's wrong byte sat in the part not served from it. The handle verified, the block
+/// stayed cached, and a later reader got the wrong byte (its read failed its CRC32C with no
+/// fault in force). A verified handle now drops the blocks its reads cut.
+#[test]
+fn a_verified_handle_leaves_no_unchecked_part_of_a_cut_block_cached() {
+    let c = Case {
+        setup: Setup {
+            max_request: 4 * MIB,
+            small_object: MIB,
+            readahead_max: 32 * KIB,
+            prefetch_budget: MIB,
+            cache: 16 * KIB,
+            next_files: 2,
+        },
+        sizes: vec![192_591, 0, 64_510, 76_033],
+        actions: vec![
+            Action::Fault {
+                any_call: false,
+                when: When::First(1),
+                fault: None,
+            },
+            Action::Open(2),
+            Action::Read {
+                handle: 0,
+                at: At::Any(33_683_445_306),
+                size: 1,
+            },
+            Action::CorruptEpisode {
+                object: 2,
+                chunk: 65_536,
+                rate: 0.8595639668502182,
+            },
+            Action::Open(0),
+            Action::CorruptEpisode {
+                object: 3,
+                chunk: 62_041,
+                rate: 0.6974030871516336,
+            },
+        ],
+        seed: 8261974567464181614,
+    };
+    block_on(run_case(c)).unwrap();
+}

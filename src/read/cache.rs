@@ -136,6 +136,11 @@ pub trait BlockCache: Send + Sync + 'static {
     /// tier.
     async fn invalidate(&self, key: &BlockKey);
 
+    /// The block's right CRC32C is `right` (None: not known): drop the copy in memory unless
+    /// its own CRC32C is that one. A persistent tier keeps its copy (checked whole before it
+    /// is handed out as a file).
+    async fn drop_unproven(&self, key: &BlockKey, right: Option<u32>);
+
     /// Bytes currently held.
     fn weighted_size(&self) -> u64;
 
@@ -365,6 +370,18 @@ impl BlockCache for MemoryCache {
 
     async fn invalidate(&self, key: &BlockKey) {
         self.forget(key).await;
+    }
+
+    async fn drop_unproven(&self, key: &BlockKey, right: Option<u32>) {
+        let slot = self.index.lock().unwrap().get(key).cloned();
+        let proven = slot.and_then(|(_, i, run)| {
+            let run = run.upgrade()?;
+            let b = run.blocks.lock().unwrap()[i].as_ref().map(Block::crc32c);
+            b.map(|c| Some(c) == right)
+        });
+        if proven == Some(false) {
+            self.forget(key).await;
+        }
     }
 
     fn weighted_size(&self) -> u64 {

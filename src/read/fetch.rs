@@ -245,6 +245,13 @@ impl Fetcher {
         self.cache.release_part(&obj.key(index), bytes).await;
     }
 
+    /// A verified handle read block `index` of `obj` in parts, whose bytes have CRC32C
+    /// `right` (None: the parts did not tile it): drop the copy in memory unless it is
+    /// that one (`BlockCache::drop_unproven`).
+    pub async fn drop_unproven(&self, obj: &Object, index: u64, right: Option<u32>) {
+        self.cache.drop_unproven(&obj.key(index), right).await;
+    }
+
     /// Bytes of `obj` were found wrong: drop all of its blocks from every tier.
     pub async fn invalidate(&self, obj: &Object) {
         for index in 0..obj.size.div_ceil(self.block_size) {
@@ -424,6 +431,9 @@ fn wrong_length(obj: &Object, start: u64, end: u64, got: usize) -> ClientError {
     ))
 }
 
+/// A block a read covered only in part: (block, from, to, CRC32C of those bytes).
+pub type Part = (u64, u32, u32, u32);
+
 /// Waits for the blocks of `[offset, end)` (in order, the first holding `offset`) and returns
 /// those bytes (one slice of one GET's buffer when they all came from it, the usual case, no
 /// copy; else a copy of the pieces) and their CRC32C: combined from the blocks' own CRCs where
@@ -435,8 +445,21 @@ pub async fn assemble(
     offset: u64,
     end: u64,
 ) -> Result<(Bytes, u32), ClientError> {
+    let (data, crc, _) = assemble_parts(bs, waits, offset, end).await?;
+    Ok((data, crc))
+}
+
+/// [`assemble`], plus the blocks at the read's edges that it covered only in part (at most
+/// two), for the handle's record of cut blocks (`verify::CutBlocks`).
+pub async fn assemble_parts(
+    bs: u64,
+    waits: Vec<SharedFetch>,
+    offset: u64,
+    end: u64,
+) -> Result<(Bytes, u32, [Option<Part>; 2]), ClientError> {
+    let mut edges = [None, None];
     if offset >= end {
-        return Ok((Bytes::new(), 0));
+        return Ok((Bytes::new(), 0, edges));
     }
     let mut blocks = Vec::with_capacity(waits.len());
     for w in waits {
@@ -452,7 +475,9 @@ pub async fn assemble(
         let part = if from == 0 && to == b.len() {
             b.crc32c()
         } else {
-            crc32c::crc32c(&b.as_slice()[from..to])
+            let c = crc32c::crc32c(&b.as_slice()[from..to]);
+            edges[usize::from(i != first)] = Some((i, from as u32, to as u32, c));
+            c
         };
         crc = super::crc::combine(crc, part, to - from);
         parts.push((from, to));
@@ -460,13 +485,13 @@ pub async fn assemble(
     let start = (offset - first * bs) as usize;
     let len = (end - offset) as usize;
     if blocks.windows(2).all(|w| w[0].followed_by(&w[1])) {
-        return Ok((blocks[0].slice_on(start, start + len), crc));
+        return Ok((blocks[0].slice_on(start, start + len), crc, edges));
     }
     let mut out = BytesMut::with_capacity(len);
     for (b, (from, to)) in blocks.iter().zip(parts) {
         out.extend_from_slice(&b.as_slice()[from..to]);
     }
-    Ok((out.freeze(), crc))
+    Ok((out.freeze(), crc, edges))
 }
 
 #[cfg(test)]

@@ -404,14 +404,16 @@ impl ReadPath {
         let (source, random) = self.plan(&h, offset, end, buffered);
         let blocks = matches!(source, Source::Blocks(_));
         let got = match source {
-            Source::Blocks(waits) => fetch::assemble(self.cfg.block_size, waits, offset, end).await,
-            Source::Direct(f) => f.await,
+            Source::Blocks(waits) => {
+                fetch::assemble_parts(self.cfg.block_size, waits, offset, end).await
+            }
+            Source::Direct(f) => f.await.map(|(data, crc)| (data, crc, [None, None])),
         };
-        let (data, crc) = got.map_err(|e| {
+        let (data, crc, parts) = got.map_err(|e| {
                 tracing::warn!(object = %h.object.name, generation = h.object.generation, error = %e, "read failed");
                 FsError::Client(e)
             })?;
-        self.verify(&h, offset, &data, crc).await?;
+        self.verify(&h, offset, &data, crc, parts).await?;
         self.stats
             .read_bytes
             .fetch_add(end - offset, Ordering::Relaxed);
@@ -578,14 +580,49 @@ impl ReadPath {
         }
     }
 
+    /// A handle was verified, so the bytes it served are right; but a block it was served
+    /// in parts may have come in two answers, and the copy in memory now may hold a wrong
+    /// byte in the part served from the other one, which nothing has checked. Its parts give
+    /// the block's right CRC32C: a copy in memory with another one leaves (so does any copy of
+    /// a cut block whose parts do not tile it), and no later reader is served it unchecked.
+    async fn drop_unproven_cut_blocks(&self, obj: &Object, cut: &verify::CutBlocks) {
+        let bs = self.cfg.block_size;
+        let len = |b: u64| bs.min(obj.size - b * bs);
+        match cut.served_crcs(len) {
+            Some(blocks) => {
+                for (b, right) in blocks {
+                    self.fetcher.drop_unproven(obj, b, right).await;
+                }
+            }
+            None => {
+                for b in 0..obj.size.div_ceil(bs) {
+                    self.fetcher.drop_unproven(obj, b, None).await;
+                }
+            }
+        }
+    }
+
     /// Feeds served bytes to the handle's CRC32C check. A mismatch fails this read and every
     /// later one on the handle with EIO, and invalidates the object's cached blocks and its
     /// kernel page cache (at the next open), so a new open fetches and checks it afresh.
-    async fn verify(&self, h: &Handle, offset: u64, data: &[u8], crc: u32) -> Result<(), FsError> {
+    /// `parts`: the blocks at the read's edges that it served only in part.
+    async fn verify(
+        &self,
+        h: &Handle,
+        offset: u64,
+        data: &[u8],
+        crc: u32,
+        parts: [Option<fetch::Part>; 2],
+    ) -> Result<(), FsError> {
         let verdict = {
             let mut v = h.verifier.lock().unwrap();
             match v.as_mut() {
-                Some(v) => v.feed_with_crc(offset, data, crc),
+                Some(v) => {
+                    for (block, from, to, crc) in parts.into_iter().flatten() {
+                        v.cut.note(block, from, to, crc);
+                    }
+                    v.feed_with_crc(offset, data, crc)
+                }
                 None => return Ok(()),
             }
         };
@@ -593,7 +630,10 @@ impl ReadPath {
             Verdict::Verified => {
                 self.stats.objects_verified.fetch_add(1, Ordering::Relaxed);
                 // Count each handle once.
-                *h.verifier.lock().unwrap() = None;
+                let v = h.verifier.lock().unwrap().take();
+                if let Some(v) = v {
+                    self.drop_unproven_cut_blocks(&h.object, &v.cut).await;
+                }
                 Ok(())
             }
             Verdict::Mismatch(got) => {

@@ -104,6 +104,10 @@ impl BlockCache for TieredCache {
         }
     }
 
+    async fn drop_unproven(&self, key: &BlockKey, right: Option<u32>) {
+        self.memory.drop_unproven(key, right).await;
+    }
+
     fn weighted_size(&self) -> u64 {
         self.memory.weighted_size()
     }

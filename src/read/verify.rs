@@ -6,6 +6,13 @@
 //! any order the kernel asked for them) must equal the listed one. On a mismatch the read
 //! that completed the coverage fails with EIO, so a program that reads a file to its end
 //! either saw the object's exact bytes or got an error.
+//!
+//! A verified handle proves the bytes it served, not the rest of the answers they came in.
+//! A block its reads served in parts may have come in two answers (the first left the cache
+//! between the reads), and the copy cached now can hold a wrong byte in the part that was
+//! served from the other one. So the verifier also keeps the CRC32C of each part of such a
+//! block ([`CutBlocks`]): once the handle is verified, the parts give the block's right
+//! CRC32C, and a cached copy whose own CRC32C differs is dropped by the read path.
 
 use std::collections::BTreeMap;
 
@@ -32,6 +39,8 @@ pub struct Verifier {
     /// Pieces seen beyond `next`: start -> (end, crc of the piece).
     ahead: BTreeMap<u64, (u64, u32)>,
     done: Option<Verdict>,
+    /// Blocks served in parts, and the parts.
+    pub cut: CutBlocks,
 }
 
 /// Out-of-order pieces remembered per handle before giving up (kernel read-ahead reorders a
@@ -47,6 +56,7 @@ impl Verifier {
             crc: 0,
             ahead: BTreeMap::new(),
             done: None,
+            cut: CutBlocks::default(),
         }
     }
 
@@ -120,6 +130,67 @@ impl Verifier {
     }
 }
 
+/// Parts kept per handle before giving up on naming the cut blocks (then every block of the
+/// object counts as cut): a reader in 62 KiB pieces of a 32 MiB file cuts about 1,000.
+const MAX_PARTS: usize = 2048;
+
+/// The blocks a handle served in parts: for each part, its block, where it lies in the block
+/// and the CRC32C of the bytes served.
+#[derive(Default)]
+pub struct CutBlocks {
+    /// (block, from, to, crc); emptied once more than [`MAX_PARTS`] came.
+    parts: Vec<(u64, u32, u32, u32)>,
+    overflowed: bool,
+}
+
+impl CutBlocks {
+    /// Bytes `from..to` of `block` were served, with this CRC32C.
+    pub fn note(&mut self, block: u64, from: u32, to: u32, crc: u32) {
+        if self.overflowed {
+            return;
+        }
+        if self.parts.len() >= MAX_PARTS {
+            self.parts = Vec::new();
+            self.overflowed = true;
+        } else {
+            self.parts.push((block, from, to, crc));
+        }
+    }
+
+    /// Each cut block with the CRC32C of its served bytes when its parts tile it exactly
+    /// (`len(block)` gives its length), None for a block whose parts overlap or leave a gap.
+    /// None overall when there were too many parts to keep: every block counts as cut.
+    pub fn served_crcs(&self, len: impl Fn(u64) -> u64) -> Option<Vec<(u64, Option<u32>)>> {
+        if self.overflowed {
+            return None;
+        }
+        let mut parts = self.parts.clone();
+        parts.sort_unstable();
+        parts.dedup();
+        let mut out = Vec::new();
+        for group in parts.chunk_by(|a, b| a.0 == b.0) {
+            let block = group[0].0;
+            let mut covered = 0u64;
+            let mut crc = Some(0u32);
+            for &(_, from, to, c) in group {
+                let (from, to) = (from as u64, to as u64);
+                if to <= covered {
+                    continue; // served again, inside what is covered
+                }
+                crc = match crc {
+                    Some(acc) if from == covered => {
+                        Some(super::crc::combine(acc, c, (to - from) as usize))
+                    }
+                    _ => None, // a gap or an overlap: a part's CRC cannot be split
+                };
+                covered = to;
+            }
+            out.push((block, crc.filter(|_| covered == len(block))));
+        }
+        Some(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +239,34 @@ mod tests {
         let mut v = Verifier::new(want, 1000);
         assert_eq!(v.feed(500, &d[500..]), Verdict::Pending);
         assert_eq!(v.feed(0, &d[..600]), Verdict::GaveUp);
+    }
+
+    #[test]
+    fn cut_blocks_give_the_crc_of_their_parts() {
+        let d = data(10_000);
+        let crc = |a: usize, b: usize| crc32c::crc32c(&d[a..b]);
+        let mut c = CutBlocks::default();
+        // Block 1 (4096..8192) served in two parts, out of order; block 2 (8192..10000)
+        // in two parts with a gap; block 0 in overlapping parts.
+        c.note(1, 1000, 4096, crc(5096, 8192));
+        c.note(1, 0, 1000, crc(4096, 5096));
+        c.note(2, 0, 100, crc(8192, 8292));
+        c.note(2, 200, 1808, crc(8392, 10_000));
+        c.note(0, 0, 3000, crc(0, 3000));
+        c.note(0, 2000, 4096, crc(2000, 4096));
+        let len = |b: u64| 4096.min(10_000 - b * 4096);
+        assert_eq!(
+            c.served_crcs(len),
+            Some(vec![(0, None), (1, Some(crc(4096, 8192))), (2, None)])
+        );
+        for i in 0..=MAX_PARTS as u32 {
+            c.note(3, i, i + 1, 0);
+        }
+        assert_eq!(
+            c.served_crcs(len),
+            None,
+            "too many parts: every block counts as cut"
+        );
     }
 
     #[test]
