@@ -11,6 +11,7 @@ pub mod error;
 pub mod failure;
 pub mod fake;
 pub mod gcs;
+pub mod media;
 pub mod pool;
 
 use std::time::SystemTime;

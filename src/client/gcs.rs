@@ -16,6 +16,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 
 use super::auth::{CredentialKind, TokenSource};
+use super::media::{Answer, MediaConns};
 use super::pool::{BufferPool, Received};
 use super::{
     ClientError, ListPage, ListRequest, ObjectClient, ObjectMeta, ObjectVersion, parse_crc32c,
@@ -205,6 +206,71 @@ fn apply_protocol(
     }
 }
 
+const USER_AGENT: &str = concat!("physiofs/", env!("CARGO_PKG_VERSION"));
+
+/// Environment variables that give reqwest a proxy: with one set, media reads go through
+/// reqwest too (the media connections go straight to the endpoint).
+const PROXY_VARS: [&str; 6] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// The media connections for `endpoint` (`client::media`), trusting what reqwest trusts (the
+/// web roots and `--ca-file`); None for HTTP/2 or behind a proxy.
+fn media_conns(cfg: &GcsConfig, endpoint: &str) -> Result<Option<Arc<MediaConns>>, ClientError> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    let proxied = PROXY_VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+    if cfg.protocol != HttpProtocol::Http1 || proxied {
+        return Ok(None);
+    }
+    let network = |cause: String| ClientError::Network {
+        endpoint: endpoint.to_string(),
+        cause,
+    };
+    let tls = if endpoint.starts_with("https://") {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &cfg.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| network(format!("--ca-file {}: {e}", path.display())))?;
+            for c in CertificateDer::pem_slice_iter(&pem) {
+                let c = c.map_err(|e| {
+                    network(format!(
+                        "--ca-file {}: not PEM certificates: {e}",
+                        path.display()
+                    ))
+                })?;
+                roots.add(c).map_err(|e| {
+                    network(format!(
+                        "--ca-file {}: unusable certificate: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| network(format!("TLS setup: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(Arc::new(tls))
+    } else {
+        None
+    };
+    let conns =
+        MediaConns::new(endpoint, tls, cfg.pool_size, Duration::from_secs(10)).map_err(network)?;
+    Ok(Some(Arc::new(conns)))
+}
+
 /// The PEM certificates of `--ca-file`, ready for reqwest.
 fn load_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
@@ -252,6 +318,9 @@ pub struct GcsClient {
     pub stats: Arc<ClientStats>,
     /// Recycled receive buffers for full-size media requests.
     pool: Arc<BufferPool>,
+    /// Media reads' own connections (`client::media`); None when reqwest carries them too
+    /// (HTTP/2, or a proxy in the environment).
+    media: Option<Arc<MediaConns>>,
     /// The refusals already logged (see `log_refused`).
     refusals: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
@@ -282,7 +351,7 @@ impl GcsClient {
             .connect_timeout(Duration::from_secs(10))
             // Backstop for list/stat bodies; media bodies are timed per chunk (`stall_timeout`).
             .read_timeout(cfg.stall_timeout + Duration::from_secs(1))
-            .user_agent(concat!("physiofs/", env!("CARGO_PKG_VERSION")))
+            .user_agent(USER_AGENT)
             // The JSON API never redirects; following one would send the bearer token to
             // whatever host the answer names. A 3xx is an error (see `error_from`).
             .redirect(reqwest::redirect::Policy::none())
@@ -309,8 +378,10 @@ impl GcsClient {
             endpoint: endpoint.clone(),
             cause: format!("not a URL ({e}): give the endpoint as http(s)://HOST[:PORT]"),
         })?;
+        let media = media_conns(&cfg, &endpoint)?;
         Ok(GcsClient {
             http,
+            media,
             cfg: GcsConfig { endpoint, ..cfg },
             tokens,
             objects_url,
@@ -335,6 +406,7 @@ impl GcsClient {
             objects_base: self.objects_base.clone(),
             stats: self.stats.clone(),
             pool: self.pool.clone(),
+            media: self.media.clone(),
             refusals: self.refusals.clone(),
         }
     }
@@ -697,6 +769,196 @@ impl GcsClient {
         Ok(())
     }
 
+    /// `send_once` on the media connections: the request written by this task, the answer's
+    /// head read within the stall timeout.
+    async fn send_media<'m>(
+        &self,
+        media: &'m MediaConns,
+        url: &reqwest::Url,
+        headers: &[(&str, String)],
+        token: Option<&str>,
+    ) -> Result<Answer<'m>, ClientError> {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut all: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if let Some(a) = &auth {
+            all.push(("authorization", a));
+        }
+        all.push(("user-agent", USER_AGENT));
+        let target = &url[url::Position::BeforePath..];
+        match tokio::time::timeout(self.cfg.stall_timeout, media.get(target, &all)).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(self.io_network_error(&e)),
+            Err(_) => Err(ClientError::Network {
+                endpoint: self.cfg.endpoint.clone(),
+                cause: format!(
+                    "no response within {} (stall timeout)",
+                    humantime::format_duration(self.cfg.stall_timeout)
+                ),
+            }),
+        }
+    }
+
+    /// `read_media` for an answer on the media connections: the same checks, the body read
+    /// straight into `buf`.
+    async fn read_media_answer(
+        &self,
+        mut answer: Answer<'_>,
+        what: &(dyn std::fmt::Display + Sync),
+        obj: ObjectVersion<'_>,
+        (start, end): (u64, u64),
+        buf: &mut Received,
+    ) -> Result<(), ClientError> {
+        let pos = start + buf.len() as u64;
+        let status = answer.head.status;
+        if !(200..300).contains(&status) {
+            let location = answer.header("location").map(str::to_string);
+            let body = if (300..400).contains(&status) {
+                Bytes::new()
+            } else {
+                match tokio::time::timeout(
+                    self.cfg.stall_timeout,
+                    answer.read_capped(MAX_ERROR_BODY),
+                )
+                .await
+                {
+                    Ok(Ok((b, _))) => b,
+                    _ => Bytes::new(),
+                }
+            };
+            return Err(error_for(status, location, &body, what));
+        }
+        if let Some(g) = answer.header("x-goog-generation")
+            && g != obj.generation.to_string()
+        {
+            return Err(ClientError::Stale(format!(
+                "{what}: server sent generation {g}"
+            )));
+        }
+        if let Some(enc) = answer.header("content-encoding")
+            && !enc.eq_ignore_ascii_case("identity")
+            && !enc.eq_ignore_ascii_case("gzip")
+        {
+            return Err(ClientError::Malformed(format!(
+                "{what}: unexpected Content-Encoding {enc:?}"
+            )));
+        }
+        let (body_start, body_len) = if status == 206 {
+            let cr = answer
+                .header("content-range")
+                .and_then(parse_content_range)
+                .ok_or_else(|| {
+                    ClientError::Malformed(format!("{what}: 206 without a valid Content-Range"))
+                })?;
+            if cr.0 != pos || cr.1 + 1 != end || cr.2 != obj.size {
+                return Err(ClientError::Malformed(format!(
+                    "{what}: asked bytes {pos}-{} of {}, got {}-{}/{}",
+                    end - 1,
+                    obj.size,
+                    cr.0,
+                    cr.1,
+                    cr.2
+                )));
+            }
+            (pos, end - pos)
+        } else {
+            (0, obj.size)
+        };
+        if let Some(cl) = answer.content_length()
+            && cl != body_len
+        {
+            return Err(ClientError::Malformed(format!(
+                "{what}: Content-Length {cl} but {body_len} bytes expected"
+            )));
+        }
+        let broke = |e: &std::io::Error, got: usize| {
+            ClientError::Interrupted(format!(
+                "body of {what} broke after {got} of {} bytes: {}",
+                end - start,
+                self.io_network_error(e)
+            ))
+        };
+        let stalled = |got: usize| {
+            ClientError::Interrupted(format!(
+                "body of {what} stalled (no bytes for {}) after {got} of {} bytes",
+                humantime::format_duration(self.cfg.stall_timeout),
+                end - start
+            ))
+        };
+        // A 200 for a range (or a resumed read): skip what comes before the first byte wanted.
+        let mut skip = pos - body_start;
+        if skip > 0 {
+            let scratch_pool = BufferPool::new(0, 0);
+            while skip > 0 {
+                let mut scratch = Received::new(scratch_pool.take(64 << 10), 0);
+                let n = match tokio::time::timeout(
+                    self.cfg.stall_timeout,
+                    answer.read_into(&mut scratch, skip.min(64 << 10) as usize),
+                )
+                .await
+                {
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => return Err(broke(&e, buf.len())),
+                    Err(_) => return Err(stalled(buf.len())),
+                };
+                self.stats
+                    .bytes_fetched
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                skip -= n as u64;
+            }
+        }
+        let want = (end - start) as usize;
+        while buf.len() < want && skip == 0 {
+            let room = want - buf.len();
+            let n = match tokio::time::timeout(self.cfg.stall_timeout, answer.read_into(buf, room))
+                .await
+            {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(broke(&e, buf.len())),
+                Err(_) => return Err(stalled(buf.len())),
+            };
+            self.stats
+                .bytes_fetched
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if buf.len() < want {
+            return Err(ClientError::Interrupted(format!(
+                "short body for {what}: ended after {} of {} bytes",
+                buf.len(),
+                end - start
+            )));
+        }
+        // A 206 whose body does not end where it said (no Content-Length to hold it to).
+        if status == 206 && answer.content_length().is_none() {
+            let scratch_pool = BufferPool::new(0, 0);
+            let mut scratch = Received::new(scratch_pool.take(1), 0);
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(self.cfg.stall_timeout, answer.read_into(&mut scratch, 1))
+                    .await
+                && n > 0
+            {
+                return Err(ClientError::Malformed(format!(
+                    "long body for {what}: more than the {body_len} bytes announced"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A connection or protocol failure of the media connections, as `network_error` names
+    /// reqwest's (an untrusted certificate says so).
+    fn io_network_error(&self, e: &std::io::Error) -> ClientError {
+        let mut cause = e.to_string();
+        if is_certificate_error(e) {
+            cause = format!("{UNTRUSTED_CERTIFICATE} ({cause})");
+        }
+        ClientError::Network {
+            endpoint: self.cfg.endpoint.clone(),
+            cause,
+        }
+    }
+
     /// How long one attempt may take in all (headers and body): what is left of the retry
     /// deadline. The stall timeout alone does not bound an attempt, since a body that keeps
     /// trickling in never stalls; this does. At least a second, so a tiny deadline still
@@ -777,12 +1039,32 @@ pub fn plain_http(endpoint: &str) -> Option<bool> {
 /// Turns a non-success response into the right error, with the server's own message.
 async fn error_from(resp: reqwest::Response, what: &(dyn std::fmt::Display + Sync)) -> ClientError {
     let status = resp.status().as_u16();
-    if resp.status().is_redirection() {
-        let to = resp
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned())
-            .unwrap_or_default();
+    let location = resp
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+    // Only the first MAX_ERROR_BODY bytes are read (a broken or hostile server may send an
+    // endless error body); the rest is dropped with the connection.
+    let body = if resp.status().is_redirection() {
+        Bytes::new()
+    } else {
+        match read_capped(resp, what, MAX_ERROR_BODY).await {
+            Ok(Capped::Whole(b)) | Ok(Capped::Cut(b)) => b,
+            Err(_) => Bytes::new(),
+        }
+    };
+    error_for(status, location, &body, what)
+}
+
+/// The error for a non-success answer: its status, `Location` and (the start of) its body.
+fn error_for(
+    status: u16,
+    location: Option<String>,
+    body: &[u8],
+    what: &(dyn std::fmt::Display + Sync),
+) -> ClientError {
+    if (300..400).contains(&status) {
+        let to = location.unwrap_or_default();
         return ClientError::Http {
             status,
             message: format!(
@@ -791,12 +1073,7 @@ async fn error_from(resp: reqwest::Response, what: &(dyn std::fmt::Display + Syn
             ),
         };
     }
-    // Only the first MAX_ERROR_BODY bytes are read (a broken or hostile server may send an
-    // endless error body); the rest is dropped with the connection.
-    let body = match read_capped(resp, what, MAX_ERROR_BODY).await {
-        Ok(Capped::Whole(b)) | Ok(Capped::Cut(b)) => String::from_utf8_lossy(&b).into_owned(),
-        Err(_) => String::new(),
-    };
+    let body = String::from_utf8_lossy(body);
     let message = serde_json::from_str::<ErrorJson>(&body)
         .ok()
         .and_then(|e| e.error.message)
@@ -1165,6 +1442,18 @@ impl GcsClient {
             let had = buf.len();
             let mut retry_after_hint = None;
             let attempt = async {
+                if let Some(media) = &self.media {
+                    let answer = self
+                        .send_media(media, &url, &headers, token.as_deref())
+                        .await?;
+                    retry_after_hint = answer
+                        .header("retry-after")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    return self
+                        .read_media_answer(answer, &what, obj, (start, end), &mut buf)
+                        .await;
+                }
                 match self.send_once(&url, &headers, token.as_deref()).await {
                     Ok(resp) => {
                         retry_after_hint = retry_after(&resp);

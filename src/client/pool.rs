@@ -128,18 +128,37 @@ impl Received {
         self.buf.is_empty()
     }
 
-    pub fn extend_from_slice(&mut self, mut data: &[u8]) {
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
-        while !data.is_empty() {
-            let n = (self.block - self.cur_len).min(data.len());
-            self.cur = crc32c::crc32c_append(self.cur, &data[..n]);
-            self.cur_len += n;
-            data = &data[n..];
-            if self.cur_len == self.block {
-                self.crcs.push(self.cur);
-                (self.cur, self.cur_len) = (0, 0);
-            }
-        }
+        self.checksum(data);
+    }
+
+    /// Reads up to `max` bytes from `r` straight into the buffer (no copy on the way) and
+    /// checksums them; Ok(0) at `r`'s end.
+    pub async fn read_from<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        max: usize,
+    ) -> std::io::Result<usize> {
+        use bytes::BufMut;
+        use tokio::io::AsyncReadExt;
+        let start = self.buf.buf.len();
+        let n = r.read_buf(&mut (&mut self.buf.buf).limit(max)).await?;
+        let Received {
+            buf,
+            block,
+            crcs,
+            cur,
+            cur_len,
+        } = self;
+        checksum_into(*block, crcs, cur, cur_len, &buf.buf[start..start + n]);
+        Ok(n)
+    }
+
+    fn checksum(&mut self, data: &[u8]) {
+        let (block, crcs, cur, cur_len) =
+            (self.block, &mut self.crcs, &mut self.cur, &mut self.cur_len);
+        checksum_into(block, crcs, cur, cur_len, data);
     }
 
     pub fn clear(&mut self) {
@@ -167,6 +186,27 @@ impl Received {
             self.crcs.push(self.cur);
         }
         (self.buf.freeze(), self.crcs)
+    }
+}
+
+/// Takes the CRC32Cs of `data`, appended to a receive buffer: `crcs` of its complete
+/// `block`-byte pieces, `cur` and `cur_len` of the piece being filled.
+fn checksum_into(
+    block: usize,
+    crcs: &mut Vec<u32>,
+    cur: &mut u32,
+    cur_len: &mut usize,
+    mut data: &[u8],
+) {
+    while !data.is_empty() {
+        let n = (block - *cur_len).min(data.len());
+        *cur = crc32c::crc32c_append(*cur, &data[..n]);
+        *cur_len += n;
+        data = &data[n..];
+        if *cur_len == block {
+            crcs.push(*cur);
+            (*cur, *cur_len) = (0, 0);
+        }
     }
 }
 
