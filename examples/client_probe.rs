@@ -1,9 +1,9 @@
 //! What the HTTP client costs per ranged GET over TLS, without FUSE: the reqwest client
 //! physiofs uses (HTTP/1.1, rustls, a body read chunk by chunk and copied into one buffer)
 //! against a bare HTTP/1.1 loop on tokio-rustls that writes the request itself and reads the
-//! body straight into the buffer. It is the measurement behind the plan to give media reads a
-//! client of their own (README, "Where the mount's CPU goes"); physiofs does not use the bare
-//! loop, which has no retries, redirects, proxies or error bodies.
+//! body straight into the buffer. It is the measurement that led to `client::media`, the
+//! connections physiofs now reads media on (README, "Where the mount's CPU goes"); the bare
+//! loop itself has no retries, resume, proxies or error bodies.
 //!
 //! ```sh
 //! physiofs testbed --tls --tls-ca-out /tmp/ca.pem --synthetic bench/big.bin=1073741824 \
