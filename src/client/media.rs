@@ -221,6 +221,15 @@ impl MediaConns {
     /// fails before any byte of an answer (the server closed it while idle) is replaced by a
     /// new one once: the GET has no effect, so asking again is safe.
     pub async fn get(&self, target: &str, headers: &[(&str, &str)]) -> io::Result<Answer<'_>> {
+        // A line break in the target or a header would end the request early and let the
+        // rest be read as another (reqwest refuses such values too).
+        let breaks = |v: &str| v.bytes().any(|b| b == b'\r' || b == b'\n');
+        if breaks(target) || headers.iter().any(|(k, v)| breaks(k) || breaks(v)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a request line or header with a line break in it",
+            ));
+        }
         let mut req = Vec::with_capacity(256 + target.len());
         req.extend_from_slice(b"GET ");
         req.extend_from_slice(target.as_bytes());
@@ -682,6 +691,12 @@ mod tests {
         )
         .await;
         let m = MediaConns::new(&ep, None, 4, Duration::from_secs(5)).unwrap();
+        let e = m
+            .get("/a", &[("authorization", "Bearer x\r\nhost: evil")])
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
         let e = m.get("/a", &[]).await.err().unwrap();
         assert!(e.to_string().contains("Content-Length"), "{e}");
     }
