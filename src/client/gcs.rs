@@ -12,7 +12,6 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use reqwest::StatusCode;
 use serde::Deserialize;
 
 use super::auth::{CredentialKind, TokenSource};
@@ -665,54 +664,23 @@ impl GcsClient {
         if !status.is_success() {
             return Err(error_from(resp, what).await);
         }
-        if let Some(g) = resp.headers().get("x-goog-generation") {
-            let g = g.to_str().unwrap_or_default();
-            if g != obj.generation.to_string() {
-                return Err(ClientError::Stale(format!(
-                    "{what}: server sent generation {g}"
-                )));
-            }
-        }
-        if let Some(enc) = resp.headers().get(reqwest::header::CONTENT_ENCODING)
-            && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
-            && !enc.as_bytes().eq_ignore_ascii_case(b"gzip")
-        {
-            return Err(ClientError::Malformed(format!(
-                "{what}: unexpected Content-Encoding {enc:?}"
-            )));
-        }
-        // Where in the object does this body start, and how long must it be?
-        let (body_start, body_len) = if status == StatusCode::PARTIAL_CONTENT {
-            let cr = resp
-                .headers()
-                .get(reqwest::header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_content_range)
-                .ok_or_else(|| {
-                    ClientError::Malformed(format!("{what}: 206 without a valid Content-Range"))
-                })?;
-            if cr.0 != pos || cr.1 + 1 != end || cr.2 != obj.size {
-                return Err(ClientError::Malformed(format!(
-                    "{what}: asked bytes {pos}-{} of {}, got {}-{}/{}",
-                    end - 1,
-                    obj.size,
-                    cr.0,
-                    cr.1,
-                    cr.2
-                )));
-            }
-            (pos, end - pos)
-        } else {
-            // 200: the whole object (a server may ignore Range).
-            (0, obj.size)
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         };
-        if let Some(cl) = resp.content_length()
-            && cl != body_len
-        {
-            return Err(ClientError::Malformed(format!(
-                "{what}: Content-Length {cl} but {body_len} bytes expected"
-            )));
-        }
+        let (body_start, body_len) = check_media_head(
+            what,
+            obj,
+            (pos, end),
+            status.as_u16(),
+            MediaHead {
+                generation: header("x-goog-generation").as_deref(),
+                encoding: header("content-encoding").as_deref(),
+                content_range: header("content-range").as_deref(),
+                content_length: resp.content_length(),
+            },
+        )?;
         // Stream into `buf` (allocated once at the asked size, so the cache's byte count is
         // the memory used). A 200 for a range: skip what we have, stop after what we need.
         let mut resp = resp;
@@ -827,49 +795,18 @@ impl GcsClient {
             };
             return Err(error_for(status, location, &body, what));
         }
-        if let Some(g) = answer.header("x-goog-generation")
-            && g != obj.generation.to_string()
-        {
-            return Err(ClientError::Stale(format!(
-                "{what}: server sent generation {g}"
-            )));
-        }
-        if let Some(enc) = answer.header("content-encoding")
-            && !enc.eq_ignore_ascii_case("identity")
-            && !enc.eq_ignore_ascii_case("gzip")
-        {
-            return Err(ClientError::Malformed(format!(
-                "{what}: unexpected Content-Encoding {enc:?}"
-            )));
-        }
-        let (body_start, body_len) = if status == 206 {
-            let cr = answer
-                .header("content-range")
-                .and_then(parse_content_range)
-                .ok_or_else(|| {
-                    ClientError::Malformed(format!("{what}: 206 without a valid Content-Range"))
-                })?;
-            if cr.0 != pos || cr.1 + 1 != end || cr.2 != obj.size {
-                return Err(ClientError::Malformed(format!(
-                    "{what}: asked bytes {pos}-{} of {}, got {}-{}/{}",
-                    end - 1,
-                    obj.size,
-                    cr.0,
-                    cr.1,
-                    cr.2
-                )));
-            }
-            (pos, end - pos)
-        } else {
-            (0, obj.size)
-        };
-        if let Some(cl) = answer.content_length()
-            && cl != body_len
-        {
-            return Err(ClientError::Malformed(format!(
-                "{what}: Content-Length {cl} but {body_len} bytes expected"
-            )));
-        }
+        let (body_start, body_len) = check_media_head(
+            what,
+            obj,
+            (pos, end),
+            status,
+            MediaHead {
+                generation: answer.header("x-goog-generation"),
+                encoding: answer.header("content-encoding"),
+                content_range: answer.header("content-range"),
+                content_length: answer.content_length(),
+            },
+        )?;
         let broke = |e: &std::io::Error, got: usize| {
             ClientError::Interrupted(format!(
                 "body of {what} broke after {got} of {} bytes: {}",
@@ -1034,6 +971,71 @@ pub fn plain_http(endpoint: &str) -> Option<bool> {
         url::Host::Ipv4(a) => a.is_loopback(),
         url::Host::Ipv6(a) => a.is_loopback(),
     })
+}
+
+/// The headers of a media answer that say what its body is.
+struct MediaHead<'a> {
+    generation: Option<&'a str>,
+    encoding: Option<&'a str>,
+    content_range: Option<&'a str>,
+    content_length: Option<u64>,
+}
+
+/// Checks a successful media answer's head against the read of bytes `pos..end` of `obj`
+/// (the same version, the stored bytes, the range asked, a body of the right length) and
+/// says where in the object its body starts and how long it must be: a 206 holds the range, a
+/// 200 the whole object (a server may ignore Range).
+fn check_media_head(
+    what: &(dyn std::fmt::Display + Sync),
+    obj: ObjectVersion<'_>,
+    (pos, end): (u64, u64),
+    status: u16,
+    head: MediaHead<'_>,
+) -> Result<(u64, u64), ClientError> {
+    if let Some(g) = head.generation
+        && g != obj.generation.to_string()
+    {
+        return Err(ClientError::Stale(format!(
+            "{what}: server sent generation {g}"
+        )));
+    }
+    if let Some(enc) = head.encoding
+        && !enc.eq_ignore_ascii_case("identity")
+        && !enc.eq_ignore_ascii_case("gzip")
+    {
+        return Err(ClientError::Malformed(format!(
+            "{what}: unexpected Content-Encoding {enc:?}"
+        )));
+    }
+    let (body_start, body_len) = if status == 206 {
+        let cr = head
+            .content_range
+            .and_then(parse_content_range)
+            .ok_or_else(|| {
+                ClientError::Malformed(format!("{what}: 206 without a valid Content-Range"))
+            })?;
+        if cr.0 != pos || cr.1 + 1 != end || cr.2 != obj.size {
+            return Err(ClientError::Malformed(format!(
+                "{what}: asked bytes {pos}-{} of {}, got {}-{}/{}",
+                end - 1,
+                obj.size,
+                cr.0,
+                cr.1,
+                cr.2
+            )));
+        }
+        (pos, end - pos)
+    } else {
+        (0, obj.size)
+    };
+    if let Some(cl) = head.content_length
+        && cl != body_len
+    {
+        return Err(ClientError::Malformed(format!(
+            "{what}: Content-Length {cl} but {body_len} bytes expected"
+        )));
+    }
+    Ok((body_start, body_len))
 }
 
 /// Turns a non-success response into the right error, with the server's own message.
