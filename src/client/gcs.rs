@@ -807,57 +807,34 @@ impl GcsClient {
                 content_length: answer.content_length(),
             },
         )?;
-        let broke = |e: &std::io::Error, got: usize| {
-            ClientError::Interrupted(format!(
-                "body of {what} broke after {got} of {} bytes: {}",
-                end - start,
-                self.io_network_error(e)
-            ))
-        };
-        let stalled = |got: usize| {
-            ClientError::Interrupted(format!(
-                "body of {what} stalled (no bytes for {}) after {got} of {} bytes",
-                humantime::format_duration(self.cfg.stall_timeout),
-                end - start
-            ))
-        };
+        let total = end - start;
         // A 200 for a range (or a resumed read): skip what comes before the first byte wanted.
         let mut skip = pos - body_start;
         if skip > 0 {
             let scratch_pool = BufferPool::new(0, 0);
             while skip > 0 {
                 let mut scratch = Received::new(scratch_pool.take(64 << 10), 0);
-                let n = match tokio::time::timeout(
-                    self.cfg.stall_timeout,
-                    answer.read_into(&mut scratch, skip.min(64 << 10) as usize),
-                )
-                .await
+                let max = skip.min(64 << 10) as usize;
+                let got = buf.len();
+                match self
+                    .read_body_part(&mut answer, &mut scratch, max, (what, got, total))
+                    .await?
                 {
-                    Ok(Ok(0)) => break,
-                    Ok(Ok(n)) => n,
-                    Ok(Err(e)) => return Err(broke(&e, buf.len())),
-                    Err(_) => return Err(stalled(buf.len())),
-                };
-                self.stats
-                    .bytes_fetched
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                skip -= n as u64;
+                    0 => break,
+                    n => skip -= n as u64,
+                }
             }
         }
-        let want = (end - start) as usize;
+        let want = total as usize;
         while buf.len() < want && skip == 0 {
-            let room = want - buf.len();
-            let n = match tokio::time::timeout(self.cfg.stall_timeout, answer.read_into(buf, room))
-                .await
+            let (room, got) = (want - buf.len(), buf.len());
+            if self
+                .read_body_part(&mut answer, buf, room, (what, got, total))
+                .await?
+                == 0
             {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => return Err(broke(&e, buf.len())),
-                Err(_) => return Err(stalled(buf.len())),
-            };
-            self.stats
-                .bytes_fetched
-                .fetch_add(n as u64, Ordering::Relaxed);
+                break;
+            }
         }
         if buf.len() < want {
             return Err(ClientError::Interrupted(format!(
@@ -881,6 +858,34 @@ impl GcsClient {
             }
         }
         Ok(())
+    }
+
+    /// One read of at most `max` body bytes of a media answer into `into`, bounded by the stall
+    /// timeout and counted as fetched; 0 at the body's end. `got` is how much of the `total`
+    /// wanted the caller holds, for the error's wording.
+    async fn read_body_part(
+        &self,
+        answer: &mut Answer<'_>,
+        into: &mut Received,
+        max: usize,
+        (what, got, total): (&(dyn std::fmt::Display + Sync), usize, u64),
+    ) -> Result<usize, ClientError> {
+        match tokio::time::timeout(self.cfg.stall_timeout, answer.read_into(into, max)).await {
+            Ok(Ok(n)) => {
+                self.stats
+                    .bytes_fetched
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
+            Ok(Err(e)) => Err(ClientError::Interrupted(format!(
+                "body of {what} broke after {got} of {total} bytes: {}",
+                self.io_network_error(&e)
+            ))),
+            Err(_) => Err(ClientError::Interrupted(format!(
+                "body of {what} stalled (no bytes for {}) after {got} of {total} bytes",
+                humantime::format_duration(self.cfg.stall_timeout),
+            ))),
+        }
     }
 
     /// A connection or protocol failure of the media connections, as `network_error` names
