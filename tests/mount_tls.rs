@@ -3,10 +3,16 @@
 //! with `--ca-file`; `sha256sum -c` over the JPG model proves every byte, and the testbed's
 //! protocol counters prove which HTTP version carried them. Without the certificate the mount
 //! must fail at start, saying the certificate is not trusted and naming `--ca-file`; resets,
-//! truncations and stalls over TLS must be survived as over plain HTTP.
+//! truncations and stalls over TLS must be survived as over plain HTTP. Behind a proxy
+//! (`HTTP_PROXY`), every request goes through it, media reads included (they then leave
+//! physiofs's own connections for reqwest's, which know proxies).
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -143,4 +149,94 @@ fn faults_over_tls_http1_are_survived() {
 #[test]
 fn faults_over_tls_http2_are_survived() {
     faults_survived("http2");
+}
+
+/// A forward proxy for plain HTTP that sends every connection to `upstream`, whatever host the
+/// request names, and keeps everything clients sent (the request lines say what went through).
+struct Proxy {
+    addr: String,
+    sent: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Proxy {
+    fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let log = sent.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let server = TcpStream::connect(&upstream).unwrap();
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let log = log.clone();
+                thread::spawn(move || {
+                    let mut b = [0u8; 16 << 10];
+                    while let Ok(n) = c_in.read(&mut b) {
+                        if n == 0 || s_out.write_all(&b[..n]).is_err() {
+                            break;
+                        }
+                        log.lock().unwrap().extend_from_slice(&b[..n]);
+                    }
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_in, mut c_out) = (server, client);
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                    let _ = c_out.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Proxy { addr, sent }
+    }
+
+    /// How many requests the clients sent through the proxy whose line contains `needle`.
+    fn requests_with(&self, needle: &str) -> usize {
+        let sent = String::from_utf8_lossy(&self.sent.lock().unwrap()).into_owned();
+        sent.lines()
+            .filter(|l| l.starts_with("GET ") && l.contains(needle))
+            .count()
+    }
+}
+
+#[test]
+fn behind_a_proxy_every_request_goes_through_it_media_reads_included() {
+    let tb = TestbedProc::start(&[
+        "--model",
+        "jpg",
+        "--patients",
+        &PATIENTS.to_string(),
+        "--size-scale",
+        &SIZE_SCALE.to_string(),
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let upstream = tb.endpoint.trim_start_matches("http://").to_string();
+    let proxy = Proxy::start(upstream.clone());
+    // A host that no resolver knows: only the proxy can reach it, so a media read that went
+    // straight to the endpoint would fail and `sha256sum -c` with it.
+    let port = upstream.rsplit(':').next().unwrap();
+    let endpoint = format!("http://storage.physiofs-test.invalid:{port}");
+    let mut args = tb.mount_args(JPG_BUCKET, &[]);
+    let at = args.iter().position(|a| a == "--endpoint").unwrap() + 1;
+    args[at] = endpoint.clone().into();
+    let proxy_url = format!("http://{}", proxy.addr);
+    let mount = Mount::start_with(&args, &[("HTTP_PROXY", &proxy_url)]);
+    let ok = sha256sum_check(&mount.path);
+    assert_eq!(ok, want_sums(), "sha256sum -c OK lines behind the proxy");
+    mount.unmount();
+    let media = proxy.requests_with("alt=media");
+    let listings = proxy.requests_with("/storage/v1/b/");
+    assert!(
+        media >= want_sums(),
+        "{media} media GETs went through the proxy, for {} files read",
+        want_sums()
+    );
+    assert!(listings > 0, "no listing went through the proxy");
+    assert_eq!(
+        proxy.requests_with(&format!("GET {endpoint}/")),
+        proxy.requests_with("GET "),
+        "every request through the proxy names the endpoint in absolute form"
+    );
 }
