@@ -218,70 +218,74 @@ const PROXY_VARS: [&str; 6] = [
     "all_proxy",
 ];
 
-/// The media connections for `endpoint` (`client::media`), trusting what reqwest trusts (the
-/// web roots and `--ca-file`); None for HTTP/2 or behind a proxy.
-fn media_conns(cfg: &GcsConfig, endpoint: &str) -> Result<Option<Arc<MediaConns>>, ClientError> {
+/// The TLS setup of both clients (reqwest's and the media connections): the web roots and
+/// the certificates of `--ca-file`, TLS 1.2 and 1.3, ALPN for `protocol`.
+fn tls_config(cfg: &GcsConfig) -> Result<tokio_rustls::rustls::ClientConfig, String> {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &cfg.ca_file {
+        let shown = path.display();
+        let pem = std::fs::read(path).map_err(|e| format!("--ca-file {shown}: {e}"))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("--ca-file {shown}: not PEM certificates: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "--ca-file {shown}: no PEM certificate (BEGIN CERTIFICATE) in it"
+            ));
+        }
+        // A bundle (a system's, through SSL_CERT_FILE) may hold a certificate webpki cannot
+        // use; like curl, trust the others, and say so.
+        let (_, unusable) = roots.add_parsable_certificates(certs);
+        if unusable > 0 {
+            tracing::warn!(file = %shown, unusable, "--ca-file: certificates skipped (not usable as trust anchors)");
+        }
+    }
+    let mut provider = rustls::crypto::ring::default_provider();
+    // Offer AES-128-GCM first, as Chrome and Go (rclone) do; rustls's default puts
+    // AES-256-GCM first. The same protection for this use, and 10 AES rounds per block
+    // instead of 14. A 1 GiB read over TLS at 30 ms, 4 alternating pairs, 2026-12-08
+    // 00:10 UTC: 938-1,098 MB/s against 836-1,049 with AES-256-GCM, faster in 4 of 4.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = match cfg.protocol {
+        HttpProtocol::Http1 => vec![b"http/1.1".to_vec()],
+        HttpProtocol::Http2 => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
+    Ok(tls)
+}
+
+/// The media connections for `endpoint` (`client::media`), with the TLS setup reqwest has;
+/// None for HTTP/2 or behind a proxy.
+fn media_conns(
+    cfg: &GcsConfig,
+    endpoint: &str,
+    tls: &tokio_rustls::rustls::ClientConfig,
+) -> Result<Option<Arc<MediaConns>>, ClientError> {
     let proxied = PROXY_VARS
         .iter()
         .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
     if cfg.protocol != HttpProtocol::Http1 || proxied {
         return Ok(None);
     }
-    let network = |cause: String| ClientError::Network {
-        endpoint: endpoint.to_string(),
-        cause,
-    };
-    let tls = if endpoint.starts_with("https://") {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = &cfg.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| network(format!("--ca-file {}: {e}", path.display())))?;
-            for c in CertificateDer::pem_slice_iter(&pem) {
-                let c = c.map_err(|e| {
-                    network(format!(
-                        "--ca-file {}: not PEM certificates: {e}",
-                        path.display()
-                    ))
-                })?;
-                roots.add(c).map_err(|e| {
-                    network(format!(
-                        "--ca-file {}: unusable certificate: {e}",
-                        path.display()
-                    ))
-                })?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| network(format!("TLS setup: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Some(Arc::new(tls))
-    } else {
-        None
-    };
-    let conns =
-        MediaConns::new(endpoint, tls, cfg.pool_size, Duration::from_secs(10)).map_err(network)?;
+    let tls = endpoint
+        .starts_with("https://")
+        .then(|| Arc::new(tls.clone()));
+    let conns = MediaConns::new(endpoint, tls, cfg.pool_size, Duration::from_secs(10)).map_err(
+        |cause| ClientError::Network {
+            endpoint: endpoint.to_string(),
+            cause,
+        },
+    )?;
     Ok(Some(Arc::new(conns)))
-}
-
-/// The PEM certificates of `--ca-file`, ready for reqwest.
-fn load_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|e| format!("--ca-file {}: not PEM certificates: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "--ca-file {}: no PEM certificate (BEGIN CERTIFICATE) in it",
-            path.display()
-        ));
-    }
-    Ok(certs)
 }
 
 /// Prefix of a `ClientError::Network` cause when the server's certificate was refused, so the
@@ -334,16 +338,11 @@ enum Kind {
 
 impl GcsClient {
     pub fn new(cfg: GcsConfig, tokens: TokenSource) -> Result<Self, ClientError> {
-        let mut builder = reqwest::Client::builder().use_rustls_tls();
-        if let Some(path) = &cfg.ca_file {
-            let certs = load_ca_file(path).map_err(|cause| ClientError::Network {
-                endpoint: cfg.endpoint.clone(),
-                cause,
-            })?;
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
+        let tls = tls_config(&cfg).map_err(|cause| ClientError::Network {
+            endpoint: cfg.endpoint.clone(),
+            cause,
+        })?;
+        let builder = reqwest::Client::builder().use_preconfigured_tls(tls.clone());
         let http = apply_protocol(builder, cfg.protocol, cfg.pool_size)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
@@ -377,7 +376,7 @@ impl GcsClient {
             endpoint: endpoint.clone(),
             cause: format!("not a URL ({e}): give the endpoint as http(s)://HOST[:PORT]"),
         })?;
-        let media = media_conns(&cfg, &endpoint)?;
+        let media = media_conns(&cfg, &endpoint, &tls)?;
         Ok(GcsClient {
             http,
             media,
@@ -1554,6 +1553,76 @@ mod tests {
         assert_eq!(parse_content_range("bytes 0-9/100"), Some((0, 9, 100)));
         assert_eq!(parse_content_range("bytes */100"), None);
         assert_eq!(parse_content_range("garbage"), None);
+    }
+
+    /// A config for `tls_config`, with `--ca-file` holding `pem`.
+    fn tls_of(
+        pem: &str,
+        protocol: HttpProtocol,
+    ) -> Result<tokio_rustls::rustls::ClientConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, pem).unwrap();
+        tls_config(&GcsConfig {
+            endpoint: "https://127.0.0.1:1".into(),
+            bucket: "b".into(),
+            billing_project: None,
+            retry: RetryConfig::default(),
+            pool_size: 1,
+            ca_file: Some(path),
+            protocol,
+            stall_timeout: Duration::from_secs(10),
+        })
+    }
+
+    #[test]
+    fn ca_file_certificates_are_trusted_and_bad_files_are_named() {
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+            .unwrap()
+            .cert
+            .pem();
+        let tls = tls_of(&ca, HttpProtocol::Http1).unwrap();
+        assert_eq!(tls.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        let tls = tls_of(&ca, HttpProtocol::Http2).unwrap();
+        assert_eq!(
+            tls.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        // AES-128-GCM is offered first, and the other suites are still offered.
+        let suites: Vec<_> = tls
+            .crypto_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(
+            suites[0],
+            tokio_rustls::rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        assert!(suites.contains(&tokio_rustls::rustls::CipherSuite::TLS13_AES_256_GCM_SHA384));
+        assert!(
+            suites.contains(&tokio_rustls::rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256)
+        );
+        // A bundle with one certificate webpki cannot use: the others are still trusted.
+        let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(tls_of(&format!("{junk}{ca}"), HttpProtocol::Http1).is_ok());
+        for (pem, says) in [
+            ("", "no PEM certificate (BEGIN CERTIFICATE) in it"),
+            (
+                "not a certificate\n",
+                "no PEM certificate (BEGIN CERTIFICATE) in it",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+                "not PEM certificates",
+            ),
+        ] {
+            let e = tls_of(pem, HttpProtocol::Http1).unwrap_err();
+            assert!(
+                e.starts_with("--ca-file ") && e.contains(says),
+                "{pem:?}: {e}"
+            );
+        }
     }
 
     #[test]
