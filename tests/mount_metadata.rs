@@ -316,10 +316,18 @@ fn a_jpg_epoch_costs_one_request_per_file() {
         "--addr",
         "127.0.0.1:0",
     ]);
+    let addr = format!("127.0.0.1:{}", free_port());
     let m = Mount::start_with(
         &tb.mount_args(
             JPG_BUCKET,
-            &["--metadata-cache", "off", "--prefetch-files", "0"],
+            &[
+                "--metadata-cache",
+                "off",
+                "--prefetch-files",
+                "0",
+                "--metrics-addr",
+                &addr,
+            ],
         ),
         &[],
     );
@@ -352,14 +360,29 @@ fn a_jpg_epoch_costs_one_request_per_file() {
         }
     });
     let s = tb.stats();
-    assert_eq!(
-        count(&s, "get_media"),
-        jpgs.len() as u64,
-        "one GET per JPG: {s}"
-    );
-    let sent = s["bytes_sent"].as_u64().unwrap();
+    let (gets, sent) = (count(&s, "get_media"), s["bytes_sent"].as_u64().unwrap());
     let total: u64 = jpgs.iter().map(|o| o.size).sum();
-    assert_eq!(sent, total, "each byte fetched once: {s}");
+    // The kernel may drop a page it has just filled before the reader copies it (memory
+    // pressure; this VM's host reclaims page cache proactively), and asks for it again: a
+    // refill, which may cost a request of one block. The mount counts what it served.
+    let refilled = prometheus_metric(&addr, "read_bytes_total") - total;
+    if refilled == 0 {
+        assert_eq!(gets, jpgs.len() as u64, "one GET per JPG: {s}");
+        assert_eq!(sent, total, "each byte fetched once: {s}");
+    } else {
+        let pages = refilled.div_ceil(4096);
+        eprintln!("the kernel asked again for {refilled} bytes ({pages} pages): {s}");
+        assert!(
+            gets <= jpgs.len() as u64 + pages,
+            "one GET per JPG and per refill: {s}"
+        );
+        // What the refills asked for, widened to whole 32 KiB blocks at both ends.
+        let extra_gets = gets.saturating_sub(jpgs.len() as u64);
+        assert!(
+            sent <= total + refilled + 2 * (32 << 10) * extra_gets,
+            "each byte once, and the refilled pages' blocks: {s}"
+        );
+    }
 }
 
 /// utime + stime, in clock ticks, of the mount's threads named `comm`.

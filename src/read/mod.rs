@@ -455,10 +455,16 @@ impl ReadPath {
         // middle): the bytes before it are still there, so it fetches from its own start to
         // the object's end, in one request, and the reader's later holes in the file are at
         // hand. The blocks this read does not need are fetched like read-ahead: only missing
-        // ones, in the background.
+        // ones, in the background. Not again what an earlier read of this handle asked for:
+        // its blocks may have been served to the page cache, and left ours, since (the piece
+        // at 1 MiB first, then the one at 0, would fetch the part after 1 MiB twice).
         if obj.size <= self.cfg.small_object && (offset == 0 || first_read) {
             let from = if kernel_piece(offset) { 0 } else { offset };
-            self.fetcher.background(obj, from..obj.size);
+            let to = r.small_asked_from().unwrap_or(obj.size);
+            if from < to {
+                self.fetcher.background(obj, from..to);
+                r.set_small_asked_from(from);
+            }
         }
         if random
             && buffered

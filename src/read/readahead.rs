@@ -43,6 +43,9 @@ pub struct Readahead {
     jumped: bool,
     /// Jumps so far.
     jumps: u64,
+    /// For a small object fetched whole by `ReadPath::plan`: where the fetch of its rest
+    /// began (it asked for everything from there to the end).
+    small_asked_from: Option<u64>,
 }
 
 impl Readahead {
@@ -60,6 +63,7 @@ impl Readahead {
             first_min_len: 0,
             jumped: false,
             jumps: 0,
+            small_asked_from: None,
         }
     }
 
@@ -92,6 +96,15 @@ impl Readahead {
     /// How many reads were recorded.
     pub fn reads(&self) -> u64 {
         self.reads
+    }
+
+    /// Where an earlier read asked for the rest of a small object from (see `ReadPath::plan`).
+    pub fn small_asked_from(&self) -> Option<u64> {
+        self.small_asked_from
+    }
+
+    pub fn set_small_asked_from(&mut self, from: u64) {
+        self.small_asked_from = Some(from);
     }
 
     /// How many bytes of a `size`-byte file were read, when the reads were only its start: at
