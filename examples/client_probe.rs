@@ -43,6 +43,24 @@ fn cpu_seconds() -> f64 {
 
 type Conn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
+/// The Content-Length of a 206 answer's head.
+fn body_length(head: &[u8]) -> Result<usize> {
+    let text = std::str::from_utf8(head)?;
+    if !text.starts_with("HTTP/1.1 206") {
+        bail!(
+            "expected 206 Partial Content, got {:?}",
+            text.lines().next()
+        );
+    }
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .context("206 without a Content-Length")
+}
+
 /// The bare loop: one GET per idle connection, body read into the caller's buffer.
 struct Bare {
     addr: String,
@@ -53,6 +71,15 @@ struct Bare {
 }
 
 impl Bare {
+    /// The GET of bytes `[start, end)` of `path`.
+    fn request(&self, path: &str, start: u64, end: u64) -> String {
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\naccept-encoding: gzip\r\nrange: bytes={start}-{}\r\n\r\n",
+            self.host,
+            end - 1
+        )
+    }
+
     async fn connect(&self) -> Result<Conn> {
         let tcp = tokio::net::TcpStream::connect(&self.addr)
             .await
@@ -68,11 +95,7 @@ impl Bare {
             Some(c) => c,
             None => self.connect().await?,
         };
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nhost: {}\r\naccept-encoding: gzip\r\nrange: bytes={start}-{}\r\n\r\n",
-            self.host,
-            end - 1
-        );
+        let req = self.request(path, start, end);
         c.write_all(req.as_bytes()).await?;
         // rustls holds what it encrypted until flushed.
         c.flush().await?;
@@ -93,21 +116,7 @@ impl Bare {
                 bail!("answer head longer than {} bytes", head.len());
             }
         };
-        let text = std::str::from_utf8(&head[..head_end])?;
-        if !text.starts_with("HTTP/1.1 206") {
-            bail!(
-                "expected 206 Partial Content, got {:?}",
-                text.lines().next()
-            );
-        }
-        let len: usize = text
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .context("206 without a Content-Length")?;
+        let len = body_length(&head[..head_end])?;
         out.clear();
         out.reserve(len);
         out.extend_from_slice(&head[head_end..n]);
@@ -259,19 +268,7 @@ impl OwnConn {
                 continue;
             }
             if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                let text = std::str::from_utf8(&head[..p])?;
-                if !text.starts_with("HTTP/1.1 206") {
-                    bail!("expected 206, got {:?}", text.lines().next());
-                }
-                let len: usize = text
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .context("206 without a Content-Length")?;
-                break (p + 4, len);
+                break (p + 4, body_length(&head[..p + 4])?);
             }
         };
         out.clear();
@@ -312,11 +309,7 @@ impl Bare {
             Some(c) => c,
             None => self.connect_own().await?,
         };
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nhost: {}\r\naccept-encoding: gzip\r\nrange: bytes={start}-{}\r\n\r\n",
-            self.host,
-            end - 1
-        );
+        let req = self.request(path, start, end);
         c.get(req.as_bytes(), out).await?;
         self.own_idle.lock().unwrap().push(c);
         Ok(())
