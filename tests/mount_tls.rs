@@ -5,7 +5,8 @@
 //! must fail at start, saying the certificate is not trusted and naming `--ca-file`; resets,
 //! truncations and stalls over TLS must be survived as over plain HTTP. Behind a proxy
 //! (`HTTP_PROXY`), every request goes through it, media reads included (they then leave
-//! physiofs's own connections for reqwest's, which know proxies).
+//! physiofs's own connections for reqwest's, which know proxies), unless `NO_PROXY` names
+//! the endpoint.
 
 mod common;
 
@@ -238,5 +239,18 @@ fn behind_a_proxy_every_request_goes_through_it_media_reads_included() {
         proxy.requests_with(&format!("GET {endpoint}/")),
         proxy.requests_with("GET "),
         "every request through the proxy names the endpoint in absolute form"
+    );
+    // The endpoint in NO_PROXY (the harness sets 127.0.0.1): nothing goes through the proxy.
+    let before = proxy.requests_with("GET ");
+    let mount = Mount::start_with(
+        &tb.mount_args(JPG_BUCKET, &[]),
+        &[("HTTP_PROXY", &proxy_url)],
+    );
+    assert_eq!(sha256sum_check(&mount.path), want_sums());
+    mount.unmount();
+    assert_eq!(
+        proxy.requests_with("GET "),
+        before,
+        "NO_PROXY names the endpoint, yet requests went through the proxy"
     );
 }

@@ -207,16 +207,15 @@ fn apply_protocol(
 
 const USER_AGENT: &str = concat!("physiofs/", env!("CARGO_PKG_VERSION"));
 
-/// Environment variables that give reqwest a proxy: with one set, media reads go through
-/// reqwest too (the media connections go straight to the endpoint).
-const PROXY_VARS: [&str; 6] = [
-    "HTTPS_PROXY",
-    "https_proxy",
-    "HTTP_PROXY",
-    "http_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-];
+/// Whether reqwest sends requests to `endpoint` through a proxy, by the matcher it uses itself
+/// (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` in either case, and `NO_PROXY`). Media reads then
+/// go through reqwest too: the media connections go straight to the endpoint.
+fn proxied(proxies: &hyper_util::client::proxy::matcher::Matcher, endpoint: &str) -> bool {
+    match endpoint.parse::<hyper::Uri>() {
+        Ok(uri) => proxies.intercept(&uri).is_some(),
+        Err(_) => true, // not a URL reqwest could use either; leave it to reqwest
+    }
+}
 
 /// The TLS setup of both clients (reqwest's and the media connections): the web roots and
 /// the certificates of `--ca-file`, TLS 1.2 and 1.3, ALPN for `protocol`.
@@ -270,10 +269,8 @@ fn media_conns(
     endpoint: &str,
     tls: &tokio_rustls::rustls::ClientConfig,
 ) -> Result<Option<Arc<MediaConns>>, ClientError> {
-    let proxied = PROXY_VARS
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
-    if cfg.protocol != HttpProtocol::Http1 || proxied {
+    let proxies = hyper_util::client::proxy::matcher::Matcher::from_system();
+    if cfg.protocol != HttpProtocol::Http1 || proxied(&proxies, endpoint) {
         return Ok(None);
     }
     let tls = endpoint
@@ -1623,6 +1620,33 @@ mod tests {
                 "{pem:?}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn media_reads_leave_reqwest_only_where_it_goes_straight_to_the_endpoint() {
+        use hyper_util::client::proxy::matcher::Matcher;
+        let none = Matcher::builder().build();
+        assert!(!proxied(&none, "https://storage.googleapis.com"));
+        let corp = Matcher::builder()
+            .https("http://proxy.corp:3128")
+            .no("metadata.google.internal,.internal.corp,10.0.0.0/8")
+            .build();
+        assert!(proxied(&corp, "https://storage.googleapis.com"));
+        assert!(
+            !proxied(&corp, "http://storage.googleapis.com"),
+            "HTTPS_PROXY only"
+        );
+        assert!(!proxied(&corp, "https://gcs.internal.corp"));
+        assert!(!proxied(&corp, "https://10.1.2.3:4443"));
+        let direct_to_google = Matcher::builder()
+            .all("http://proxy.corp:3128")
+            .no("googleapis.com")
+            .build();
+        assert!(!proxied(
+            &direct_to_google,
+            "https://storage.googleapis.com"
+        ));
+        assert!(proxied(&direct_to_google, "https://example.org"));
     }
 
     #[test]
