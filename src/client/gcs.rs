@@ -493,13 +493,7 @@ impl GcsClient {
         match tokio::time::timeout(self.cfg.stall_timeout, req.send()).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(self.network_error(&e)),
-            Err(_) => Err(ClientError::Network {
-                endpoint: self.cfg.endpoint.clone(),
-                cause: format!(
-                    "no response within {} (stall timeout)",
-                    humantime::format_duration(self.cfg.stall_timeout)
-                ),
-            }),
+            Err(_) => Err(self.no_response()),
         }
     }
 
@@ -752,13 +746,7 @@ impl GcsClient {
         match tokio::time::timeout(self.cfg.stall_timeout, media.get(target, &all)).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => Err(self.io_network_error(&e)),
-            Err(_) => Err(ClientError::Network {
-                endpoint: self.cfg.endpoint.clone(),
-                cause: format!(
-                    "no response within {} (stall timeout)",
-                    humantime::format_duration(self.cfg.stall_timeout)
-                ),
-            }),
+            Err(_) => Err(self.no_response()),
         }
     }
 
@@ -907,6 +895,17 @@ impl GcsClient {
             .deadline
             .saturating_sub(backoff.since.elapsed())
             .max(Duration::from_secs(1))
+    }
+
+    /// No answer head within the stall timeout.
+    fn no_response(&self) -> ClientError {
+        ClientError::Network {
+            endpoint: self.cfg.endpoint.clone(),
+            cause: format!(
+                "no response within {} (stall timeout)",
+                humantime::format_duration(self.cfg.stall_timeout)
+            ),
+        }
     }
 
     fn past_deadline(&self) -> ClientError {
