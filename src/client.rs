@@ -118,7 +118,7 @@ pub trait ObjectClient: Send + Sync + 'static {
         let data = self.get_range(obj, start, end).await?;
         let crcs = data
             .chunks(block.max(1) as usize)
-            .map(crc32c::crc32c)
+            .map(crate::crc::crc32c)
             .collect();
         Ok((data, crcs))
     }

@@ -1,4 +1,12 @@
-//! CRC32C of a concatenation from the CRCs of its parts, fast.
+//! CRC32C (Castagnoli, the checksum GCS keeps for every object): of bytes, and of a
+//! concatenation from the CRCs of its parts.
+//!
+//! Bytes are checksummed with the `crc-fast` crate, which folds 64-byte lanes with carry-less
+//! multiplies (VPCLMULQDQ with AVX-512 where the CPU has it, SSE4.2/PCLMULQDQ or NEON
+//! otherwise): 30-40 GB/s on this VM's CPU against 11-17 GB/s for the `crc32c` crate's
+//! three-way `crc32` instruction loop (4 KiB to 1 MiB pieces, measured with both crates
+//! side by side). Every byte the mount receives is checksummed once as it lands, so this is
+//! CPU per byte on the cold path.
 //!
 //! The read path checks whole objects by combining the CRCs its blocks already carry, which
 //! saves a second pass over every byte, but only if combining is cheap: the `crc32c` crate's
@@ -7,6 +15,21 @@
 //! bytes again. Here the shift by `len` bytes is a product of precomputed powers `x^(2^k)`
 //! modulo the polynomial (one product per set bit of `8 * len`: one for a 1 MiB block), as in
 //! zlib's `crc32_combine`: tens of nanoseconds.
+
+/// The CRC32C of `data`.
+pub fn crc32c(data: &[u8]) -> u32 {
+    crc_fast::crc32_iscsi(data)
+}
+
+/// The CRC32C of `A || data`, given `crc` = the CRC32C of `A`.
+pub fn append(crc: u32, data: &[u8]) -> u32 {
+    // crc-fast keeps the register before the final inversion: for CRC32C (initial value and
+    // final XOR both all ones) that is the inverted CRC.
+    let mut d =
+        crc_fast::Digest::new_with_init_state(crc_fast::CrcAlgorithm::Crc32Iscsi, u64::from(!crc));
+    d.update(data);
+    d.finalize() as u32
+}
 
 /// The CRC-32C (Castagnoli) polynomial, bit-reflected.
 const POLY: u32 = 0x82f6_3b78;
@@ -100,6 +123,45 @@ mod tests {
                 combine(c1, c2, len),
                 crc32c::crc32c_combine(c1, c2, len),
                 "{len}"
+            );
+        }
+    }
+
+    /// Checked against the `crc32c` crate (a dev-dependency kept as the oracle): lengths
+    /// around every lane width the folding code switches on, every alignment, and appends
+    /// split at every kind of point.
+    #[test]
+    fn bytes_and_appends_match_the_reference_crate() {
+        let data: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+            .collect();
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(crc32c(b""), 0);
+        assert_eq!(append(0, b"123456789"), 0xe306_9283);
+        for start in 0..70 {
+            for len in (0..300).chain([511, 512, 513, 4095, 4096, 65_537, 262_144]) {
+                let d = &data[start..start + len];
+                assert_eq!(crc32c(d), crc32c::crc32c(d), "{start} {len}");
+            }
+        }
+        for (a, b) in [
+            (0, 7),
+            (5, 0),
+            (13, 64),
+            (64, 64),
+            (1000, 1),
+            (4096, 131_072),
+            (7, 299_000),
+        ] {
+            let whole = &data[..a + b];
+            assert_eq!(
+                append(crc32c(&whole[..a]), &whole[a..]),
+                crc32c::crc32c(whole),
+                "{a} + {b}"
+            );
+            assert_eq!(
+                append(crc32c::crc32c(&whole[..a]), &whole[a..]),
+                crc32c::crc32c_append(crc32c::crc32c(&whole[..a]), &whole[a..])
             );
         }
     }

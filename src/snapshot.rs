@@ -208,13 +208,13 @@ pub fn save(path: &Path, key: &SnapshotKey, table: &InodeTable) -> std::io::Resu
             put_record(&mut buf, name, file);
             count += 1;
             if buf.len() >= 1 << 16 {
-                crc = crc32c::crc32c_append(crc, &buf);
+                crc = crate::crc::append(crc, &buf);
                 gz.write_all(&buf)?;
                 buf.clear();
             }
             Ok(())
         })?;
-        crc = crc32c::crc32c_append(crc, &buf);
+        crc = crate::crc::append(crc, &buf);
         gz.write_all(&buf)?;
         gz.write_all(&[0xFF])?;
         gz.write_all(&count.to_le_bytes())?;
@@ -316,7 +316,7 @@ pub fn load(
         let mut b = vec![0u8; n];
         gz.read_exact(&mut b)
             .map_err(|e| corrupt(format!("truncated: {e}")))?;
-        *crc = crc32c::crc32c_append(*crc, &b);
+        *crc = crate::crc::append(*crc, &b);
         Ok(b)
     };
     loop {

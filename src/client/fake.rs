@@ -77,7 +77,7 @@ impl FakeClient {
             generation,
             updated: SystemTime::UNIX_EPOCH
                 + Duration::from_secs(1_600_000_000 + generation as u64),
-            crc32c: Some(crc32c::crc32c(&data)),
+            crc32c: Some(crate::crc::crc32c(&data)),
         };
         objects.insert(name.to_string(), (meta.clone(), data));
         meta

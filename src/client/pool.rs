@@ -200,7 +200,7 @@ fn checksum_into(
 ) {
     while !data.is_empty() {
         let n = (block - *cur_len).min(data.len());
-        *cur = crc32c::crc32c_append(*cur, &data[..n]);
+        *cur = crate::crc::append(*cur, &data[..n]);
         *cur_len += n;
         data = &data[n..];
         if *cur_len == block {

@@ -43,7 +43,7 @@ impl Block {
     /// Bytes `start..start + len` of `span`, checksummed now.
     pub fn new(span: Bytes, start: usize, len: usize) -> Block {
         assert!(start + len <= span.len(), "block outside its span");
-        let crc32c = crc32c::crc32c(&span[start..start + len]);
+        let crc32c = crate::crc::crc32c(&span[start..start + len]);
         Block {
             span,
             start,
@@ -70,7 +70,7 @@ impl Block {
 
     /// Whether the bytes still match the CRC32C they arrived with.
     pub fn is_intact(&self) -> bool {
-        crc32c::crc32c(self.as_slice()) == self.crc32c
+        crate::crc::crc32c(self.as_slice()) == self.crc32c
     }
 
     /// A block that is its own buffer.

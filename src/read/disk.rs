@@ -596,7 +596,7 @@ impl DiskCache {
                 blocks.iter().all(|(i, crc)| {
                     let len = (obj.size - i * bs).min(bs) as usize;
                     let mut buf = vec![0u8; len];
-                    f.read_exact_at(&mut buf, i * bs).is_ok() && crc32c::crc32c(&buf) == *crc
+                    f.read_exact_at(&mut buf, i * bs).is_ok() && crate::crc::crc32c(&buf) == *crc
                 })
             });
             if !ok {
@@ -694,7 +694,7 @@ fn run_record(id: u32, first: u64, crcs: &[u32]) -> Vec<u8> {
 
 fn frame(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(&crate::crc::crc32c(payload).to_le_bytes());
     out.extend_from_slice(payload);
 }
 
@@ -719,7 +719,7 @@ fn crc_of_file(f: &File, size: u64) -> std::io::Result<u32> {
     while at < size {
         let n = (size - at).min(buf.len() as u64) as usize;
         f.read_exact_at(&mut buf[..n], at)?;
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        crc = crate::crc::append(crc, &buf[..n]);
         at += n as u64;
     }
     Ok(crc)
@@ -797,7 +797,7 @@ fn apply_records(st: &mut State, data: &[u8], bs: u64, namespace: &Arc<str>) -> 
         let Some(payload) = data.get(at + 8..at + 8 + len) else {
             break;
         };
-        if crc32c::crc32c(payload) != crc || apply(st, payload, bs, namespace).is_none() {
+        if crate::crc::crc32c(payload) != crc || apply(st, payload, bs, namespace).is_none() {
             break;
         }
         at += 8 + len;

@@ -475,7 +475,7 @@ pub async fn assemble_parts(
         let part = if from == 0 && to == b.len() {
             b.crc32c()
         } else {
-            let c = crc32c::crc32c(&b.as_slice()[from..to]);
+            let c = crate::crc::crc32c(&b.as_slice()[from..to]);
             edges[usize::from(i != first)] = Some((i, from as u32, to as u32, c));
             c
         };

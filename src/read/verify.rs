@@ -62,7 +62,7 @@ impl Verifier {
 
     /// Feeds the bytes served for `[offset, offset + data.len())`.
     pub fn feed(&mut self, offset: u64, data: &[u8]) -> Verdict {
-        self.feed_with_crc(offset, data, crc32c::crc32c(data))
+        self.feed_with_crc(offset, data, crate::crc::crc32c(data))
     }
 
     /// `feed`, given the CRC32C of `data` (the read path has it from the blocks' CRCs): a
@@ -82,7 +82,7 @@ impl Verifier {
             self.crc = if skip == 0 {
                 super::crc::combine(self.crc, crc, data.len())
             } else {
-                crc32c::crc32c_append(self.crc, &data[skip..])
+                crate::crc::append(self.crc, &data[skip..])
             };
             self.next = end;
             while let Some((&a, &(b, c))) = self.ahead.first_key_value() {

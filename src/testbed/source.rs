@@ -45,7 +45,7 @@ pub trait ObjectSource: Send + Sync + 'static {
 
 /// Hashes of a whole byte slice, encoded as GCS does (base64 of the big-endian crc32c, base64 of the md5 digest).
 pub fn gcs_hashes(data: &[u8]) -> (String, String) {
-    let crc = crc32c::crc32c(data);
+    let crc = crate::crc::crc32c(data);
     let md5 = md5::compute(data);
     (b64(&crc.to_be_bytes()), b64(&md5.0))
 }
@@ -70,7 +70,7 @@ impl GcsHasher {
         }
     }
     pub fn update(&mut self, data: &[u8]) {
-        self.crc = crc32c::crc32c_append(self.crc, data);
+        self.crc = crate::crc::append(self.crc, data);
         self.md5.consume(data);
     }
     pub fn finish(self) -> (String, String) {
