@@ -13,6 +13,7 @@ pub mod fake;
 pub mod gcs;
 pub mod media;
 pub mod pool;
+pub mod tls13;
 
 use std::time::SystemTime;
 

@@ -53,6 +53,24 @@ pub fn render(client: &ClientStats, fs: &Fs) -> String {
         n(&client.resumes),
     );
     metric(
+        "media_connections_tls_own_records_total",
+        "counter",
+        "Media connections over TLS 1.3 whose records physiofs decrypts in the receive buffer.",
+        n(&client.media.tls_own_records),
+    );
+    metric(
+        "media_connections_tls_rustls_total",
+        "counter",
+        "Media connections over TLS left to rustls (TLS 1.2, or another cipher suite).",
+        n(&client.media.tls_rustls),
+    );
+    metric(
+        "media_connections_plain_total",
+        "counter",
+        "Media connections over plain HTTP.",
+        n(&client.media.plain),
+    );
+    metric(
         "checksum_mismatches_total",
         "counter",
         "Whole-object reads whose CRC32C did not match the listing (each was asked again).",

@@ -58,28 +58,45 @@ fn counter(stats: &serde_json::Value, group: &str, name: &str) -> u64 {
 
 /// Mounts over TLS with `--http-protocol protocol`, checks every file, and returns the
 /// testbed's (http1, http2) request counts.
-fn read_all(tb: &TlsTestbed, extra: &[&str]) -> (u64, u64) {
-    let mount = Mount::start_with(&tb.mount_args(JPG_BUCKET, extra), &[]);
+/// Mounts, checks every file with `sha256sum -c`, unmounts: the testbed's http1 and h2
+/// request counts, and the mount's media connections whose TLS records it opened itself.
+fn read_all_counted(tb: &TlsTestbed, extra: &[&str]) -> (u64, u64, u64) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut flags = extra.to_vec();
+    flags.extend(["--metrics-addr", &addr]);
+    let args = tb.mount_args(JPG_BUCKET, &flags);
+    let mount = Mount::start_with(&args, &[]);
     let ok = sha256sum_check(&mount.path);
     assert_eq!(
         ok,
         want_sums(),
         "sha256sum -c OK lines over TLS ({extra:?})"
     );
+    let own = prometheus_metric(&addr, "media_connections_tls_own_records_total");
     mount.unmount();
     let s = tb.stats();
     (
         counter(&s, "protocols", "http1"),
         counter(&s, "protocols", "http2"),
+        own,
     )
+}
+
+fn read_all(tb: &TlsTestbed, extra: &[&str]) -> (u64, u64) {
+    let (h1, h2, _) = read_all_counted(tb, extra);
+    (h1, h2)
 }
 
 #[test]
 fn http1_over_tls_reads_the_model_exactly() {
     let tb = jpg_testbed(&[]);
-    let (h1, h2) = read_all(&tb, &["--http-protocol", "http1"]);
+    let (h1, h2, own) = read_all_counted(&tb, &["--http-protocol", "http1"]);
     assert!(h1 > 0, "no request was served over http/1.1");
     assert_eq!(h2, 0, "--http-protocol http1 must never speak h2");
+    assert!(
+        own > 0,
+        "TLS 1.3 media reads must open their records in the receive buffer (client::tls13)"
+    );
 }
 
 #[test]

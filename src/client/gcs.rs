@@ -268,20 +268,23 @@ fn media_conns(
     cfg: &GcsConfig,
     endpoint: &str,
     tls: &tokio_rustls::rustls::ClientConfig,
+    stats: Arc<super::media::MediaStats>,
 ) -> Result<Option<Arc<MediaConns>>, ClientError> {
     let proxies = hyper_util::client::proxy::matcher::Matcher::from_system();
     if cfg.protocol != HttpProtocol::Http1 || proxied(&proxies, endpoint) {
         return Ok(None);
     }
-    let tls = endpoint
-        .starts_with("https://")
-        .then(|| Arc::new(tls.clone()));
-    let conns = MediaConns::new(endpoint, tls, cfg.pool_size, Duration::from_secs(10)).map_err(
-        |cause| ClientError::Network {
+    let tls = endpoint.starts_with("https://").then(|| {
+        let mut tls = tls.clone();
+        // client::tls13 protects the records itself once rustls made the connection.
+        tls.enable_secret_extraction = true;
+        Arc::new(tls)
+    });
+    let conns = MediaConns::new(endpoint, tls, cfg.pool_size, Duration::from_secs(10), stats)
+        .map_err(|cause| ClientError::Network {
             endpoint: endpoint.to_string(),
             cause,
-        },
-    )?;
+        })?;
     Ok(Some(Arc::new(conns)))
 }
 
@@ -305,6 +308,8 @@ pub struct ClientStats {
     pub token_refreshes: AtomicU64,
     /// `iam/testPermissions` requests (the start-up permission check).
     pub permission_requests: AtomicU64,
+    /// How the media connections were made.
+    pub media: Arc<super::media::MediaStats>,
 }
 
 pub struct GcsClient {
@@ -373,7 +378,8 @@ impl GcsClient {
             endpoint: endpoint.clone(),
             cause: format!("not a URL ({e}): give the endpoint as http(s)://HOST[:PORT]"),
         })?;
-        let media = media_conns(&cfg, &endpoint, &tls)?;
+        let stats = Arc::new(ClientStats::default());
+        let media = media_conns(&cfg, &endpoint, &tls, stats.media.clone())?;
         Ok(GcsClient {
             http,
             media,
@@ -381,7 +387,7 @@ impl GcsClient {
             tokens,
             objects_url,
             objects_base,
-            stats: Arc::default(),
+            stats,
             // 8 x 4 MiB waiting at most: 32 MiB, within the memory slack `--cache-size` allows.
             pool: BufferPool::new(super::FULL_REQUEST as usize, 8),
             refusals: Arc::default(),

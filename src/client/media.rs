@@ -11,16 +11,15 @@
 //! HTTP/2 stay with reqwest.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
 use super::pool::Received;
+use super::tls13::Tls13;
 
 /// Connections idle longer than this are closed rather than reused (GCS's front ends drop
 /// idle connections after a while; a request on one that was dropped fails at once).
@@ -30,45 +29,41 @@ const MAX_HEAD: usize = 64 << 10;
 
 enum Stream {
     Plain(TcpStream),
+    /// TLS through rustls: TLS 1.2, or a suite `tls13` does not take over.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// TLS 1.3, records protected by `tls13` (decrypted in the receive buffer).
+    Tls13(Box<Tls13>),
 }
 
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+impl Stream {
+    /// Sends `data` (a request) whole.
+    async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(data).await,
+            Stream::Tls(s) => {
+                s.write_all(data).await?;
+                // rustls keeps what it encrypted until flushed.
+                s.flush().await
+            }
+            Stream::Tls13(s) => s.write_all(data).await,
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+    /// Appends up to `max` bytes to `v`; Ok(0) at the stream's end.
+    async fn read_to(&mut self, v: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        use bytes::BufMut;
+        match self {
+            Stream::Plain(s) => s.read_buf(&mut v.limit(max)).await,
+            Stream::Tls(s) => s.read_buf(&mut v.limit(max)).await,
+            Stream::Tls13(s) => s.read_plain(v, max).await,
         }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+    /// Whether bytes beyond what was asked for wait inside the stream.
+    fn has_buffered(&self) -> bool {
+        match self {
+            Stream::Plain(_) | Stream::Tls(_) => false,
+            Stream::Tls13(s) => s.has_buffered(),
         }
     }
 }
@@ -100,9 +95,22 @@ impl Conn {
             self.pending.drain(..self.at);
             self.at = 0;
         }
-        self.pending.reserve(16 << 10);
-        self.stream.read_buf(&mut self.pending).await
+        // Room for a whole TLS record, so `tls13` decrypts it in place.
+        self.pending.reserve(32 << 10);
+        let room = self.pending.capacity() - self.pending.len();
+        self.stream.read_to(&mut self.pending, room).await
     }
+}
+
+/// How the media connections were made, for the metrics.
+#[derive(Debug, Default)]
+pub struct MediaStats {
+    /// TLS 1.3 connections whose records `tls13` protects.
+    pub tls_own_records: std::sync::atomic::AtomicU64,
+    /// TLS connections left to rustls's stream (TLS 1.2, another suite).
+    pub tls_rustls: std::sync::atomic::AtomicU64,
+    /// Plain HTTP connections.
+    pub plain: std::sync::atomic::AtomicU64,
 }
 
 /// Where the media connections go, and how.
@@ -112,14 +120,18 @@ pub struct MediaConns {
     /// What to connect to.
     addr: String,
     tls: Option<(
-        tokio_rustls::TlsConnector,
+        Arc<rustls::ClientConfig>,
         rustls::pki_types::ServerName<'static>,
     )>,
+    /// Whether TLS connections are made for `tls13` to take over; cleared for good when the
+    /// server negotiates what it does not take (TLS 1.2, another suite).
+    own_records: std::sync::atomic::AtomicBool,
     idle: Mutex<Vec<(Conn, Instant)>>,
     max_idle: usize,
     connect_timeout: Duration,
     /// Connections opened so far.
     pub opened: std::sync::atomic::AtomicU64,
+    stats: Arc<MediaStats>,
 }
 
 impl MediaConns {
@@ -129,6 +141,7 @@ impl MediaConns {
         tls: Option<Arc<rustls::ClientConfig>>,
         max_idle: usize,
         connect_timeout: Duration,
+        stats: Arc<MediaStats>,
     ) -> Result<Self, String> {
         let url = url::Url::parse(endpoint).map_err(|e| format!("{endpoint}: {e}"))?;
         let host = url
@@ -147,7 +160,7 @@ impl MediaConns {
                     .to_string();
                 let name = rustls::pki_types::ServerName::try_from(bare)
                     .map_err(|e| format!("{endpoint}: {e}"))?;
-                Some((tokio_rustls::TlsConnector::from(cfg), name))
+                Some((cfg, name))
             }
             (true, None) => return Err(format!("{endpoint}: https without a TLS setup")),
             (false, _) => None,
@@ -160,14 +173,16 @@ impl MediaConns {
             addr: format!("{host}:{port}"),
             host: host_header,
             tls,
+            own_records: std::sync::atomic::AtomicBool::new(true),
             idle: Mutex::new(Vec::new()),
             max_idle,
             connect_timeout,
             opened: Default::default(),
+            stats,
         })
     }
 
-    async fn connect(&self) -> io::Result<Conn> {
+    async fn tcp(&self) -> io::Result<TcpStream> {
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| {
@@ -177,22 +192,53 @@ impl MediaConns {
                 )
             })??;
         tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+
+    async fn connect(&self) -> io::Result<Conn> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let handshake_timeout =
+            || io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out");
+        let tcp = self.tcp().await?;
         let stream = match &self.tls {
-            Some((connector, name)) => {
-                let tls = tokio::time::timeout(
+            Some((cfg, name)) if self.own_records.load(Relaxed) => {
+                let own = tokio::time::timeout(
                     self.connect_timeout,
-                    connector.connect(name.clone(), tcp),
+                    super::tls13::connect(tcp, cfg.clone(), name.clone()),
                 )
                 .await
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
-                })??;
+                .map_err(|_| handshake_timeout())??;
+                match own {
+                    Some(t) => {
+                        self.stats.tls_own_records.fetch_add(1, Relaxed);
+                        Stream::Tls13(Box::new(t))
+                    }
+                    None => {
+                        tracing::info!(
+                            "media reads: the server did not negotiate TLS 1.3 with AES-GCM or \
+                             ChaCha20; records are left to rustls from now on"
+                        );
+                        self.own_records.store(false, Relaxed);
+                        return Box::pin(self.connect()).await;
+                    }
+                }
+            }
+            Some((cfg, name)) => {
+                let tls = tokio::time::timeout(
+                    self.connect_timeout,
+                    tokio_rustls::TlsConnector::from(cfg.clone()).connect(name.clone(), tcp),
+                )
+                .await
+                .map_err(|_| handshake_timeout())??;
+                self.stats.tls_rustls.fetch_add(1, Relaxed);
                 Stream::Tls(Box::new(tls))
             }
-            None => Stream::Plain(tcp),
+            None => {
+                self.stats.plain.fetch_add(1, Relaxed);
+                Stream::Plain(tcp)
+            }
         };
-        self.opened
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.opened.fetch_add(1, Relaxed);
         Ok(Conn {
             stream,
             pending: Vec::new(),
@@ -256,12 +302,7 @@ impl MediaConns {
 
     /// Writes the request and reads the head; the error says whether any answer byte came.
     async fn exchange(&self, mut c: Conn, req: &[u8]) -> Result<Answer<'_>, (io::Error, bool)> {
-        let sent = async {
-            c.stream.write_all(req).await?;
-            // rustls keeps what it encrypted until flushed.
-            c.stream.flush().await
-        };
-        sent.await.map_err(|e| (e, false))?;
+        c.stream.send(req).await.map_err(|e| (e, false))?;
         loop {
             if !c.buffered().is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -423,6 +464,7 @@ impl<'a> Answer<'a> {
             && !self.head.close
             && let Some(c) = self.conn.take()
             && c.buffered().is_empty()
+            && !c.stream.has_buffered()
         {
             self.conns.give_back(c);
         }
@@ -519,7 +561,10 @@ impl<'a> Answer<'a> {
             c.consume(n);
             n
         } else {
-            out.read_from(&mut c.stream, want).await?
+            let start = out.len();
+            let n = c.stream.read_to(out.vec_mut(), want).await?;
+            out.checksum_from(start);
+            n
         };
         match self.head.body {
             Body::UntilClose => {
@@ -623,7 +668,7 @@ mod tests {
             2,
         )
         .await;
-        let m = MediaConns::new(&ep, None, 4, Duration::from_secs(5)).unwrap();
+        let m = MediaConns::new(&ep, None, 4, Duration::from_secs(5), Default::default()).unwrap();
         let mut a = m
             .get("/o/x?alt=media", &[("range", "bytes=0-10")])
             .await
@@ -658,7 +703,7 @@ mod tests {
             1,
         )
         .await;
-        let m = MediaConns::new(&ep, None, 4, Duration::from_secs(5)).unwrap();
+        let m = MediaConns::new(&ep, None, 4, Duration::from_secs(5), Default::default()).unwrap();
         let mut a = m.get("/a", &[]).await.unwrap();
         assert_eq!(body(&mut a).await.unwrap(), b"ok");
         drop(a);
@@ -680,7 +725,7 @@ mod tests {
             2,
         )
         .await;
-        let m = MediaConns::new(&ep, None, 4, Duration::from_secs(5)).unwrap();
+        let m = MediaConns::new(&ep, None, 4, Duration::from_secs(5), Default::default()).unwrap();
         let a = m.get("/a", &[]).await.unwrap();
         assert_eq!(a.head.status, 404);
         let (b, whole) = a.read_capped(12).await.unwrap();
@@ -690,7 +735,7 @@ mod tests {
             1,
         )
         .await;
-        let m = MediaConns::new(&ep, None, 4, Duration::from_secs(5)).unwrap();
+        let m = MediaConns::new(&ep, None, 4, Duration::from_secs(5), Default::default()).unwrap();
         let e = m
             .get("/a", &[("authorization", "Bearer x\r\nhost: evil")])
             .await
@@ -699,5 +744,317 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
         let e = m.get("/a", &[]).await.err().unwrap();
         assert!(e.to_string().contains("Content-Length"), "{e}");
+    }
+
+    /// How the TLS test server behaves.
+    #[derive(Clone, Copy, Default)]
+    struct TlsServer {
+        /// Offer TLS 1.2 only.
+        tls12: bool,
+        /// The one TLS 1.3 suite offered (default: all).
+        suite: Option<rustls::CipherSuite>,
+        /// Send a KeyUpdate (asking for ours) half way through each body.
+        key_update: bool,
+        /// Answer without a length and end the body with close_notify.
+        close_notify: bool,
+        /// Flip this byte of what the server writes (counted from the connection's start).
+        flip: Option<u64>,
+    }
+
+    /// Body bytes of the TLS tests: 300,000 of them, many records.
+    fn tls_body() -> Vec<u8> {
+        (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+            .collect()
+    }
+
+    /// A stream that flips one byte of what is written through it.
+    struct Flip {
+        tcp: tokio::net::TcpStream,
+        at: Option<u64>,
+        written: u64,
+    }
+
+    impl tokio::io::AsyncRead for Flip {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Flip {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let me = self.get_mut();
+            let mut data = buf.to_vec();
+            if let Some(at) = me.at
+                && (me.written..me.written + data.len() as u64).contains(&at)
+            {
+                data[(at - me.written) as usize] ^= 0x20;
+            }
+            let r = std::pin::Pin::new(&mut me.tcp).poll_write(cx, &data);
+            if let std::task::Poll::Ready(Ok(n)) = &r {
+                me.written += *n as u64;
+            }
+            r
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        }
+    }
+
+    /// A rustls server for `localhost` answering every GET with [`tls_body`]; the media
+    /// connections to it, trusting its certificate.
+    async fn tls_pair(opts: TlsServer) -> MediaConns {
+        use tokio_rustls::rustls::crypto::ring as provider;
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = ck.cert.der().clone();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let mut p = provider::default_provider();
+        if let Some(suite) = opts.suite {
+            p.cipher_suites.retain(|s| s.suite() == suite);
+        }
+        let versions: &[&rustls::SupportedProtocolVersion] = if opts.tls12 {
+            &[&rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13]
+        };
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(p))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let io = Flip {
+                        tcp,
+                        at: opts.flip,
+                        written: 0,
+                    };
+                    let Ok(mut s) = acceptor.accept(io).await else {
+                        return;
+                    };
+                    let body = tls_body();
+                    loop {
+                        let mut req = Vec::new();
+                        let mut b = [0u8; 1024];
+                        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut b).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => req.extend_from_slice(&b[..n]),
+                            }
+                        }
+                        let head = if opts.close_notify {
+                            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_string()
+                        } else {
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                        };
+                        let half = body.len() / 2;
+                        let w = async {
+                            s.write_all(head.as_bytes()).await?;
+                            s.write_all(&body[..half]).await?;
+                            if opts.key_update {
+                                s.get_mut().1.refresh_traffic_keys().unwrap();
+                            }
+                            s.write_all(&body[half..]).await?;
+                            s.flush().await
+                        };
+                        if w.await.is_err() {
+                            return;
+                        }
+                        if opts.close_notify {
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let mut client =
+            rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        client.enable_secret_extraction = true;
+        MediaConns::new(
+            &format!("https://localhost:{port}"),
+            Some(Arc::new(client)),
+            4,
+            Duration::from_secs(5),
+            Default::default(),
+        )
+        .unwrap()
+    }
+
+    /// One GET's body, read `max` bytes at a time into a buffer of exactly the body's size
+    /// (as the read path does), checksums checked.
+    async fn tls_get(m: &MediaConns, max: usize) -> io::Result<Vec<u8>> {
+        let mut a = m.get("/o", &[]).await?;
+        let pool = BufferPool::new(0, 0);
+        let mut r = Received::new(pool.take(300_000), 64 << 10);
+        loop {
+            let room = 300_000 - r.len();
+            if room == 0 {
+                // A body longer than promised shows as more bytes here.
+                let mut extra = Received::new(pool.take(1), 0);
+                if a.read_into(&mut extra, 1).await? > 0 {
+                    return Err(io::Error::other("body longer than expected"));
+                }
+                break;
+            }
+            if a.read_into(&mut r, room.min(max)).await? == 0 {
+                break;
+            }
+        }
+        let (bytes, crcs) = r.finish();
+        let want: Vec<u32> = bytes.chunks(64 << 10).map(crc32c::crc32c).collect();
+        assert_eq!(crcs, want, "checksums taken as the bytes landed");
+        Ok(bytes.to_vec())
+    }
+
+    fn own(m: &MediaConns) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            m.stats.tls_own_records.load(Relaxed),
+            m.stats.tls_rustls.load(Relaxed),
+        )
+    }
+
+    #[tokio::test]
+    async fn tls13_bodies_are_decrypted_in_the_receive_buffer_on_every_suite() {
+        for suite in [
+            None,
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384),
+            Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256),
+        ] {
+            let m = tls_pair(TlsServer {
+                suite,
+                ..Default::default()
+            })
+            .await;
+            // Big reads (records opened in place), small ones (records opened aside and
+            // handed out in pieces), and the session tickets rustls servers send after the
+            // handshake, all on one kept-alive connection.
+            for max in [usize::MAX, 7, 20_000, usize::MAX] {
+                assert_eq!(
+                    tls_get(&m, max).await.unwrap(),
+                    tls_body(),
+                    "{suite:?} {max}"
+                );
+            }
+            assert_eq!(own(&m), (1, 0), "{suite:?}: one connection, records ours");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_update_mid_body_is_followed_both_ways() {
+        let m = tls_pair(TlsServer {
+            key_update: true,
+            ..Default::default()
+        })
+        .await;
+        // The server asks for our update too: the second and third requests are sealed with
+        // our new keys, or the server could not read them.
+        for _ in 0..3 {
+            assert_eq!(tls_get(&m, usize::MAX).await.unwrap(), tls_body());
+        }
+        assert_eq!(own(&m), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn tls12_is_left_to_rustls() {
+        let m = tls_pair(TlsServer {
+            tls12: true,
+            ..Default::default()
+        })
+        .await;
+        for max in [usize::MAX, 7] {
+            assert_eq!(tls_get(&m, max).await.unwrap(), tls_body());
+        }
+        assert_eq!(
+            own(&m),
+            (0, 1),
+            "TLS 1.2: rustls's stream, and once decided, kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn close_notify_ends_a_body_read_to_the_end() {
+        let m = tls_pair(TlsServer {
+            close_notify: true,
+            ..Default::default()
+        })
+        .await;
+        let mut a = m.get("/o", &[]).await.unwrap();
+        assert_eq!(a.content_length(), None);
+        let pool = BufferPool::new(0, 0);
+        let mut r = Received::new(pool.take(400_000), 0);
+        loop {
+            let room = 400_000 - r.len();
+            if a.read_into(&mut r, room).await.unwrap() == 0 {
+                break;
+            }
+        }
+        assert_eq!(r.finish().0.to_vec(), tls_body());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_fails_the_read_and_nothing_of_it_is_returned() {
+        // Past the handshake (a few KiB), inside the body.
+        for at in [150_000u64, 150_007, 299_000] {
+            let m = tls_pair(TlsServer {
+                flip: Some(at),
+                ..Default::default()
+            })
+            .await;
+            let body = tls_body();
+            let mut a = m.get("/o", &[]).await.unwrap();
+            let pool = BufferPool::new(0, 0);
+            let mut r = Received::new(pool.take(300_000), 0);
+            let e = loop {
+                let room = 300_000 - r.len();
+                match a.read_into(&mut r, room).await {
+                    Ok(0) => panic!("{at}: the body ended without an error"),
+                    Ok(_) => {}
+                    Err(e) => break e,
+                }
+            };
+            assert!(e.to_string().contains("authentication"), "{at}: {e}");
+            let got = r.finish().0;
+            assert!(got.len() < body.len(), "{at}");
+            assert_eq!(
+                &got[..],
+                &body[..got.len()],
+                "{at}: only authenticated bytes"
+            );
+        }
     }
 }

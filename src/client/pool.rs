@@ -155,6 +155,24 @@ impl Received {
         Ok(n)
     }
 
+    /// The buffer itself, for a reader that appends to it; [`Received::checksum_from`] must
+    /// follow with the length it had before.
+    pub fn vec_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf.buf
+    }
+
+    /// Checksums what was appended through [`Received::vec_mut`] since it was `start` long.
+    pub fn checksum_from(&mut self, start: usize) {
+        let Received {
+            buf,
+            block,
+            crcs,
+            cur,
+            cur_len,
+        } = self;
+        checksum_into(*block, crcs, cur, cur_len, &buf.buf[start..]);
+    }
+
     fn checksum(&mut self, data: &[u8]) {
         let (block, crcs, cur, cur_len) =
             (self.block, &mut self.crcs, &mut self.cur, &mut self.cur_len);
