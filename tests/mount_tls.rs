@@ -56,8 +56,6 @@ fn counter(stats: &serde_json::Value, group: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {group}.{name} in testbed stats: {stats}"))
 }
 
-/// Mounts over TLS with `--http-protocol protocol`, checks every file, and returns the
-/// testbed's (http1, http2) request counts.
 /// Mounts, checks every file with `sha256sum -c`, unmounts: the testbed's http1 and h2
 /// request counts, and the mount's media connections whose TLS records it opened itself.
 fn read_all_counted(tb: &TlsTestbed, extra: &[&str]) -> (u64, u64, u64) {
@@ -96,6 +94,17 @@ fn http1_over_tls_reads_the_model_exactly() {
     assert!(
         own > 0,
         "TLS 1.3 media reads must open their records in the receive buffer (client::tls13)"
+    );
+    // The suite physiofs offers first is the one a server that follows the client's order
+    // (as the testbed's rustls does) picks: every media connection the mount made used it.
+    let stats = tb.stats();
+    let aes128 = stats["protocols"]["tls_suites"]["TLSv1_3 TLS13_AES_128_GCM_SHA256"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        aes128 >= own,
+        "{own} media connections, {aes128} handshakes on TLS_AES_128_GCM_SHA256: {}",
+        stats["protocols"]
     );
 }
 

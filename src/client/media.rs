@@ -819,8 +819,9 @@ mod tests {
     }
 
     /// A rustls server for `localhost` answering every GET with [`tls_body`]; the media
-    /// connections to it, trusting its certificate.
-    async fn tls_pair(opts: TlsServer) -> MediaConns {
+    /// connections to it, trusting its certificate, and the server's count of handshakes
+    /// that resumed a session.
+    async fn tls_pair(opts: TlsServer) -> (MediaConns, Arc<std::sync::atomic::AtomicU64>) {
         use tokio_rustls::rustls::crypto::ring as provider;
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let cert = ck.cert.der().clone();
@@ -844,10 +845,13 @@ mod tests {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
+        let resumed: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let resumed_count = resumed.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = l.accept().await.unwrap();
                 let acceptor = acceptor.clone();
+                let resumed = resumed_count.clone();
                 tokio::spawn(async move {
                     let io = Flip {
                         tcp,
@@ -857,6 +861,9 @@ mod tests {
                     let Ok(mut s) = acceptor.accept(io).await else {
                         return;
                     };
+                    if s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        resumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let body = tls_body();
                     loop {
                         let mut req = Vec::new();
@@ -903,14 +910,15 @@ mod tests {
                 .with_no_client_auth();
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
         client.enable_secret_extraction = true;
-        MediaConns::new(
+        let m = MediaConns::new(
             &format!("https://localhost:{port}"),
             Some(Arc::new(client)),
             4,
             Duration::from_secs(5),
             Default::default(),
         )
-        .unwrap()
+        .unwrap();
+        (m, resumed)
     }
 
     /// One GET's body, read `max` bytes at a time into a buffer of exactly the body's size
@@ -955,7 +963,7 @@ mod tests {
             Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384),
             Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256),
         ] {
-            let m = tls_pair(TlsServer {
+            let (m, _) = tls_pair(TlsServer {
                 suite,
                 ..Default::default()
             })
@@ -975,8 +983,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tickets_read_from_our_records_let_later_connections_resume() {
+        let (m, resumed) = tls_pair(TlsServer::default()).await;
+        assert_eq!(tls_get(&m, usize::MAX).await.unwrap(), tls_body());
+        // One answer held open while another GET is made: a second connection, which can
+        // only resume with a ticket the first one read (rustls never saw its records).
+        let held = m.get("/o", &[]).await.unwrap();
+        assert_eq!(tls_get(&m, usize::MAX).await.unwrap(), tls_body());
+        drop(held);
+        assert_eq!(own(&m), (2, 0));
+        assert_eq!(resumed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
     async fn a_key_update_mid_body_is_followed_both_ways() {
-        let m = tls_pair(TlsServer {
+        let (m, _) = tls_pair(TlsServer {
             key_update: true,
             ..Default::default()
         })
@@ -991,7 +1012,7 @@ mod tests {
 
     #[tokio::test]
     async fn tls12_is_left_to_rustls() {
-        let m = tls_pair(TlsServer {
+        let (m, _) = tls_pair(TlsServer {
             tls12: true,
             ..Default::default()
         })
@@ -1008,7 +1029,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_notify_ends_a_body_read_to_the_end() {
-        let m = tls_pair(TlsServer {
+        let (m, _) = tls_pair(TlsServer {
             close_notify: true,
             ..Default::default()
         })
@@ -1030,7 +1051,7 @@ mod tests {
     async fn a_damaged_record_fails_the_read_and_nothing_of_it_is_returned() {
         // Past the handshake (a few KiB), inside the body.
         for at in [150_000u64, 150_007, 299_000] {
-            let m = tls_pair(TlsServer {
+            let (m, _) = tls_pair(TlsServer {
                 flip: Some(at),
                 ..Default::default()
             })

@@ -157,7 +157,19 @@ pub(crate) async fn serve_connection(
         None => serve_http(shared, io, local, rst, "http", false).await,
         Some(acceptor) => match acceptor.accept(io).await {
             Ok(tls) => {
-                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let conn = tls.get_ref().1;
+                let h2 = conn.alpn_protocol() == Some(b"h2");
+                let suite = format!(
+                    "{:?} {:?}",
+                    conn.protocol_version()
+                        .unwrap_or(tokio_rustls::rustls::ProtocolVersion::Unknown(0)),
+                    conn.negotiated_cipher_suite()
+                        .map(|s| s.suite())
+                        .unwrap_or(tokio_rustls::rustls::CipherSuite::Unknown(0))
+                );
+                let resumed =
+                    conn.handshake_kind() == Some(tokio_rustls::rustls::HandshakeKind::Resumed);
+                shared.stats.tls_handshake(suite, resumed);
                 serve_http(shared, tls, local, rst, "https", h2).await
             }
             Err(e) => {

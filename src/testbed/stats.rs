@@ -39,6 +39,9 @@ pub(crate) struct Stats {
     /// Storage requests served over [http/1.1, h2].
     proto: [AtomicU64; 2],
     tls_failed: AtomicU64,
+    /// TLS handshakes by negotiated version and suite, and those that resumed a session.
+    tls_suites: std::sync::Mutex<BTreeMap<String, u64>>,
+    tls_resumed: AtomicU64,
 }
 
 impl Default for Stats {
@@ -54,6 +57,8 @@ impl Default for Stats {
             status: (0..600).map(|_| AtomicU64::new(0)).collect(),
             proto: Default::default(),
             tls_failed: AtomicU64::new(0),
+            tls_suites: Default::default(),
+            tls_resumed: AtomicU64::new(0),
         }
     }
 }
@@ -67,6 +72,13 @@ impl Stats {
     }
     pub fn protocol(&self, h2: bool) {
         self.proto[h2 as usize].fetch_add(1, Relaxed);
+    }
+    /// A TLS handshake that completed with `suite` (e.g. `TLSv1_3 TLS13_AES_128_GCM_SHA256`).
+    pub fn tls_handshake(&self, suite: String, resumed: bool) {
+        *self.tls_suites.lock().unwrap().entry(suite).or_default() += 1;
+        if resumed {
+            self.tls_resumed.fetch_add(1, Relaxed);
+        }
     }
     pub fn tls_handshake_failed(&self) {
         self.tls_failed.fetch_add(1, Relaxed);
@@ -142,6 +154,8 @@ impl Stats {
                 http1: self.proto[0].load(Relaxed),
                 http2: self.proto[1].load(Relaxed),
                 tls_handshake_failed: self.tls_failed.load(Relaxed),
+                tls_suites: self.tls_suites.lock().unwrap().clone(),
+                tls_resumed: self.tls_resumed.load(Relaxed),
             },
             responses: self
                 .status
@@ -215,6 +229,12 @@ pub struct ProtocolCounts {
     pub http1: u64,
     pub http2: u64,
     pub tls_handshake_failed: u64,
+    /// Completed handshakes by negotiated version and cipher suite.
+    #[serde(default)]
+    pub tls_suites: BTreeMap<String, u64>,
+    /// Completed handshakes that resumed an earlier session (a ticket the client kept).
+    #[serde(default)]
+    pub tls_resumed: u64,
 }
 
 impl StatsSnapshot {
