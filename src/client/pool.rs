@@ -133,30 +133,8 @@ impl Received {
         self.checksum(data);
     }
 
-    /// Reads up to `max` bytes from `r` straight into the buffer (no copy on the way) and
-    /// checksums them; Ok(0) at `r`'s end.
-    pub async fn read_from<R: tokio::io::AsyncRead + Unpin>(
-        &mut self,
-        r: &mut R,
-        max: usize,
-    ) -> std::io::Result<usize> {
-        use bytes::BufMut;
-        use tokio::io::AsyncReadExt;
-        let start = self.buf.buf.len();
-        let n = r.read_buf(&mut (&mut self.buf.buf).limit(max)).await?;
-        let Received {
-            buf,
-            block,
-            crcs,
-            cur,
-            cur_len,
-        } = self;
-        checksum_into(*block, crcs, cur, cur_len, &buf.buf[start..start + n]);
-        Ok(n)
-    }
-
-    /// The buffer itself, for a reader that appends to it; [`Received::checksum_from`] must
-    /// follow with the length it had before.
+    /// The buffer itself, for a reader that appends to it straight from a connection (no copy
+    /// on the way); [`Received::checksum_from`] must follow with the length it had before.
     pub fn vec_mut(&mut self) -> &mut Vec<u8> {
         &mut self.buf.buf
     }
