@@ -757,6 +757,9 @@ mod tests {
         key_update: bool,
         /// Answer without a length and end the body with close_notify.
         close_notify: bool,
+        /// After each answer (with its length), close the connection as an idle front end
+        /// does: close_notify, then FIN.
+        close_when_idle: bool,
         /// Flip this byte of what the server writes (counted from the connection's start).
         flip: Option<u64>,
     }
@@ -892,7 +895,7 @@ mod tests {
                         if w.await.is_err() {
                             return;
                         }
-                        if opts.close_notify {
+                        if opts.close_notify || opts.close_when_idle {
                             let _ = s.shutdown().await;
                             return;
                         }
@@ -993,6 +996,25 @@ mod tests {
         drop(held);
         assert_eq!(own(&m), (2, 0));
         assert_eq!(resumed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_server_closed_with_close_notify_is_replaced() {
+        let (m, _) = tls_pair(TlsServer {
+            close_when_idle: true,
+            ..Default::default()
+        })
+        .await;
+        for _ in 0..3 {
+            assert_eq!(tls_get(&m, usize::MAX).await.unwrap(), tls_body());
+            // Let the close reach the pooled connection before it is used again.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            own(&m),
+            (3, 0),
+            "each GET after a close on a new connection"
+        );
     }
 
     #[tokio::test]
