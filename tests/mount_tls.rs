@@ -280,3 +280,88 @@ fn behind_a_proxy_every_request_goes_through_it_media_reads_included() {
         "NO_PROXY names the endpoint, yet requests went through the proxy"
     );
 }
+
+/// A TCP forwarder that damages what the server sends: on every connection, one bit of the
+/// byte at each of `at` (offsets in that connection's server-to-client stream). Returns its
+/// address and the count of bytes it damaged.
+fn damaging_forwarder(upstream: String, at: &'static [u64]) -> (String, Arc<Mutex<u64>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let flips = Arc::new(Mutex::new(0u64));
+    let count = flips.clone();
+    thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+                let _ = s_out.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            let count = count.clone();
+            thread::spawn(move || {
+                let mut b = vec![0u8; 64 << 10];
+                let mut passed = 0u64;
+                while let Ok(n) = s_in.read(&mut b) {
+                    if n == 0 {
+                        break;
+                    }
+                    for &off in at {
+                        if (passed..passed + n as u64).contains(&off) {
+                            b[(off - passed) as usize] ^= 0x04;
+                            *count.lock().unwrap() += 1;
+                        }
+                    }
+                    passed += n as u64;
+                    if c_out.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_out.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, flips)
+}
+
+/// TLS records damaged on the wire (as a faulty path or middlebox would): the record fails its
+/// authentication, nothing of it is used, the read is asked again from its first missing
+/// byte, and every file still reads exactly. Media reads open their records themselves
+/// (client::tls13), listings are reqwest's: both must come through.
+#[test]
+fn damaged_tls_records_are_retried_and_every_byte_is_right() {
+    let tb = jpg_testbed(&[]);
+    let upstream = tb
+        .testbed
+        .endpoint
+        .trim_start_matches("https://")
+        .to_string();
+    let (fwd, flips) = damaging_forwarder(upstream, &[70_000, 300_000, 900_000]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = tb.mount_args(JPG_BUCKET, &["--metrics-addr", &addr]);
+    let at = args.iter().position(|a| a == "--endpoint").unwrap() + 1;
+    args[at] = format!("https://{fwd}").into();
+    let mount = Mount::start_with(&args, &[]);
+    assert_eq!(
+        sha256sum_check(&mount.path),
+        want_sums(),
+        "sha256sum -c OK lines with damaged TLS records"
+    );
+    let own = prometheus_metric(&addr, "media_connections_tls_own_records_total");
+    let again =
+        prometheus_metric(&addr, "retries_total") + prometheus_metric(&addr, "resumes_total");
+    mount.unmount();
+    let flips = *flips.lock().unwrap();
+    assert!(own > 0, "media reads did not open their own records");
+    assert!(
+        flips > 0,
+        "the forwarder damaged nothing: the test proves nothing"
+    );
+    assert!(
+        again > 0,
+        "{flips} bytes damaged, yet no request was retried or resumed"
+    );
+}
