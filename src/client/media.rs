@@ -129,8 +129,6 @@ pub struct MediaConns {
     idle: Mutex<Vec<(Conn, Instant)>>,
     max_idle: usize,
     connect_timeout: Duration,
-    /// Connections opened so far.
-    pub opened: std::sync::atomic::AtomicU64,
     stats: Arc<MediaStats>,
 }
 
@@ -177,9 +175,15 @@ impl MediaConns {
             idle: Mutex::new(Vec::new()),
             max_idle,
             connect_timeout,
-            opened: Default::default(),
             stats,
         })
+    }
+
+    /// Connections opened so far, of every kind.
+    pub fn opened(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.stats;
+        s.tls_own_records.load(Relaxed) + s.tls_rustls.load(Relaxed) + s.plain.load(Relaxed)
     }
 
     async fn tcp(&self) -> io::Result<TcpStream> {
@@ -238,7 +242,6 @@ impl MediaConns {
                 Stream::Plain(tcp)
             }
         };
-        self.opened.fetch_add(1, Relaxed);
         Ok(Conn {
             stream,
             pending: Vec::new(),
@@ -682,11 +685,7 @@ mod tests {
         assert_eq!(a.content_length(), None);
         assert_eq!(body(&mut a).await.unwrap(), b"hello world");
         drop(a);
-        assert_eq!(
-            m.opened.load(std::sync::atomic::Ordering::Relaxed),
-            1,
-            "one connection"
-        );
+        assert_eq!(m.opened(), 1, "one connection");
         let seen = seen.lock().unwrap();
         assert!(seen[0].starts_with("GET /o/x?alt=media HTTP/1.1\r\nhost: 127.0.0.1:"));
         assert!(seen[0].contains("\r\nrange: bytes=0-10\r\n"));
@@ -711,7 +710,7 @@ mod tests {
         let mut a = m.get("/b", &[]).await.unwrap();
         let e = body(&mut a).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
-        assert_eq!(m.opened.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(m.opened(), 2);
     }
 
     #[tokio::test]

@@ -252,7 +252,8 @@ pub struct Tls13 {
 impl Tls13 {
     /// Encrypts `data` as application data records and sends them.
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        let mut wire = Vec::with_capacity(data.len() + (data.len() / MAX_PLAIN + 1) * 22);
+        let records = data.len() / MAX_PLAIN + 1;
+        let mut wire = Vec::with_capacity(data.len() + records * (HEADER + 1 + TAG));
         for chunk in data.chunks(MAX_PLAIN) {
             self.seal(APPLICATION_DATA, chunk, &mut wire)?;
         }
@@ -309,7 +310,8 @@ impl Tls13 {
         }
     }
 
-    /// Whether decrypted application data waits to be read.
+    /// Whether anything the server sent waits here unread: decrypted application data, or
+    /// bytes of a record after the last one read (a connection with either is not reused).
     pub fn has_buffered(&self) -> bool {
         self.plain_at < self.plain.len() || !self.ahead.is_empty()
     }
